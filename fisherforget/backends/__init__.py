@@ -1,0 +1,103 @@
+"""Backend registry: which implementations of the ops exist here and which one ``auto`` picks.
+
+Each backend is a module beside this one that registers its ops with
+:func:`fisherforget.ops.register` when imported. Importing is lazy: a backend that cannot load
+(no Triton, no built extension, no GPU) records why, and ``auto`` falls back to the next one.
+
+``auto`` prefers, for CUDA tensors, ``cuda`` (the compiled extension) when it loads, else ``triton``,
+else ``reference``; CPU and other devices always get ``reference``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+_MODULES = {
+    "reference": "fisherforget.backends.reference",
+    "triton": "fisherforget.backends.triton",
+    "cuda": "fisherforget.backends.cuda",
+}
+# Param dtypes each compiled backend handles; anything else goes to the reference.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_loaded: dict[str, bool] = {}
+_errors: dict[str, str] = {}
+
+
+def load(name: str) -> bool:
+    """Import backend ``name`` (registering its ops); return whether it is usable here."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_CHOICES}")
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            check = getattr(module, "availability_error", None)
+            error = check() if check is not None else None
+        except Exception as exc:  # a backend that fails to import is unavailable, not fatal
+            error = f"{type(exc).__name__}: {exc}"
+        _loaded[name] = error is None
+        if error is not None:
+            _errors[name] = error
+    return _loaded[name]
+
+
+def is_available(name: str) -> bool:
+    return load(name)
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    load(name)
+    return _errors.get(name)
+
+
+def status() -> dict[str, Optional[str]]:
+    """``{backend: None if available else the reason}`` for every backend."""
+    return {name: (None if load(name) else _errors[name]) for name in BACKENDS}
+
+
+def runs_on(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` can run on tensors of ``device``.
+
+    The Triton backend also runs on CPU tensors when ``TRITON_INTERPRET=1`` (tests).
+    """
+    if name == "reference":
+        return True
+    if not load(name):
+        return False
+    module = importlib.import_module(_MODULES[name])
+    return module.supports_device(device)
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs a bucket of ``dtype`` tensors on ``device``.
+
+    ``auto`` never fails: it falls back to the reference. An explicit backend that is not
+    available, or cannot run on ``device``/``dtype``, raises a ``RuntimeError`` saying why.
+    """
+    if requested == "reference":
+        return "reference"
+    if requested == "auto":
+        if dtype in KERNEL_DTYPES:
+            for name in ("cuda", "triton"):
+                if device.type == "cuda" and runs_on(name, device):
+                    return name
+        return "reference"
+    if requested not in _MODULES:
+        raise ValueError(f"unknown backend {requested!r}; choose one of {BACKEND_CHOICES}")
+    if not load(requested):
+        raise RuntimeError(
+            f"backend={requested!r} was requested but is not available: {_errors[requested]}"
+        )
+    if not runs_on(requested, device):
+        raise RuntimeError(f"backend={requested!r} cannot run on {device} tensors")
+    if dtype not in KERNEL_DTYPES:
+        raise RuntimeError(
+            f"backend={requested!r} supports params of dtypes {KERNEL_DTYPES}, got {dtype}; "
+            "use backend='reference' or 'auto'"
+        )
+    return requested

@@ -1,0 +1,61 @@
+"""``fisherforget doctor``: what is installed, which devices are visible, which backends work."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from typing import Any
+
+import torch
+
+import fisherforget
+from fisherforget import backends
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception:
+        return "not installed"
+
+
+def report() -> dict[str, Any]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [
+            f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+            for i in range(torch.cuda.device_count())
+        ]
+    status = backends.status()
+    auto = {
+        "cpu": backends.resolve("auto", torch.device("cpu"), torch.float32),
+    }
+    if torch.cuda.is_available():
+        auto["cuda"] = backends.resolve("auto", torch.device("cuda"), torch.float32)
+    return {
+        "fisherforget": fisherforget.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "devices": devices,
+        "backends": {name: ("available" if why is None else f"unavailable: {why}")
+                     for name, why in status.items()},
+        "auto_picks": auto,
+    }
+
+
+def main() -> int:
+    info = report()
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key:<{width}}")
+            for k, v in value.items():
+                print(f"  {k:<{width}} {v}")
+        elif isinstance(value, list):
+            print(f"{key:<{width}} {', '.join(value)}")
+        else:
+            print(f"{key:<{width}} {value}")
+    return 0

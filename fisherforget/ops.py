@@ -1,0 +1,173 @@
+"""The op contract: every op is declared once here and implemented by each backend.
+
+Three ops make up the hot path (DESIGN section 2 is the math):
+
+``fused_step``
+    One Fisher-AdamW step over many tensors: optional Fisher accumulation, freezing (mask,
+    ``freeze_above``, ``freeze_below``), decoupled weight decay, AdamW moments with bias
+    correction, amsgrad, ``fisher_scale``, maximize, grad unscaling and ``found_inf``.
+``fisher_accumulate``
+    ``F = alpha * F + beta * (g / grad_scale)^2`` over many tensors (Fisher estimation outside the
+    step).
+``fisher_score``
+    ``[sum_i d_i * g_i, sum_i F_i * g_i^2]`` over many tensors in one pass, as a float64 tensor of
+    shape ``(2,)`` on the tensors' device (the two terms of the forgetting confidence).
+
+A backend registers its implementations with :func:`register`; the optimizer and the LWF code call
+the module-level functions below with ``backend=<name>`` and never touch kernels. The ``reference``
+backend (pure PyTorch, any device) is the ground truth every other backend is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "OPS",
+    "FISHER_MODES",
+    "register",
+    "get_impl",
+    "registered_backends",
+    "fused_step",
+    "fisher_accumulate",
+    "fisher_score",
+]
+
+OPS = ("fused_step", "fisher_accumulate", "fisher_score")
+FISHER_MODES = ("ema", "mean", "sum", None)
+
+# op name -> backend name -> implementation
+_IMPLS: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator registering ``fn`` as ``backend``'s implementation of ``op``."""
+    if op not in _IMPLS:
+        raise ValueError(f"unknown op {op!r}; the ops are {OPS}")
+
+    def decorator(fn: Callable) -> Callable:
+        _IMPLS[op][backend] = fn
+        return fn
+
+    return decorator
+
+
+def registered_backends(op: str) -> list[str]:
+    return sorted(_IMPLS[op])
+
+
+def get_impl(op: str, backend: str) -> Callable:
+    # Importing the backend module registers its ops; keep it lazy so that a missing Triton or an
+    # unbuilt extension costs nothing until it is asked for.
+    from fisherforget import backends
+
+    backends.load(backend)
+    try:
+        return _IMPLS[op][backend]
+    except KeyError:
+        raise RuntimeError(
+            f"backend {backend!r} does not implement op {op!r} "
+            f"(implemented by: {registered_backends(op)})"
+        ) from None
+
+
+def fused_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    fishers: Sequence[Tensor],
+    masks: Sequence[Optional[Tensor]],
+    steps: Sequence[Tensor],
+    fisher_counts: Sequence[Tensor],
+    *,
+    lr: Union[float, Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    fisher_mode: Optional[str],
+    fisher_beta: float,
+    fisher_scale: float,
+    freeze_above: Optional[float],
+    freeze_below: Optional[float],
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    backend: str = "reference",
+) -> None:
+    """One Fisher-AdamW step, in place, over every tensor of the lists (DESIGN section 2).
+
+    Per element, in fp32 (fp64 for fp64 params)::
+
+        if found_inf: nothing changes (params, moments, Fisher, steps, counts)
+        g = grad / grad_scale;  if maximize: g = -g
+        t = step + 1                                   (``steps[i]`` is incremented in place)
+        F = a*F + b*g^2  when fisher_mode is set:      ema (fisher_beta, 1-fisher_beta),
+                                                       mean ((n-1)/n, 1/n), n = count + 1,
+                                                       sum (1, 1)
+        frozen = ~mask | F > freeze_above | F < freeze_below        (each only when set)
+        frozen elements keep p, m, v, vmax; the others get
+        p = p*(1 - lr*wd); m = beta1*m + (1-beta1)*g; v = beta2*v + (1-beta2)*g^2
+        vmax = max(vmax, v) (amsgrad; the denominator then uses vmax)
+        p = p - lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps) / (1 + fisher_scale*F)
+
+    Arguments:
+        params, grads, exp_avgs, exp_avg_sqs: equal-length lists, element ``i`` of each shaped alike.
+        max_exp_avg_sqs: same length when ``amsgrad``, else empty.
+        fishers: same length when the Fisher is accumulated or used (``fisher_mode``,
+            ``fisher_scale != 0`` or a threshold), else empty.
+        masks: same length; ``None`` or a bool tensor shaped like the param (True = update).
+        steps: 0-dim float32 tensors on the params' device, incremented unless ``found_inf``.
+        fisher_counts: 0-dim float32 tensors (accumulations so far), same length as ``fishers``;
+            incremented whenever the Fisher accumulates.
+        lr: float or 0-dim tensor (read on the device: no host synchronisation).
+        grad_scale, found_inf: 0-dim float32 tensors from a GradScaler, or ``None``.
+    """
+    get_impl("fused_step", backend)(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+        fisher_counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        amsgrad=amsgrad, maximize=maximize, fisher_mode=fisher_mode, fisher_beta=fisher_beta,
+        fisher_scale=fisher_scale, freeze_above=freeze_above, freeze_below=freeze_below,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+def fisher_accumulate(
+    fishers: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    *,
+    alpha: float,
+    beta: float,
+    grad_scale: Optional[Tensor] = None,
+    backend: str = "reference",
+) -> None:
+    """In place, for every pair: ``F = alpha * F + beta * (g / grad_scale)^2`` in fp32.
+
+    ``alpha``/``beta`` are the estimator's weights: (1, 1) sums squared gradients, (n-1)/n and 1/n
+    keep a running mean, ``(beta, 1 - beta)`` an exponential moving average.
+    """
+    get_impl("fisher_accumulate", backend)(
+        fishers, grads, alpha=alpha, beta=beta, grad_scale=grad_scale
+    )
+
+
+def fisher_score(
+    directions: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    fishers: Sequence[Tensor],
+    *,
+    backend: str = "reference",
+) -> Tensor:
+    """Return ``torch.tensor([sum <d_i, g_i>, sum <F_i, g_i^2>], dtype=float64)`` in one pass.
+
+    With ``d`` the learning-task gradient, ``g`` a sample's gradient and ``F`` the learning-task
+    Fisher these are the first- and second-order terms of the forgetting confidence (DESIGN
+    section 2). Deterministic for a given input on every backend.
+    """
+    return get_impl("fisher_score", backend)(directions, grads, fishers)

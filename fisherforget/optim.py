@@ -1,0 +1,497 @@
+"""``FisherAdamW``: AdamW with a diagonal Fisher estimate, masks and Fisher-scaled steps.
+
+The optimizer validates input, keeps state, groups tensors by (device, dtype) and calls the ops of
+:mod:`fisherforget.ops`; it never touches kernels. DESIGN section 2 is the math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from fisherforget import backends, ops
+
+__all__ = ["FisherAdamW"]
+
+_STATE_DTYPES = (torch.float32, torch.bfloat16)
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Every key a FisherAdamW param group carries; a state_dict whose groups lack them was not ours.
+_GROUP_KEYS = (
+    "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "fisher", "fisher_beta",
+    "fisher_scale", "freeze_above", "freeze_below", "state_dtype", "fisher_dtype", "backend",
+)
+_UNLEARN_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_nonneg(name: str, value: Any) -> None:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    """Raise a ``ValueError``/``TypeError`` naming the bad hyperparameter; change nothing."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.dim() != 0:
+            raise ValueError(f"Invalid lr: a tensor lr must be 0-dim, got shape {tuple(lr.shape)}")
+        if not lr.is_floating_point():
+            raise TypeError(f"Invalid lr: a tensor lr must be floating point, got {lr.dtype}")
+        # Reading a device tensor would synchronise; check the value only where it is free.
+        if lr.device.type == "cpu" and not bool(lr >= 0):
+            raise ValueError(f"Invalid lr: {lr.item()} (must be >= 0)")
+    else:
+        _check_nonneg("lr", lr)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            raise TypeError(f"Invalid betas[{i}]: tensor betas are not supported, pass floats")
+        if not _is_number(beta) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid betas[{i}]: {beta!r} (must be in [0, 1))")
+    _check_nonneg("eps", group["eps"])
+    _check_nonneg("weight_decay", group["weight_decay"])
+    for name in ("amsgrad", "maximize"):
+        if not isinstance(group[name], bool):
+            raise TypeError(f"Invalid {name}: {group[name]!r} (must be a bool)")
+    if group["fisher"] not in ops.FISHER_MODES:
+        raise ValueError(
+            f"Invalid fisher: {group['fisher']!r} (must be one of 'ema', 'mean', 'sum', None)"
+        )
+    fisher_beta = group["fisher_beta"]
+    if not _is_number(fisher_beta) or not 0.0 <= fisher_beta < 1.0:
+        raise ValueError(f"Invalid fisher_beta: {fisher_beta!r} (must be in [0, 1))")
+    _check_nonneg("fisher_scale", group["fisher_scale"])
+    for name in ("freeze_above", "freeze_below"):
+        value = group[name]
+        if value is not None and (not _is_number(value) or math.isnan(value)):
+            raise ValueError(f"Invalid {name}: {value!r} (must be None or a number)")
+    for name in ("state_dtype", "fisher_dtype"):
+        if group[name] not in _STATE_DTYPES:
+            raise ValueError(
+                f"Invalid {name}: {group[name]!r} (must be torch.float32 or torch.bfloat16)"
+            )
+    if group["backend"] not in backends.BACKEND_CHOICES:
+        raise ValueError(
+            f"Invalid backend: {group['backend']!r} (must be one of {backends.BACKEND_CHOICES})"
+        )
+
+
+def _needs_fisher(group: dict[str, Any]) -> bool:
+    return (
+        group["fisher"] is not None
+        or group["fisher_scale"] != 0
+        or group["freeze_above"] is not None
+        or group["freeze_below"] is not None
+    )
+
+
+class FisherAdamW(Optimizer):
+    r"""AdamW whose step also accumulates a diagonal Fisher estimate and can freeze or damp
+    elements by it.
+
+    Per element, with ``t`` the step count (incremented before use)::
+
+        g = grad / grad_scale;  g = -g if maximize
+        F = a*F + b*g^2                     fisher="ema": a = fisher_beta, b = 1 - fisher_beta
+                                            fisher="mean": a = (n-1)/n, b = 1/n (n accumulations)
+                                            fisher="sum": a = b = 1;  fisher=None: F unchanged
+        frozen = mask is False | F > freeze_above | F < freeze_below     (each only when set)
+        unfrozen elements: p = p*(1 - lr*weight_decay)
+                           m = beta1*m + (1-beta1)*g;  v = beta2*v + (1-beta2)*g^2
+                           p = p - lr/(1-beta1^t) * m / (sqrt(v/(1-beta2^t)) + eps)
+                                 / (1 + fisher_scale*F)
+
+    With ``fisher=None``, no mask, no thresholds and ``fisher_scale=0`` this is
+    ``torch.optim.AdamW``.
+
+    **Estimator.** The in-step accumulation squares the *mini-batch* gradient (the statistic Adam's
+    ``v`` tracks, un-bias-corrected). It is neither the empirical Fisher (mean of squared
+    *per-sample* gradients) nor the true Fisher (labels sampled from the model); use
+    :func:`fisherforget.fisher.estimate_fisher` for those.
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim.Optimizer``.
+        lr: learning rate, float or 0-dim tensor (read on the device; no host sync).
+        betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``.
+        fisher: ``"ema"`` | ``"mean"`` | ``"sum"`` | ``None`` (no accumulation).
+        fisher_beta: EMA decay of ``fisher="ema"``.
+        fisher_scale: ``s = 1 / (1 + fisher_scale * F)`` damps each element's step; in units of
+            1/F (see :meth:`fisher_mean` to make it scale-free). 0 disables it.
+        freeze_above, freeze_below: freeze elements whose Fisher is above / below the threshold.
+        state_dtype: dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` (fp32 default, also for
+            bf16/fp16 params; fp64 params always keep fp64 state).
+        fisher_dtype: dtype of the Fisher estimate (fp32 default).
+        backend: ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"reference"``.
+
+    Every option is an ordinary param-group key: schedulers, ``add_param_group`` and per-group
+    settings work, and changing any of them never recompiles a kernel.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        *,
+        fisher: Optional[str] = "ema",
+        fisher_beta: float = 0.99,
+        fisher_scale: float = 0.0,
+        freeze_above: Optional[float] = None,
+        freeze_below: Optional[float] = None,
+        state_dtype: torch.dtype = torch.float32,
+        fisher_dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+    ):
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, fisher=fisher,
+            fisher_beta=fisher_beta, fisher_scale=fisher_scale, freeze_above=freeze_above,
+            freeze_below=freeze_below, state_dtype=state_dtype, fisher_dtype=fisher_dtype,
+            backend=backend,
+        )
+        _validate_group(defaults)
+        if backend not in ("auto", "reference") and not backends.is_available(backend):
+            raise RuntimeError(
+                f"backend={backend!r} was requested but is not available: "
+                f"{backends.unavailable_reason(backend)}"
+            )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate_group(group)
+            for p in group["params"]:
+                if p.dtype not in _PARAM_DTYPES:
+                    raise TypeError(
+                        f"FisherAdamW supports params of dtypes {_PARAM_DTYPES}, got {p.dtype}"
+                    )
+        except Exception:
+            self.param_groups.pop()  # nothing half-added
+            raise
+
+    # ------------------------------------------------------------------ step
+
+    def _check_grads(self) -> None:
+        """Check every gradient before anything is changed (nothing is half-updated)."""
+        for gi, group in enumerate(self.param_groups):
+            _validate_group(group)
+            for pi, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None:
+                    continue
+                where = f"param {pi} of group {gi} (shape {tuple(p.shape)})"
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise RuntimeError(f"FisherAdamW does not support sparse gradients: {where}")
+                if torch.is_complex(grad) or torch.is_complex(p):
+                    raise RuntimeError(f"FisherAdamW does not support complex tensors: {where}")
+                if grad.shape != p.shape:
+                    raise RuntimeError(
+                        f"gradient shape {tuple(grad.shape)} does not match {where}"
+                    )
+                if grad.device != p.device:
+                    raise RuntimeError(
+                        f"gradient is on {grad.device} but {where} is on {p.device}"
+                    )
+                if grad.dtype != p.dtype:
+                    raise RuntimeError(
+                        f"gradient dtype {grad.dtype} does not match {where} of dtype {p.dtype}"
+                    )
+                mask = self.state[p].get("mask") if p in self.state else None
+                if mask is not None and (mask.shape != p.shape or mask.device != p.device):
+                    raise RuntimeError(f"the mask of {where} no longer matches it; set_mask again")
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        wide = p.dtype == torch.float64
+        state_dtype = torch.float64 if wide else group["state_dtype"]
+        if "step" not in state:
+            # 0-dim fp32 on the param's device, as torch's fused/capturable AdamW: no host sync.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros(p.shape, dtype=state_dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=state_dtype, device=p.device)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=state_dtype, device=p.device)
+        if _needs_fisher(group) and "fisher" not in state:
+            fisher_dtype = torch.float64 if wide else group["fisher_dtype"]
+            state["fisher"] = torch.zeros(p.shape, dtype=fisher_dtype, device=p.device)
+            state["fisher_count"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        return state
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Optional[Callable[[], Any]] = None,
+        *,
+        grad_scale: Optional[Tensor] = None,
+        found_inf: Optional[Tensor] = None,
+    ) -> Any:
+        """Perform one step. ``grad_scale``/``found_inf`` default to the attributes a
+        ``torch.amp.GradScaler`` sets on optimizers with ``_step_supports_amp_scaling``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        self._check_grads()
+
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            uses_fisher = _needs_fisher(group)
+            buckets: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p, group)
+                key = (p.device, p.dtype, state["exp_avg"].dtype,
+                       state["fisher"].dtype if uses_fisher else None)
+                bucket = buckets[key]
+                bucket["params"].append(p)
+                bucket["grads"].append(p.grad)
+                bucket["exp_avgs"].append(state["exp_avg"])
+                bucket["exp_avg_sqs"].append(state["exp_avg_sq"])
+                if group["amsgrad"]:
+                    bucket["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+                if uses_fisher:
+                    bucket["fishers"].append(state["fisher"])
+                    bucket["fisher_counts"].append(state["fisher_count"])
+                bucket["masks"].append(state.get("mask"))
+                bucket["steps"].append(state["step"])
+            for (device, dtype, _, _), bucket in buckets.items():
+                ops.fused_step(
+                    bucket["params"], bucket["grads"], bucket["exp_avgs"],
+                    bucket["exp_avg_sqs"], bucket["max_exp_avg_sqs"], bucket["fishers"],
+                    bucket["masks"], bucket["steps"], bucket["fisher_counts"],
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                    maximize=group["maximize"], fisher_mode=group["fisher"],
+                    fisher_beta=group["fisher_beta"], fisher_scale=group["fisher_scale"],
+                    freeze_above=group["freeze_above"], freeze_below=group["freeze_below"],
+                    grad_scale=grad_scale, found_inf=found_inf,
+                    backend=backends.resolve(group["backend"], device, dtype),
+                )
+        return loss
+
+    # ------------------------------------------------------------ Fisher API
+
+    def _params(self) -> Iterator[Tensor]:
+        for group in self.param_groups:
+            yield from group["params"]
+
+    def _check_managed(self, p: Tensor, name: str = "p") -> None:
+        if not any(p is q for q in self._params()):
+            raise ValueError(f"{name} is not a parameter of this optimizer")
+
+    def fisher(self, p: Tensor) -> Tensor:
+        """The Fisher estimate of ``p`` (the live state tensor; zeros before any accumulation)."""
+        self._check_managed(p)
+        state = self.state.get(p, {})
+        if "fisher" in state:
+            return state["fisher"]
+        return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+    def _fisher_tensors(self) -> list[Tensor]:
+        return [self.fisher(p) for p in self._params()]
+
+    def fisher_mean(self) -> float:
+        """Mean of the Fisher estimate over every element of every param (one host sync)."""
+        tensors = self._fisher_tensors()
+        total = sum(t.numel() for t in tensors)
+        if total == 0:
+            return 0.0
+        by_device: dict[torch.device, Tensor] = {}
+        for t in tensors:
+            s = t.sum(dtype=torch.float64)
+            by_device[t.device] = by_device.get(t.device, 0) + s
+        return float(sum(v.item() for v in by_device.values())) / total
+
+    def fisher_quantile(self, q: float) -> float:
+        """The ``q``-quantile of the Fisher over every element of every param, interpolated
+        linearly between order statistics exactly as ``torch.quantile`` does.
+
+        Computed without concatenating the params (no extra copy of the model): each order
+        statistic is found by bisection on the fp32 bit pattern, which orders non-negative
+        floats like their values, counting elements below a candidate in one pass per bit.
+        """
+        if not _is_number(q) or not 0.0 <= q <= 1.0:
+            raise ValueError(f"Invalid q: {q!r} (must be in [0, 1])")
+        tensors = [t.float().reshape(-1) for t in self._fisher_tensors() if t.numel() > 0]
+        total = sum(t.numel() for t in tensors)
+        if total == 0:
+            raise ValueError("fisher_quantile: the optimizer manages no elements")
+        if any(bool((t < 0).any() | t.isnan().any()) for t in tensors):
+            raise ValueError("fisher_quantile: the Fisher has negative or NaN entries")
+        position = q * (total - 1)
+        lower = math.floor(position)
+        low_value = _kth_smallest(tensors, lower)
+        if lower == position:
+            return low_value
+        high_value = _kth_smallest(tensors, lower + 1)
+        return low_value + (high_value - low_value) * (position - lower)
+
+    def set_mask(self, p: Tensor, mask: Optional[Tensor]) -> None:
+        """Restrict ``p``'s updates to the elements where ``mask`` is True; ``None`` clears it.
+
+        ``mask`` must be a bool tensor shaped like ``p``; it is copied to ``p``'s device.
+        """
+        self._check_managed(p)
+        if mask is None:
+            if p in self.state:
+                self.state[p].pop("mask", None)
+            return
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask)}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+        if mask.shape != p.shape:
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not match the param's {tuple(p.shape)}"
+            )
+        self.state[p]["mask"] = mask.to(device=p.device).contiguous().clone()
+
+    @contextlib.contextmanager
+    def unlearning(self, moments: str = "shared", **overrides: Any) -> Iterator["FisherAdamW"]:
+        """Temporarily switch every group to unlearning: ``maximize=True``, Fisher accumulation
+        off (``fisher=None``) and the given group overrides (e.g. ``lr``, ``fisher_scale``,
+        ``freeze_above``). Everything is restored on exit, also after an exception.
+
+        ``moments="separate"`` gives unlearning its own AdamW moments and step counts (kept in
+        the state across unlearning phases) so ascent steps do not disturb the learning task's;
+        ``"shared"`` (default) uses the same moments.
+        """
+        if moments not in ("shared", "separate"):
+            raise ValueError(f"Invalid moments: {moments!r} (must be 'shared' or 'separate')")
+        unknown = set(overrides) - set(_GROUP_KEYS)
+        if unknown:
+            raise ValueError(f"unlearning() got unknown group settings: {sorted(unknown)}")
+        saved = [{k: g[k] for k in _GROUP_KEYS} for g in self.param_groups]
+        for group in self.param_groups:
+            candidate = dict(group)
+            candidate.update(maximize=True, fisher=None, **overrides)
+            _validate_group(candidate)  # all checked before any group changes
+        for group in self.param_groups:
+            group.update(maximize=True, fisher=None, **overrides)
+        if moments == "separate":
+            self._swap_unlearning_moments()
+        try:
+            yield self
+        finally:
+            if moments == "separate":
+                self._swap_unlearning_moments()
+            for group, old in zip(self.param_groups, saved):
+                group.update(old)
+
+    def _swap_unlearning_moments(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state is None:
+                    continue
+                for key in _UNLEARN_MOMENT_KEYS:
+                    own, other = state.pop(key, None), state.pop("unlearn_" + key, None)
+                    if other is not None:
+                        state[key] = other
+                    if own is not None:
+                        state["unlearn_" + key] = own
+
+    # ------------------------------------------------------------ state dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``FisherAdamW`` state dict, keeping every state tensor's saved dtype (the base
+        class would cast fp32 moments and the Fisher to a bf16 param's dtype, and a bool mask to
+        float). Validates everything first; on error nothing changes."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        for gi, saved in enumerate(saved_groups):
+            missing = [k for k in _GROUP_KEYS if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"state_dict was not produced by FisherAdamW: param group {gi} lacks "
+                    f"{missing}"
+                )
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        id_map: dict[int, Tensor] = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"state_dict param group {gi} has {len(saved['params'])} params, this "
+                    f"optimizer's {len(group['params'])}: a different parameter layout"
+                )
+            id_map.update(zip(saved["params"], group["params"]))
+            _validate_group({k: saved[k] for k in _GROUP_KEYS})
+        tensors: dict[int, dict[str, Tensor]] = {}
+        for pid, pstate in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"state_dict holds state for unknown param id {pid}")
+            p = id_map[pid]
+            for key, value in pstate.items():
+                if not isinstance(value, Tensor):
+                    continue
+                if value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(
+                        f"state_dict state {key!r} of param id {pid} has shape "
+                        f"{tuple(value.shape)}, the param {tuple(p.shape)}: a different "
+                        "parameter layout"
+                    )
+                tensors.setdefault(pid, {})[key] = value
+        stripped = dict(state_dict)
+        stripped["state"] = {
+            pid: {k: v for k, v in pstate.items() if not isinstance(v, Tensor)}
+            for pid, pstate in state_dict["state"].items()
+        }
+        super().load_state_dict(stripped)
+        for pid, values in tensors.items():
+            p = id_map[pid]
+            for key, value in values.items():
+                self.state[p][key] = value.to(device=p.device, copy=True)
+        for group in self.param_groups:
+            if isinstance(group["betas"], list):
+                group["betas"] = tuple(group["betas"])
+
+
+def _kth_smallest(tensors: list[Tensor], k: int) -> float:
+    """The ``k``-th smallest (0-based) value over non-negative fp32 ``tensors``, exactly.
+
+    Bisection over the int32 bit pattern (monotone in the value for non-negative floats): the
+    answer is the smallest pattern ``x`` with ``count(t <= x) > k``. 32 passes, all on the device.
+    """
+    device = tensors[0].device
+    lo = torch.zeros((), dtype=torch.int64, device=device)
+    hi = torch.full((), 0x7F800000, dtype=torch.int64, device=device)  # +inf
+    for _ in range(32):
+        mid = (lo + hi) // 2
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        for t in tensors:
+            count = count + (t.view(torch.int32) <= mid.to(t.device, torch.int32)).sum().to(device)
+        below = count > k
+        hi = torch.where(below, mid, hi)
+        lo = torch.where(below, lo, mid + 1)
+    value = hi.to(torch.int32).view(torch.float32)
+    return float(value.item())
