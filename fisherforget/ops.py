@@ -16,6 +16,13 @@ Three ops make up the hot path (DESIGN section 2 is the math):
 A backend registers its implementations with :func:`register`; the optimizer and the LWF code call
 the module-level functions below with ``backend=<name>`` and never touch kernels. The ``reference``
 backend (pure PyTorch, any device) is the ground truth every other backend is tested against.
+
+**torch.compile.** Each op is also a PyTorch custom op, ``torch.ops.fisherforget.<op>``, with the
+backend name as an argument and a fake (meta) implementation, so a compiled graph can hold a call to
+a kernel backend it cannot trace (Triton launches over pointer tables, the CUDA extension). Inside
+``torch.compile`` the functions below call a non-reference backend through that custom op; the
+reference backend is plain PyTorch and is traced (and fused by Inductor) like any other code.
+Eagerly they call the implementation directly.
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ def registered_backends(op: str) -> list[str]:
 
 
 def get_impl(op: str, backend: str) -> Callable:
+    impl = _IMPLS[op].get(backend)
+    if impl is not None:  # registered: no import machinery (which torch.compile cannot trace)
+        return impl
     # Importing the backend module registers its ops; keep it lazy so that a missing Triton or an
     # unbuilt extension costs nothing until it is asked for.
     from fisherforget import backends
@@ -72,6 +82,10 @@ def get_impl(op: str, backend: str) -> Callable:
             f"backend {backend!r} does not implement op {op!r} "
             f"(implemented by: {registered_backends(op)})"
         ) from None
+
+
+def _through_custom_op(backend: str) -> bool:
+    return backend != "reference" and torch.compiler.is_compiling()
 
 
 def fused_step(
@@ -129,6 +143,18 @@ def fused_step(
         lr: float or 0-dim tensor (read on the device: no host synchronisation).
         grad_scale, found_inf: 0-dim float32 tensors from a GradScaler, or ``None``.
     """
+    if _through_custom_op(backend):
+        lr_is_tensor = isinstance(lr, Tensor)
+        torch.ops.fisherforget.fused_step(
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
+            list(fishers), list(masks), list(steps), list(fisher_counts),
+            lr if lr_is_tensor else None, grad_scale, found_inf,
+            lr=0.0 if lr_is_tensor else float(lr), beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            fisher_mode=fisher_mode, fisher_beta=fisher_beta, fisher_scale=fisher_scale,
+            freeze_above=freeze_above, freeze_below=freeze_below, backend=backend,
+        )
+        return
     get_impl("fused_step", backend)(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
         fisher_counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
@@ -152,6 +178,11 @@ def fisher_accumulate(
     ``alpha``/``beta`` are the estimator's weights: (1, 1) sums squared gradients, (n-1)/n and 1/n
     keep a running mean, ``(beta, 1 - beta)`` an exponential moving average.
     """
+    if _through_custom_op(backend):
+        torch.ops.fisherforget.fisher_accumulate(
+            list(fishers), list(grads), grad_scale, alpha=alpha, beta=beta, backend=backend
+        )
+        return
     get_impl("fisher_accumulate", backend)(
         fishers, grads, alpha=alpha, beta=beta, grad_scale=grad_scale
     )
@@ -170,4 +201,98 @@ def fisher_score(
     Fisher these are the first- and second-order terms of the forgetting confidence (DESIGN
     section 2). Deterministic for a given input on every backend.
     """
+    if _through_custom_op(backend):
+        return torch.ops.fisherforget.fisher_score(
+            list(directions), list(grads), list(fishers), backend=backend
+        )
     return get_impl("fisher_score", backend)(directions, grads, fishers)
+
+
+# --------------------------------------------------------------------------- custom ops
+# The same three ops as PyTorch custom ops (namespace ``fisherforget``; the CUDA extension's own
+# ops live in ``fisherforget_C``). The backend is an argument, so one schema serves every backend;
+# a tensor lr travels as ``lr_tensor`` (custom ops take no float-or-tensor unions).
+
+
+@torch.library.custom_op(
+    "fisherforget::fused_step",
+    mutates_args=(
+        "params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "fishers", "steps",
+        "fisher_counts",
+    ),
+)
+def _fused_step_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    fishers: list[Tensor],
+    masks: list[Optional[Tensor]],
+    steps: list[Tensor],
+    fisher_counts: list[Tensor],
+    lr_tensor: Optional[Tensor],
+    grad_scale: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    fisher_mode: Optional[str],
+    fisher_beta: float,
+    fisher_scale: float,
+    freeze_above: Optional[float],
+    freeze_below: Optional[float],
+    backend: str,
+) -> None:
+    get_impl("fused_step", backend)(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+        fisher_counts, lr=lr if lr_tensor is None else lr_tensor, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+        fisher_mode=fisher_mode, fisher_beta=fisher_beta, fisher_scale=fisher_scale,
+        freeze_above=freeze_above, freeze_below=freeze_below, grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+@_fused_step_op.register_fake
+def _fused_step_fake(*args, **kwargs) -> None:
+    return None  # in place only: no outputs to describe
+
+
+@torch.library.custom_op("fisherforget::fisher_accumulate", mutates_args=("fishers",))
+def _fisher_accumulate_op(
+    fishers: list[Tensor],
+    grads: list[Tensor],
+    grad_scale: Optional[Tensor],
+    *,
+    alpha: float,
+    beta: float,
+    backend: str,
+) -> None:
+    get_impl("fisher_accumulate", backend)(
+        fishers, grads, alpha=alpha, beta=beta, grad_scale=grad_scale
+    )
+
+
+@_fisher_accumulate_op.register_fake
+def _fisher_accumulate_fake(*args, **kwargs) -> None:
+    return None
+
+
+@torch.library.custom_op("fisherforget::fisher_score", mutates_args=())
+def _fisher_score_op(
+    directions: list[Tensor], grads: list[Tensor], fishers: list[Tensor], *, backend: str
+) -> Tensor:
+    # A fresh tensor: custom ops may not return (an alias of) an input.
+    return get_impl("fisher_score", backend)(directions, grads, fishers).clone()
+
+
+@_fisher_score_op.register_fake
+def _fisher_score_fake(directions, grads, fishers, *, backend):
+    device = grads[0].device if grads else torch.device("cpu")
+    return torch.empty(2, dtype=torch.float64, device=device)

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fisherforget import backends, ops
+from fisherforget import distributed as _dist
 
 __all__ = ["FisherAdamW"]
 
@@ -47,8 +48,13 @@ def _validate_group(group: dict[str, Any]) -> None:
             raise ValueError(f"Invalid lr: a tensor lr must be 0-dim, got shape {tuple(lr.shape)}")
         if not lr.is_floating_point():
             raise TypeError(f"Invalid lr: a tensor lr must be floating point, got {lr.dtype}")
-        # Reading a device tensor would synchronise; check the value only where it is free.
-        if lr.device.type == "cpu" and not bool(lr >= 0):
+        # Reading a device tensor would synchronise, and inside torch.compile it would break
+        # the graph; check the value only where it is free.
+        if (
+            lr.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and not bool(lr >= 0)
+        ):
             raise ValueError(f"Invalid lr: {lr.item()} (must be >= 0)")
     else:
         _check_nonneg("lr", lr)
@@ -173,6 +179,9 @@ class FisherAdamW(Optimizer):
                 f"backend={backend!r} was requested but is not available: "
                 f"{backends.unavailable_reason(backend)}"
             )
+        # Register the ground-truth ops now rather than on the first step, which may run inside
+        # torch.compile (an import there breaks the graph).
+        backends.load("reference")
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -216,8 +225,13 @@ class FisherAdamW(Optimizer):
                     raise RuntimeError(
                         f"gradient dtype {grad.dtype} does not match {where} of dtype {p.dtype}"
                     )
+                _dist.check_grad_layout(p, grad, where)
                 mask = self.state[p].get("mask") if p in self.state else None
-                if mask is not None and (mask.shape != p.shape or mask.device != p.device):
+                if mask is not None and (
+                    mask.shape != p.shape
+                    or mask.device != p.device
+                    or not _dist.same_layout(mask, p)
+                ):
                     raise RuntimeError(f"the mask of {where} no longer matches it; set_mask again")
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -227,13 +241,14 @@ class FisherAdamW(Optimizer):
         if "step" not in state:
             # 0-dim fp32 on the param's device, as torch's fused/capturable AdamW: no host sync.
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=state_dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=state_dtype, device=p.device)
+            # Shaped and, for DTensor params (FSDP2), sharded like the param.
+            state["exp_avg"] = _dist.zeros_like_param(p, state_dtype)
+            state["exp_avg_sq"] = _dist.zeros_like_param(p, state_dtype)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros(p.shape, dtype=state_dtype, device=p.device)
+            state["max_exp_avg_sq"] = _dist.zeros_like_param(p, state_dtype)
         if _needs_fisher(group) and "fisher" not in state:
             fisher_dtype = torch.float64 if wide else group["fisher_dtype"]
-            state["fisher"] = torch.zeros(p.shape, dtype=fisher_dtype, device=p.device)
+            state["fisher"] = _dist.zeros_like_param(p, fisher_dtype)
             state["fisher_count"] = torch.zeros((), dtype=torch.float32, device=p.device)
         return state
 
@@ -268,16 +283,19 @@ class FisherAdamW(Optimizer):
                 key = (p.device, p.dtype, state["exp_avg"].dtype,
                        state["fisher"].dtype if uses_fisher else None)
                 bucket = buckets[key]
-                bucket["params"].append(p)
-                bucket["grads"].append(p.grad)
-                bucket["exp_avgs"].append(state["exp_avg"])
-                bucket["exp_avg_sqs"].append(state["exp_avg_sq"])
+                # Every rule is elementwise: DTensors (FSDP2) are stepped shard by shard.
+                local = _dist.local
+                bucket["params"].append(local(p))
+                bucket["grads"].append(local(p.grad))
+                bucket["exp_avgs"].append(local(state["exp_avg"]))
+                bucket["exp_avg_sqs"].append(local(state["exp_avg_sq"]))
                 if group["amsgrad"]:
-                    bucket["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+                    bucket["max_exp_avg_sqs"].append(local(state["max_exp_avg_sq"]))
                 if uses_fisher:
-                    bucket["fishers"].append(state["fisher"])
+                    bucket["fishers"].append(local(state["fisher"]))
                     bucket["fisher_counts"].append(state["fisher_count"])
-                bucket["masks"].append(state.get("mask"))
+                mask = state.get("mask")
+                bucket["masks"].append(None if mask is None else local(mask))
                 bucket["steps"].append(state["step"])
             for (device, dtype, _, _), bucket in buckets.items():
                 ops.fused_step(
@@ -310,22 +328,24 @@ class FisherAdamW(Optimizer):
         state = self.state.get(p, {})
         if "fisher" in state:
             return state["fisher"]
-        return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return _dist.zeros_like_param(p, torch.float32)
 
     def _fisher_tensors(self) -> list[Tensor]:
         return [self.fisher(p) for p in self._params()]
 
     def fisher_mean(self) -> float:
-        """Mean of the Fisher estimate over every element of every param (one host sync)."""
-        tensors = self._fisher_tensors()
-        total = sum(t.numel() for t in tensors)
-        if total == 0:
+        """Mean of the Fisher estimate over every element of every param (one host sync).
+
+        With DTensor params (FSDP2) the mean is global: every element of every shard counts
+        once, and every rank gets the same value (one all-reduce per mesh dimension).
+        """
+        counter = _dist.GlobalCounter(self._fisher_tensors())
+        if counter.numel == 0:
             return 0.0
-        by_device: dict[torch.device, Tensor] = {}
-        for t in tensors:
-            s = t.sum(dtype=torch.float64)
-            by_device[t.device] = by_device.get(t.device, 0) + s
-        return float(sum(v.item() for v in by_device.values())) / total
+        total = counter.total(
+            lambda t: t.sum(dtype=torch.float64), torch.float64, counter.devices[0]
+        )
+        return total.item() / counter.numel
 
     def fisher_quantile(self, q: float) -> float:
         """The ``q``-quantile of the Fisher over every element of every param, interpolated
@@ -334,27 +354,37 @@ class FisherAdamW(Optimizer):
         Computed without concatenating the params (no extra copy of the model): each order
         statistic is found by bisection on the fp32 bit pattern, which orders non-negative
         floats like their values, counting elements below a candidate in one pass per bit.
+        With DTensor params (FSDP2) the counts are all-reduced across ranks, so the quantile is
+        global and every rank gets the same value.
         """
         if not _is_number(q) or not 0.0 <= q <= 1.0:
             raise ValueError(f"Invalid q: {q!r} (must be in [0, 1])")
-        tensors = [t.float().reshape(-1) for t in self._fisher_tensors() if t.numel() > 0]
-        total = sum(t.numel() for t in tensors)
+        counter = _dist.GlobalCounter(
+            self._fisher_tensors(), prepare=lambda t: t.float().reshape(-1)
+        )
+        total = counter.numel
         if total == 0:
             raise ValueError("fisher_quantile: the optimizer manages no elements")
-        if any(bool((t < 0).any() | t.isnan().any()) for t in tensors):
+        device = counter.devices[0]
+        # Counted globally so that every rank raises (or none does) and no collective hangs.
+        bad = counter.total(lambda t: ((t < 0) | t.isnan()).sum(), torch.int64, device)
+        if bool(bad > 0):
             raise ValueError("fisher_quantile: the Fisher has negative or NaN entries")
         position = q * (total - 1)
         lower = math.floor(position)
-        low_value = _kth_smallest(tensors, lower)
+        low_value = _kth_smallest(counter, lower, device)
         if lower == position:
             return low_value
-        high_value = _kth_smallest(tensors, lower + 1)
+        high_value = _kth_smallest(counter, lower + 1, device)
         return low_value + (high_value - low_value) * (position - lower)
 
     def set_mask(self, p: Tensor, mask: Optional[Tensor]) -> None:
         """Restrict ``p``'s updates to the elements where ``mask`` is True; ``None`` clears it.
 
-        ``mask`` must be a bool tensor shaped like ``p``; it is copied to ``p``'s device.
+        ``mask`` must be a bool tensor shaped like ``p``; it is copied to ``p``'s device. For a
+        DTensor ``p`` (FSDP2) the mask is stored sharded like ``p``: pass a DTensor on ``p``'s mesh
+        (redistributed if placed differently) or the full mask, the same on every rank, from
+        which each rank keeps its own shard.
         """
         self._check_managed(p)
         if mask is None:
@@ -369,6 +399,9 @@ class FisherAdamW(Optimizer):
             raise ValueError(
                 f"mask shape {tuple(mask.shape)} does not match the param's {tuple(p.shape)}"
             )
+        if _dist.is_dtensor(p) or _dist.is_dtensor(mask):
+            self.state[p]["mask"] = _dist.to_param_layout(p, mask, "mask")
+            return
         self.state[p]["mask"] = mask.to(device=p.device).contiguous().clone()
 
     @contextlib.contextmanager
@@ -421,7 +454,12 @@ class FisherAdamW(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``FisherAdamW`` state dict, keeping every state tensor's saved dtype (the base
         class would cast fp32 moments and the Fisher to a bf16 param's dtype, and a bool mask to
-        float). Validates everything first; on error nothing changes."""
+        float). Validates everything first; on error nothing changes.
+
+        For DTensor params (FSDP2) every shaped state tensor is laid out like its param: a
+        DTensor is redistributed when placed differently, a full plain tensor is cut into this
+        rank's shard (as ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict``
+        and ``torch.distributed.checkpoint.load`` use it)."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
@@ -466,30 +504,41 @@ class FisherAdamW(Optimizer):
             pid: {k: v for k, v in pstate.items() if not isinstance(v, Tensor)}
             for pid, pstate in state_dict["state"].items()
         }
-        super().load_state_dict(stripped)
+        converted: dict[int, dict[str, Tensor]] = {}
         for pid, values in tensors.items():
             p = id_map[pid]
-            for key, value in values.items():
-                self.state[p][key] = value.to(device=p.device, copy=True)
+            converted[pid] = {
+                key: (
+                    _dist.to_param_layout(p, value, f"state_dict state {key!r} of param id {pid}")
+                    if value.dim() > 0 and (_dist.is_dtensor(p) or _dist.is_dtensor(value))
+                    else value.to(device=p.device, copy=True)
+                )
+                for key, value in values.items()
+            }
+        super().load_state_dict(stripped)
+        for pid, values in converted.items():
+            self.state[id_map[pid]].update(values)
         for group in self.param_groups:
             if isinstance(group["betas"], list):
                 group["betas"] = tuple(group["betas"])
 
 
-def _kth_smallest(tensors: list[Tensor], k: int) -> float:
-    """The ``k``-th smallest (0-based) value over non-negative fp32 ``tensors``, exactly.
+def _kth_smallest(counter: _dist.GlobalCounter, k: int, device: torch.device) -> float:
+    """The ``k``-th smallest (0-based) value over the non-negative fp32 tensors of ``counter``,
+    exactly.
 
     Bisection over the int32 bit pattern (monotone in the value for non-negative floats): the
-    answer is the smallest pattern ``x`` with ``count(t <= x) > k``. 32 passes, all on the device.
+    answer is the smallest pattern ``x`` with ``count(t <= x) > k``. 32 passes, all on the device;
+    with DTensors each pass all-reduces its count across ranks.
     """
-    device = tensors[0].device
     lo = torch.zeros((), dtype=torch.int64, device=device)
     hi = torch.full((), 0x7F800000, dtype=torch.int64, device=device)  # +inf
     for _ in range(32):
         mid = (lo + hi) // 2
-        count = torch.zeros((), dtype=torch.int64, device=device)
-        for t in tensors:
-            count = count + (t.view(torch.int32) <= mid.to(t.device, torch.int32)).sum().to(device)
+        count = counter.total(
+            lambda t: (t.view(torch.int32) <= mid.to(t.device, torch.int32)).sum(),
+            torch.int64, device,
+        )
         below = count > k
         hi = torch.where(below, mid, hi)
         lo = torch.where(below, lo, mid + 1)

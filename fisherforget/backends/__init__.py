@@ -27,6 +27,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _loaded: dict[str, bool] = {}
 _errors: dict[str, str] = {}
+_modules: dict[str, object] = {}  # imported backend modules (torch.compile cannot trace imports)
 
 
 def load(name: str) -> bool:
@@ -36,6 +37,7 @@ def load(name: str) -> bool:
     if name not in _loaded:
         try:
             module = importlib.import_module(_MODULES[name])
+            _modules[name] = module
             check = getattr(module, "availability_error", None)
             error = check() if check is not None else None
         except Exception as exc:  # a backend that fails to import is unavailable, not fatal
@@ -69,8 +71,7 @@ def runs_on(name: str, device: torch.device) -> bool:
         return True
     if not load(name):
         return False
-    module = importlib.import_module(_MODULES[name])
-    return module.supports_device(device)
+    return _modules[name].supports_device(device)
 
 
 def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
