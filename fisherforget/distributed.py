@@ -22,7 +22,8 @@ How ``FisherAdamW`` runs on PyTorch's distributed engines:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import os
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ __all__ = [
     "same_layout",
     "to_param_layout",
     "GlobalCounter",
+    "prepare_optimizer_state_for_load",
     "shard_range",
     "gather_scores",
 ]
@@ -191,6 +193,100 @@ def _owns(t: Tensor) -> bool:
         isinstance(placement, Shard) or coordinate[dim] == 0
         for dim, placement in enumerate(t.placements)
     )
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def prepare_optimizer_state_for_load(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    source: Union[str, "os.PathLike[str]", Any],
+    prefix: str = "optim",
+) -> list[tuple[str, str]]:
+    """Give ``optimizer`` every state entry that ``source`` holds, as zeros, so that loading
+    fills them in instead of dropping them.
+
+    ``torch.distributed.checkpoint`` loads *in place into the state dict it is given* and
+    silently skips checkpoint entries that state dict lacks; ``set_optimizer_state_dict`` with a
+    full state dict fails on them. A fresh optimizer (or one that ``get_state_dict`` initialised
+    with its zero-gradient step) has no ``mask`` entries and no ``unlearn_*`` moments, so without
+    this call those would be lost. Call it first on the loading side::
+
+        prepare_optimizer_state_for_load(model, opt, checkpoint_dir)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=checkpoint_dir)
+        set_state_dict(model, opt, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    ``source`` is a checkpoint directory or its ``Metadata`` (``prefix``: the key the optimizer
+    state dict was saved under), or an optimizer state dict keyed by parameter name (as
+    ``get_optimizer_state_dict`` returns, full or sharded). Shaped entries are created laid out
+    like their param (sharded for DTensors), 0-dim ones as plain tensors, with the saved dtype.
+    Returns the ``(param name, state key)`` pairs added.
+    """
+    entries = _saved_state_entries(source, prefix)
+    managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    added = []
+    for name, p in model.named_parameters():
+        if id(p) not in managed:
+            continue
+        for key, (dtype, shape) in entries.get(_checkpoint_fqn(model, name), {}).items():
+            if key in optimizer.state[p]:
+                continue
+            if len(shape) == 0:
+                value = torch.zeros((), dtype=dtype, device=local(p).device)
+            else:
+                if tuple(shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"saved state {key!r} of {name!r} has shape {tuple(shape)}, the param "
+                        f"{tuple(p.shape)}: a different parameter layout"
+                    )
+                value = zeros_like_param(p, dtype)
+            optimizer.state[p][key] = value
+            added.append((name, key))
+    return added
+
+
+def _saved_state_entries(source: Any, prefix: str) -> dict[str, dict[str, tuple]]:
+    """``{param name: {state key: (dtype, global shape)}}`` of a checkpoint or state dict."""
+    if isinstance(source, dict):
+        return {
+            str(name): {
+                key: (value.dtype, tuple(value.shape))
+                for key, value in pstate.items() if isinstance(value, Tensor)
+            }
+            for name, pstate in source.get("state", {}).items()
+        }
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if isinstance(source, (str, os.PathLike)):
+        source = FileSystemReader(os.fspath(source)).read_metadata()
+    # Flattened keys read "<prefix>.state.<param name>.<state key>"; names hold dots, keys not.
+    stem = f"{prefix}.state."
+    entries: dict[str, dict[str, tuple]] = {}
+    for flat_key, entry in source.state_dict_metadata.items():
+        if not flat_key.startswith(stem) or not isinstance(entry, TensorStorageMetadata):
+            continue
+        name, _, key = flat_key[len(stem):].rpartition(".")
+        entries.setdefault(name, {})[key] = (entry.properties.dtype, tuple(entry.size))
+    return entries
+
+
+def _checkpoint_fqn(model: torch.nn.Module, name: str) -> str:
+    """The name ``torch.distributed.checkpoint.state_dict`` saves a parameter under (wrapper
+    prefixes such as ``_orig_mod.`` of ``torch.compile`` removed)."""
+    try:
+        from torch.distributed.checkpoint.state_dict import _get_fqns
+
+        fqns = _get_fqns(model, name)
+        if len(fqns) == 1:
+            return next(iter(fqns))
+    except Exception:  # a private helper; fall back to the plain name
+        pass
+    return name
 
 
 # ---------------------------------------------------------------------------- scores

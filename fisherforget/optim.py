@@ -29,6 +29,21 @@ _GROUP_KEYS = (
     "fisher_scale", "freeze_above", "freeze_below", "state_dtype", "fisher_dtype", "backend",
 )
 _UNLEARN_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+# Group keys holding a torch.dtype; a state dict stores them by name.
+_DTYPE_KEYS = ("state_dtype", "fisher_dtype")
+
+
+def _dtypes_from_names(saved_group: Any) -> Any:
+    """A copy of a saved param group with dtype names (``"float32"``) turned back into dtypes;
+    anything else is left for validation to judge."""
+    if not isinstance(saved_group, dict):
+        return saved_group
+    group = dict(saved_group)
+    for key in _DTYPE_KEYS:
+        value = group.get(key)
+        if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+            group[key] = getattr(torch, value)
+    return group
 
 
 def _is_number(x: Any) -> bool:
@@ -451,6 +466,18 @@ class FisherAdamW(Optimizer):
 
     # ------------------------------------------------------------ state dict
 
+    def state_dict(self) -> dict[str, Any]:
+        """The base class's state dict, with the group dtypes (``state_dtype``,
+        ``fisher_dtype``) saved by name (``"float32"``): a state dict of tensors, numbers and
+        strings only, which ``torch.distributed.checkpoint``'s full-state-dict gathering requires
+        (it rejects ``torch.dtype`` values). :meth:`load_state_dict` reads names and dtypes."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in _DTYPE_KEYS:
+                if isinstance(group.get(key), torch.dtype):
+                    group[key] = str(group[key]).removeprefix("torch.")
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``FisherAdamW`` state dict, keeping every state tensor's saved dtype (the base
         class would cast fp32 moments and the Fisher to a bf16 param's dtype, and a bool mask to
@@ -462,7 +489,7 @@ class FisherAdamW(Optimizer):
         and ``torch.distributed.checkpoint.load`` use it)."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
-        saved_groups = state_dict["param_groups"]
+        saved_groups = [_dtypes_from_names(g) for g in state_dict["param_groups"]]
         for gi, saved in enumerate(saved_groups):
             missing = [k for k in _GROUP_KEYS if k not in saved]
             if missing:
@@ -500,6 +527,7 @@ class FisherAdamW(Optimizer):
                     )
                 tensors.setdefault(pid, {})[key] = value
         stripped = dict(state_dict)
+        stripped["param_groups"] = saved_groups
         stripped["state"] = {
             pid: {k: v for k, v in pstate.items() if not isinstance(v, Tensor)}
             for pid, pstate in state_dict["state"].items()

@@ -1,0 +1,63 @@
+"""Run a test body in several processes joined by a ``torch.distributed`` process group.
+
+The ranks meet through a file store in the test's tmp dir (no ports to race for), use gloo on CPU
+(NCCL on GPUs) and a collective timeout, and the parent gives up after ``timeout`` seconds, so a
+hang fails the test instead of blocking CI. An exception in any rank fails the test with that
+rank's traceback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT_S = 60
+
+
+def _entry(rank: int, fn: Callable, world_size: int, store: str, backend: str, args: tuple):
+    torch.set_num_threads(1)  # two ranks on a small machine: no oversubscription
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_workers(
+    fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any,
+    backend: str = "gloo", timeout: float = 240.0,
+) -> None:
+    """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; ``fn`` must be
+    importable (a module-level function of a test module)."""
+    store = Path(tmp_path) / f"store-{time.monotonic_ns()}"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    context = mp.start_processes(
+        _entry, args=(fn, world_size, str(store), backend, args), nprocs=world_size,
+        join=False, start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1.0):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{fn.__name__} did not finish within {timeout:.0f} s on {world_size} ranks"
+                )
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in context.processes:
+            process.join(timeout=10)
