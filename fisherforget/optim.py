@@ -287,8 +287,10 @@ class FisherAdamW(Optimizer):
             found_inf = getattr(self, "found_inf", None)
         self._check_grads()
 
+        # Plan every launch (state, buckets, backends) before running any, so a failure
+        # (e.g. an explicit backend that cannot run here) leaves everything unchanged.
+        launches = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             uses_fisher = _needs_fisher(group)
             buckets: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
             for p in group["params"]:
@@ -313,18 +315,21 @@ class FisherAdamW(Optimizer):
                 bucket["masks"].append(None if mask is None else local(mask))
                 bucket["steps"].append(state["step"])
             for (device, dtype, _, _), bucket in buckets.items():
-                ops.fused_step(
-                    bucket["params"], bucket["grads"], bucket["exp_avgs"],
-                    bucket["exp_avg_sqs"], bucket["max_exp_avg_sqs"], bucket["fishers"],
-                    bucket["masks"], bucket["steps"], bucket["fisher_counts"],
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-                    maximize=group["maximize"], fisher_mode=group["fisher"],
-                    fisher_beta=group["fisher_beta"], fisher_scale=group["fisher_scale"],
-                    freeze_above=group["freeze_above"], freeze_below=group["freeze_below"],
-                    grad_scale=grad_scale, found_inf=found_inf,
-                    backend=backends.resolve(group["backend"], device, dtype),
-                )
+                launches.append((group, bucket, backends.resolve(group["backend"], device, dtype)))
+
+        for group, bucket, backend in launches:
+            beta1, beta2 = group["betas"]
+            ops.fused_step(
+                bucket["params"], bucket["grads"], bucket["exp_avgs"], bucket["exp_avg_sqs"],
+                bucket["max_exp_avg_sqs"], bucket["fishers"], bucket["masks"], bucket["steps"],
+                bucket["fisher_counts"],
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                maximize=group["maximize"], fisher_mode=group["fisher"],
+                fisher_beta=group["fisher_beta"], fisher_scale=group["fisher_scale"],
+                freeze_above=group["freeze_above"], freeze_below=group["freeze_below"],
+                grad_scale=grad_scale, found_inf=found_inf, backend=backend,
+            )
         return loss
 
     # ------------------------------------------------------------ Fisher API
