@@ -4,11 +4,16 @@ The ranks meet through a file store in the test's tmp dir (no ports to race for)
 (NCCL on GPUs) and a collective timeout, and the parent gives up after ``timeout`` seconds, so a
 hang fails the test instead of blocking CI. An exception in any rank fails the test with that
 rank's traceback.
+
+The worker function is passed to the ranks by file and name, not by pickled module path, so it
+may live in a test module whatever pytest's import mode calls that module.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import inspect
 import os
 import time
 from pathlib import Path
@@ -21,7 +26,16 @@ import torch.multiprocessing as mp
 COLLECTIVE_TIMEOUT_S = 60
 
 
-def _entry(rank: int, fn: Callable, world_size: int, store: str, backend: str, args: tuple):
+def _load(path: str, name: str) -> Callable:
+    spec = importlib.util.spec_from_file_location(f"_worker_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def _entry(rank: int, path: str, name: str, world_size: int, store: str, backend: str,
+           args: tuple):
+    fn = _load(path, name)
     torch.set_num_threads(1)  # two ranks on a small machine: no oversubscription
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -41,11 +55,12 @@ def run_workers(
     backend: str = "gloo", timeout: float = 240.0,
 ) -> None:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; ``fn`` must be
-    importable (a module-level function of a test module)."""
+    a module-level function of a file (e.g. the calling test module)."""
     store = Path(tmp_path) / f"store-{time.monotonic_ns()}"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     context = mp.start_processes(
-        _entry, args=(fn, world_size, str(store), backend, args), nprocs=world_size,
+        _entry, args=(inspect.getfile(fn), fn.__name__, world_size, str(store), backend, args),
+        nprocs=world_size,
         join=False, start_method="spawn",
     )
     deadline = time.monotonic() + timeout
