@@ -96,6 +96,9 @@ BAD_GRADS = {
     "dtype": (lambda p: _allow_any_grad_dtype(p) or torch.randn_like(p, dtype=torch.float64),
               RuntimeError,
               r"gradient dtype torch.float64 does not match param 1 of group 0"),
+    "complex": (lambda p: _allow_any_grad_dtype(p) or torch.randn_like(p, dtype=torch.complex64),
+                RuntimeError,
+                r"does not support complex tensors: param 1 of group 0 \(shape \(4, 3\)\)"),
 }
 
 
@@ -199,3 +202,77 @@ def test_unavailable_backend_says_why():
         if not backends.is_available(name):
             with pytest.raises(RuntimeError, match=f"backend='{name}' was requested but is not"):
                 FisherAdamW([torch.zeros(2, requires_grad=True)], backend=name)
+
+
+def test_mask_that_no_longer_fits_its_param_changes_nothing():
+    """A param whose data was swapped for another shape after ``set_mask``: the step refuses
+    before touching anything (also the other, healthy param)."""
+    opt, good, bad = _stepped_optimizer()
+    opt.set_mask(bad, torch.rand(4, 3) > 0.5)
+    bad.data = torch.randn(12)
+    bad.grad = torch.randn(12)
+    snapshot = _snapshot(opt, [good, bad])
+    with pytest.raises(RuntimeError, match=r"the mask of param 1 of group 0 \(shape \(12,\)\) "
+                       r"no longer matches it; set_mask again"):
+        opt.step()
+    _assert_unchanged(opt, [good, bad], snapshot)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", -1.0, r"Invalid lr: -1.0"),
+    ("betas", (0.9, 1.0), r"Invalid betas\[1\]: 1.0"),
+    ("fisher", "fim", r"Invalid fisher: 'fim'"),
+    ("state_dtype", "float16", r"Invalid state_dtype: torch.float16"),
+    ("fisher_dtype", "float17", r"Invalid fisher_dtype: 'float17'"),
+    ("backend", "tpu", r"Invalid backend: 'tpu'"),
+])
+def test_tampered_state_dict_is_refused(key, value, message):
+    """A FisherAdamW state dict whose saved group settings are invalid is refused like bad
+    constructor arguments, and the loading optimizer keeps its own state."""
+    opt, good, bad = _stepped_optimizer()
+    saved = opt.state_dict()
+    saved["param_groups"][0][key] = value
+    target, target_good, target_bad = _stepped_optimizer()
+    snapshot = _snapshot(target, [target_good, target_bad])
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(saved)
+    _assert_unchanged(target, [target_good, target_bad], snapshot)
+
+
+def test_state_dict_stores_dtypes_by_name_and_loads_both_forms():
+    """Group dtypes are saved as names (``torch.distributed.checkpoint`` gathers only tensors,
+    numbers and strings); names and ``torch.dtype`` values both load back to dtypes."""
+    opt, good, bad = _stepped_optimizer()
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["state_dtype"] == "float32"
+    assert saved["param_groups"][0]["fisher_dtype"] == "float32"
+    for form in ("bfloat16", torch.bfloat16):
+        saved["param_groups"][0]["state_dtype"] = form
+        opt.load_state_dict(saved)
+        assert opt.param_groups[0]["state_dtype"] is torch.bfloat16
+
+
+def test_mixed_dtypes_and_devices_in_one_group_are_supported():
+    """Not bad input: one group may mix param dtypes and devices (the optimizer launches once
+    per (device, dtype) bucket, DESIGN section 4). Each param gets exactly the step it gets alone.
+    (A gradient whose dtype differs from its param's is refused, see ``BAD_GRADS``; torch itself
+    refuses a gradient on another device.)"""
+    params = [
+        torch.randn(5, dtype=dtype, requires_grad=True)
+        for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16)
+    ]
+    meta = torch.empty(3, device="meta", requires_grad=True)
+    grads = [torch.randn_like(p) for p in params]
+    alone = [p.detach().clone().requires_grad_() for p in params]
+    opt = FisherAdamW(params + [meta], lr=1e-2, fisher_scale=1.0)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    meta.grad = torch.empty(3, device="meta")
+    opt.step()
+    assert opt.state[meta]["fisher"].device.type == "meta"
+    for p, q, g in zip(params, alone, grads):
+        single = FisherAdamW([q], lr=1e-2, fisher_scale=1.0)
+        q.grad = g.clone()
+        single.step()
+        assert torch.equal(p, q), p.dtype
+        assert torch.equal(opt.fisher(p), single.fisher(q))
