@@ -152,6 +152,9 @@ def _sum_partials_kernel(partials_ptr, out_ptr, n_partials, BLOCK: tl.constexpr)
 
 
 _PARTIALS_BLOCK = 1024
+# Tests set this to fill the partials and the result with NaN before the kernels run, so that a
+# slot no program writes cannot pass unnoticed.
+poison_outputs = False
 
 
 def fisher_accumulate(
@@ -209,6 +212,9 @@ def fisher_score(
         n_partials += tables.n_chunks
     out = torch.empty(2, dtype=torch.float64, device=device)
     partials = torch.empty(max(n_partials, 1) * 2, dtype=torch.float64, device=device)
+    if poison_outputs:
+        out.fill_(float("nan"))
+        partials.fill_(float("nan"))
     with on_device(device):
         for directions, grads, fishers, config, tables, first_partial in plans:
             if not tables.n_chunks:

@@ -48,11 +48,12 @@ ALIGNMENT_BYTES = 16
 _CHUNK_INDEX_BITS = 32
 
 # Launch heuristic (one place, overridable by environment for benchmark sweeps). BLOCK elements
-# per inner iteration: 2048 fp32 over 4 warps is 16 elements per thread, four 16-byte vectors of
-# each operand in flight per thread. A program walks up to MAX_BLOCKS_PER_CHUNK blocks of one
-# tensor, so that the chunk table stays small for large models while the grid still has many waves.
+# per inner iteration: 2048 over 8 warps is 8 elements per thread, two 16-byte vectors of each
+# fp32 operand in flight per thread (76 registers for the fp32 Fisher step on sm_90; 4 warps
+# would need 146). A program walks up to MAX_BLOCKS_PER_CHUNK blocks of one tensor, so that the
+# chunk table stays small for large models while the grid still has many waves.
 _DEFAULT_BLOCK = 2048
-_DEFAULT_NUM_WARPS = 4
+_DEFAULT_NUM_WARPS = 8
 _MAX_BLOCKS_PER_CHUNK = 16
 _TARGET_PROGRAMS_PER_SM = 32
 
@@ -140,9 +141,13 @@ def build_tables(
     chunk_elems: int,
     device: torch.device,
     aligned: bool,
+    via_kernels: Optional[bool] = None,
 ) -> Tables:
     """Upload the tensor table ``rows`` (one row of ``n_fields`` ints per tensor, the element
-    count last) and the chunk table cutting each tensor into chunks of ``chunk_elems``."""
+    count last) and the chunk table cutting each tensor into chunks of ``chunk_elems``.
+
+    ``via_kernels`` (default: only while a CUDA graph is being captured) writes the tables with
+    device kernels instead of a host-to-device copy; tests force it to compare both paths."""
     n_tensors = len(rows)
     n_fields = len(rows[0]) if rows else 0
     counts = [(row[-1] + chunk_elems - 1) // chunk_elems for row in rows]
@@ -153,13 +158,15 @@ def build_tables(
     flat = [value for row in rows for value in row]
     flat.extend([0] * (table_len - len(flat)))
 
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if capturing:
+    if via_kernels is None:
+        via_kernels = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if via_kernels:
         buffer = torch.empty(table_len + n_chunks, dtype=torch.int64, device=device)
-        _write_values_on_device(buffer, flat)
-        if n_chunks:
-            numel_column = buffer[:n_tensors * n_fields].view(n_tensors, n_fields)[:, n_fields - 1]
-            _chunk_table_on_device(buffer[table_len:], numel_column, chunk_elems, n_chunks)
+        with on_device(device):
+            _write_values_on_device(buffer, flat)
+            if n_chunks:
+                numels = buffer[:n_tensors * n_fields].view(n_tensors, n_fields)[:, n_fields - 1]
+                _chunk_table_on_device(buffer[table_len:], numels, chunk_elems, n_chunks)
     else:
         host = torch.empty(
             table_len + n_chunks, dtype=torch.int64,
@@ -220,24 +227,26 @@ def _write_values_kernel(
     v8: tl.int64, v9: tl.int64, v10: tl.int64, v11: tl.int64,
     v12: tl.int64, v13: tl.int64, v14: tl.int64, v15: tl.int64,
 ):
-    # Values arrive as kernel arguments, which a captured graph stores by value.
+    # Values arrive as kernel arguments, which a captured graph stores by value. (The casts are
+    # no-ops when compiled; the interpreter keeps ints in [2^31, 2^32) as 4-byte uint32 data
+    # while typing them int64, and would store only 4 bytes of them.)
     base = out_ptr + offset
-    tl.store(base + 0, v0, mask=count > 0)
-    tl.store(base + 1, v1, mask=count > 1)
-    tl.store(base + 2, v2, mask=count > 2)
-    tl.store(base + 3, v3, mask=count > 3)
-    tl.store(base + 4, v4, mask=count > 4)
-    tl.store(base + 5, v5, mask=count > 5)
-    tl.store(base + 6, v6, mask=count > 6)
-    tl.store(base + 7, v7, mask=count > 7)
-    tl.store(base + 8, v8, mask=count > 8)
-    tl.store(base + 9, v9, mask=count > 9)
-    tl.store(base + 10, v10, mask=count > 10)
-    tl.store(base + 11, v11, mask=count > 11)
-    tl.store(base + 12, v12, mask=count > 12)
-    tl.store(base + 13, v13, mask=count > 13)
-    tl.store(base + 14, v14, mask=count > 14)
-    tl.store(base + 15, v15, mask=count > 15)
+    tl.store(base + 0, v0.to(tl.uint64).to(tl.int64), mask=count > 0)
+    tl.store(base + 1, v1.to(tl.uint64).to(tl.int64), mask=count > 1)
+    tl.store(base + 2, v2.to(tl.uint64).to(tl.int64), mask=count > 2)
+    tl.store(base + 3, v3.to(tl.uint64).to(tl.int64), mask=count > 3)
+    tl.store(base + 4, v4.to(tl.uint64).to(tl.int64), mask=count > 4)
+    tl.store(base + 5, v5.to(tl.uint64).to(tl.int64), mask=count > 5)
+    tl.store(base + 6, v6.to(tl.uint64).to(tl.int64), mask=count > 6)
+    tl.store(base + 7, v7.to(tl.uint64).to(tl.int64), mask=count > 7)
+    tl.store(base + 8, v8.to(tl.uint64).to(tl.int64), mask=count > 8)
+    tl.store(base + 9, v9.to(tl.uint64).to(tl.int64), mask=count > 9)
+    tl.store(base + 10, v10.to(tl.uint64).to(tl.int64), mask=count > 10)
+    tl.store(base + 11, v11.to(tl.uint64).to(tl.int64), mask=count > 11)
+    tl.store(base + 12, v12.to(tl.uint64).to(tl.int64), mask=count > 12)
+    tl.store(base + 13, v13.to(tl.uint64).to(tl.int64), mask=count > 13)
+    tl.store(base + 14, v14.to(tl.uint64).to(tl.int64), mask=count > 14)
+    tl.store(base + 15, v15.to(tl.uint64).to(tl.int64), mask=count > 15)
 
 
 def _write_values_on_device(out: torch.Tensor, values: Sequence[int]) -> None:
@@ -258,7 +267,8 @@ def _warm_writer(device: torch.device) -> None:
     if index in _WARM_WRITERS:
         return
     scratch = torch.empty(_VALUES_PER_WRITE, dtype=torch.int64, device=device)
-    _write_values_on_device(scratch, list(range(_VALUES_PER_WRITE)))
+    with on_device(device):
+        _write_values_on_device(scratch, list(range(_VALUES_PER_WRITE)))
     _WARM_WRITERS.add(index)
 
 

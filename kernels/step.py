@@ -120,7 +120,8 @@ def _fused_step_kernel(
 
     active = tl.full([], 1, tl.int1)
     if HAS_FOUND_INF:
-        active = tl.load(found_inf_ptr).to(tl.float32) <= 0.0
+        # (written with where: the interpreter mistypes a bool from a loaded-scalar comparison)
+        active = tl.where(tl.load(found_inf_ptr).to(tl.float32) > 0.0, 0, 1) != 0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
 
@@ -158,7 +159,7 @@ def _fused_step_kernel(
         for block_index in range(first_block, end_block):
             offsets = block_index * BLOCK + tl.arange(0, BLOCK)
             if tail == 0:
-                live = tl.full([BLOCK], 1, tl.int1) & active  # uniform (found_inf only)
+                live = tl.broadcast_to(active, [BLOCK])  # uniform: only found_inf masks
             else:
                 live = (offsets < chunk_len) & active
             p_ptrs = p_ptr + offsets
