@@ -58,7 +58,9 @@ def _variants(block: int):
                           HAS_FOUND_INF=False, AMSGRAD=False, HAS_FISHER=True, ANY_MASK=False,
                           FREEZES=False, ALIGNED=True, BLOCK=block)
         constexprs.update(flags)
-        loaded = 4 + constexprs["AMSGRAD"] + constexprs["HAS_FISHER"] + constexprs["ANY_MASK"]
+        widest = max(d.primitive_bitwidth for d in (p, state, f)) // 8
+        constexprs["VEC"] = 16 // widest
+        loaded = 4 + constexprs["AMSGRAD"] + constexprs["HAS_FISHER"]  # (the mask is 1 byte)
         stored = 3 + constexprs["AMSGRAD"] + constexprs["HAS_FISHER"]
         return dict(kernel=step._fused_step_kernel, label=label, pointers=step_pointers,
                     constexprs=constexprs, operands_loaded=loaded, operands_stored=stored,
@@ -78,13 +80,19 @@ def _variants(block: int):
                pointers=dict(tensor_table_ptr="*i64", chunk_table_ptr="*i64",
                              grad_scale_ptr="*fp32"),
                constexprs=dict(F_DTYPE=fp32, G_DTYPE=fp32, HAS_GRAD_SCALE=True, ALIGNED=True,
-                               BLOCK=block), operands_loaded=2, operands_stored=1,
+                               VEC=4, BLOCK=block), operands_loaded=2, operands_stored=1,
+               freezes=False)
+    yield dict(kernel=fisher._fisher_score_kernel, label="score bf16 grads, fp32 d and F",
+               pointers=dict(tensor_table_ptr="*i64", chunk_table_ptr="*i64",
+                             partials_ptr="*fp64"),
+               constexprs=dict(D_DTYPE=fp32, G_DTYPE=bf16, F_DTYPE=fp32, ALIGNED=True,
+                               VEC=4, BLOCK=block), operands_loaded=2, operands_stored=0,
                freezes=False)
     yield dict(kernel=fisher._fisher_score_kernel, label="score fp32",
                pointers=dict(tensor_table_ptr="*i64", chunk_table_ptr="*i64",
                              partials_ptr="*fp64"),
                constexprs=dict(D_DTYPE=fp32, G_DTYPE=fp32, F_DTYPE=fp32, ALIGNED=True,
-                               BLOCK=block), operands_loaded=3, operands_stored=0,
+                               VEC=4, BLOCK=block), operands_loaded=3, operands_stored=0,
                freezes=False)
     yield dict(kernel=fisher._sum_partials_kernel, label="score second stage",
                pointers=dict(partials_ptr="*fp64", out_ptr="*fp64"),
@@ -127,9 +135,11 @@ def report(arch: int = 90, block: int = multi_tensor._DEFAULT_BLOCK,
         rows.append(dict(
             kernel=kernel.fn.__name__, variant=variant["label"], arch=f"sm_{arch}",
             registers=regs, spilled_bytes=local,
+            shared_bytes=compiled.metadata.shared,
             vector_loads_128=len(re.findall(r"\bLDG\.E\.128\b", sass)),
+            vector_loads_64=len(re.findall(r"\bLDG\.E\.64\b", sass)),
             vector_stores_128=len(re.findall(r"\bSTG\.E\.128\b", sass)),
-            scalar_loads=len(re.findall(r"\bLDG\.E(\.(?!128)\S+)?\s", sass)),
+            vector_stores_64=len(re.findall(r"\bSTG\.E\.64\b", sass)),
             float_atomics=len(re.findall(r"\b(atom|red)\.[a-z.]*\.(add\.)?f(16|32|64)", ptx)),
             operands_loaded=variant["operands_loaded"],
             operands_stored=variant["operands_stored"], freezes=variant["freezes"],
@@ -148,11 +158,13 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    header = f"{'kernel':28} {'variant':48} regs spill ld128 st128 atomics"
+    header = (f"{'kernel':26} {'variant':50} regs spill smem ld128 ld64 st128 st64 "
+              "f-atomics")
     print(header)
     for r in rows:
-        print(f"{r['kernel']:28} {r['variant']:48} {r['registers']:4} {r['spilled_bytes']:5} "
-              f"{r['vector_loads_128']:5} {r['vector_stores_128']:5} {r['float_atomics']:7}")
+        print(f"{r['kernel']:26} {r['variant']:50} {r['registers']:4} {r['spilled_bytes']:5} "
+              f"{r['shared_bytes']:4} {r['vector_loads_128']:5} {r['vector_loads_64']:4} "
+              f"{r['vector_stores_128']:5} {r['vector_stores_64']:4} {r['float_atomics']:9}")
     return 0
 
 

@@ -20,6 +20,7 @@ from .multi_tensor import (
     all_aligned,
     build_tables,
     launch_config,
+    vector_elems,
     on_device,
     triton_dtype,
 )
@@ -44,8 +45,10 @@ def _fisher_accumulate_kernel(
     tensor_table_ptr, chunk_table_ptr, grad_scale_ptr,
     alpha: tl.float32, beta: tl.float32, blocks_per_chunk: tl.int32,
     F_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    F_ALIGN: tl.constexpr = VEC * (F_DTYPE.primitive_bitwidth // 8)
+    G_ALIGN: tl.constexpr = VEC * (G_DTYPE.primitive_bitwidth // 8)
     # (Inlined like the fused step: device-function calls are slow in the interpreter.)
     packed = tl.load(chunk_table_ptr + tl.program_id(0))
     tensor_index = packed >> 32
@@ -77,8 +80,8 @@ def _fisher_accumulate_kernel(
             f_ptrs = f_ptr + offsets
             g_ptrs = g_ptr + offsets
             if ALIGNED:
-                f_ptrs = tl.max_contiguous(tl.multiple_of(f_ptrs, 16), BLOCK)
-                g_ptrs = tl.max_contiguous(tl.multiple_of(g_ptrs, 16), BLOCK)
+                f_ptrs = tl.max_contiguous(tl.multiple_of(f_ptrs, F_ALIGN), VEC)
+                g_ptrs = tl.max_contiguous(tl.multiple_of(g_ptrs, G_ALIGN), VEC)
             g = tl.load(g_ptrs, mask=live, other=0.0).to(tl.float32)
             f = tl.load(f_ptrs, mask=live, other=0.0).to(tl.float32)
             if HAS_GRAD_SCALE:
@@ -89,10 +92,14 @@ def _fisher_accumulate_kernel(
 
 @triton.jit(do_not_specialize=["blocks_per_chunk", "first_partial"])
 def _fisher_score_kernel(
-    tensor_table_ptr, chunk_table_ptr, partials_ptr, first_partial, blocks_per_chunk: tl.int32,
+    tensor_table_ptr, chunk_table_ptr, partials_ptr, first_partial: tl.int32,
+    blocks_per_chunk: tl.int32,
     D_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    D_ALIGN: tl.constexpr = VEC * (D_DTYPE.primitive_bitwidth // 8)
+    G_ALIGN: tl.constexpr = VEC * (G_DTYPE.primitive_bitwidth // 8)
+    F_ALIGN: tl.constexpr = VEC * (F_DTYPE.primitive_bitwidth // 8)
     packed = tl.load(chunk_table_ptr + tl.program_id(0))
     tensor_index = packed >> 32
     row = tensor_table_ptr + tensor_index * SCORE_N_FIELDS
@@ -124,9 +131,9 @@ def _fisher_score_kernel(
             g_ptrs = g_ptr + offsets
             f_ptrs = f_ptr + offsets
             if ALIGNED:
-                d_ptrs = tl.max_contiguous(tl.multiple_of(d_ptrs, 16), BLOCK)
-                g_ptrs = tl.max_contiguous(tl.multiple_of(g_ptrs, 16), BLOCK)
-                f_ptrs = tl.max_contiguous(tl.multiple_of(f_ptrs, 16), BLOCK)
+                d_ptrs = tl.max_contiguous(tl.multiple_of(d_ptrs, D_ALIGN), VEC)
+                g_ptrs = tl.max_contiguous(tl.multiple_of(g_ptrs, G_ALIGN), VEC)
+                f_ptrs = tl.max_contiguous(tl.multiple_of(f_ptrs, F_ALIGN), VEC)
             g = tl.load(g_ptrs, mask=live, other=0.0).to(tl.float64)
             d = tl.load(d_ptrs, mask=live, other=0.0).to(tl.float64)
             f = tl.load(f_ptrs, mask=live, other=0.0).to(tl.float64)
@@ -138,7 +145,7 @@ def _fisher_score_kernel(
 
 
 @triton.jit(do_not_specialize=["n_partials"])
-def _sum_partials_kernel(partials_ptr, out_ptr, n_partials, BLOCK: tl.constexpr):
+def _sum_partials_kernel(partials_ptr, out_ptr, n_partials: tl.int32, BLOCK: tl.constexpr):
     # One program, a fixed order: the result depends only on the partials.
     dot = tl.zeros([BLOCK], dtype=tl.float64)
     weighted = tl.zeros([BLOCK], dtype=tl.float64)
@@ -185,6 +192,7 @@ def fisher_accumulate(
             float(alpha), float(beta), config.blocks_per_chunk,
             F_DTYPE=triton_dtype(fishers[0].dtype), G_DTYPE=triton_dtype(grads[0].dtype),
             HAS_GRAD_SCALE=grad_scale is not None, ALIGNED=tables.aligned,
+            VEC=vector_elems([fishers[0], grads[0]]),
             BLOCK=config.block, num_warps=config.num_warps,
         )
 
@@ -223,6 +231,7 @@ def fisher_score(
                 tables.tensors, tables.chunks, partials, first_partial, config.blocks_per_chunk,
                 D_DTYPE=triton_dtype(directions[0].dtype), G_DTYPE=triton_dtype(grads[0].dtype),
                 F_DTYPE=triton_dtype(fishers[0].dtype), ALIGNED=tables.aligned,
+                VEC=vector_elems([directions[0], grads[0], fishers[0]]),
                 BLOCK=config.block, num_warps=config.num_warps,
             )
         _sum_partials_kernel[(1,)](

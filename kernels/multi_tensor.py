@@ -36,6 +36,7 @@ __all__ = [
     "build_tables",
     "ALIGNMENT_BYTES",
     "all_aligned",
+    "vector_elems",
     "optional_ptr",
     "on_device",
     "triton_dtype",
@@ -270,6 +271,13 @@ def _warm_writer(device: torch.device) -> None:
     with on_device(device):
         _write_values_on_device(scratch, list(range(_VALUES_PER_WRITE)))
     _WARM_WRITERS.add(index)
+
+
+def vector_elems(operands: Sequence[torch.Tensor]) -> int:
+    """Elements per vector access shared by all operands of a launch: 16 bytes of the widest
+    dtype (4 for fp32, 8 when every operand is 16-bit). Narrower operands then use narrower
+    accesses, which avoids converting register layouts between operands."""
+    return ALIGNMENT_BYTES // max(t.element_size() for t in operands)
 
 
 def all_aligned(addresses: Sequence[int]) -> bool:

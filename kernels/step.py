@@ -33,6 +33,7 @@ from .multi_tensor import (
     all_aligned,
     build_tables,
     launch_config,
+    vector_elems,
     on_device,
     optional_ptr,
     triton_dtype,
@@ -72,7 +73,7 @@ def _fused_step_kernel(
     V_DTYPE: tl.constexpr, VMAX_DTYPE: tl.constexpr, F_DTYPE: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     AMSGRAD: tl.constexpr, HAS_FISHER: tl.constexpr, ANY_MASK: tl.constexpr,
-    FREEZES: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    FREEZES: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # This program's chunk: elements [chunk_start, chunk_start + chunk_len) of one tensor.
     # (Helpers are inlined by hand: every device-function call costs the interpreter dearly.)
@@ -146,6 +147,16 @@ def _fused_step_kernel(
         has_mask = mask_address != 0
         mask_ptr = mask_address.to(tl.pointer_type(tl.int8)) + chunk_start
 
+    # With ALIGNED, every operand is accessed VEC elements at a time (VEC = 16 bytes of the
+    # widest operand dtype): one register layout for all operands, so that mixing bf16 params
+    # with fp32 state needs no layout conversion through shared memory.
+    P_ALIGN: tl.constexpr = VEC * (P_DTYPE.primitive_bitwidth // 8)
+    G_ALIGN: tl.constexpr = VEC * (G_DTYPE.primitive_bitwidth // 8)
+    M_ALIGN: tl.constexpr = VEC * (M_DTYPE.primitive_bitwidth // 8)
+    V_ALIGN: tl.constexpr = VEC * (V_DTYPE.primitive_bitwidth // 8)
+    VMAX_ALIGN: tl.constexpr = VEC * (VMAX_DTYPE.primitive_bitwidth // 8)
+    F_ALIGN: tl.constexpr = VEC * (F_DTYPE.primitive_bitwidth // 8)
+
     # Full blocks first, then the partial tail block (if any). Only the tail needs a mask per
     # element; in full blocks the mask is uniform, which keeps 16-byte vector accesses possible.
     n_full = chunk_len // BLOCK
@@ -167,10 +178,10 @@ def _fused_step_kernel(
             m_ptrs = m_ptr + offsets
             v_ptrs = v_ptr + offsets
             if ALIGNED:
-                p_ptrs = tl.max_contiguous(tl.multiple_of(p_ptrs, 16), BLOCK)
-                g_ptrs = tl.max_contiguous(tl.multiple_of(g_ptrs, 16), BLOCK)
-                m_ptrs = tl.max_contiguous(tl.multiple_of(m_ptrs, 16), BLOCK)
-                v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, 16), BLOCK)
+                p_ptrs = tl.max_contiguous(tl.multiple_of(p_ptrs, P_ALIGN), VEC)
+                g_ptrs = tl.max_contiguous(tl.multiple_of(g_ptrs, G_ALIGN), VEC)
+                m_ptrs = tl.max_contiguous(tl.multiple_of(m_ptrs, M_ALIGN), VEC)
+                v_ptrs = tl.max_contiguous(tl.multiple_of(v_ptrs, V_ALIGN), VEC)
 
             # Every load is issued up front (freezing must not delay the moment loads).
             g = tl.load(g_ptrs, mask=live, other=0.0).to(tl.float32)
@@ -180,17 +191,17 @@ def _fused_step_kernel(
             if AMSGRAD:
                 vmax_ptrs = vmax_ptr + offsets
                 if ALIGNED:
-                    vmax_ptrs = tl.max_contiguous(tl.multiple_of(vmax_ptrs, 16), BLOCK)
+                    vmax_ptrs = tl.max_contiguous(tl.multiple_of(vmax_ptrs, VMAX_ALIGN), VEC)
                 vmax = tl.load(vmax_ptrs, mask=live, other=0.0).to(tl.float32)
             if HAS_FISHER:
                 f_ptrs = f_ptr + offsets
                 if ALIGNED:
-                    f_ptrs = tl.max_contiguous(tl.multiple_of(f_ptrs, 16), BLOCK)
+                    f_ptrs = tl.max_contiguous(tl.multiple_of(f_ptrs, F_ALIGN), VEC)
                 f_old = tl.load(f_ptrs, mask=live, other=0.0).to(tl.float32)
             if ANY_MASK:
                 mask_ptrs = mask_ptr + offsets
                 if ALIGNED:
-                    mask_ptrs = tl.max_contiguous(tl.multiple_of(mask_ptrs, 16), BLOCK)
+                    mask_ptrs = tl.max_contiguous(tl.multiple_of(mask_ptrs, VEC), VEC)
                 mask_bytes = tl.load(mask_ptrs, mask=live & has_mask, other=1)
 
             if HAS_GRAD_SCALE:
@@ -237,7 +248,7 @@ def _fused_step_kernel(
 
 @triton.jit(do_not_specialize=["n_tensors", "fisher_accumulates"])
 def _advance_counters_kernel(
-    tensor_table_ptr, found_inf_ptr, n_tensors, fisher_accumulates,
+    tensor_table_ptr, found_inf_ptr, n_tensors: tl.int32, fisher_accumulates: tl.int32,
     HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
 ):
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -353,7 +364,11 @@ def fused_step(
                 HAS_FOUND_INF=found_inf is not None,
                 AMSGRAD=bool(amsgrad), HAS_FISHER=has_fisher, ANY_MASK=any_mask,
                 FREEZES=any_mask or freeze_above is not None or freeze_below is not None,
-                ALIGNED=tables.aligned, BLOCK=config.block, num_warps=config.num_warps,
+                ALIGNED=tables.aligned,
+                VEC=vector_elems([params[0], grads[0], exp_avgs[0], exp_avg_sqs[0]]
+                                 + ([max_exp_avg_sqs[0]] if amsgrad else [])
+                                 + ([fishers[0]] if has_fisher else [])),
+                BLOCK=config.block, num_warps=config.num_warps,
             )
         _advance_counters_kernel[(triton.cdiv(n_tensors, _COUNTERS_BLOCK),)](
             tables.tensors, found_inf if found_inf is not None else placeholder,

@@ -210,6 +210,7 @@ class _PerDevice:
 
 
 @ops.register("fused_step", "triton")
+@torch.no_grad()
 def fused_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -347,6 +348,7 @@ def _check_fused_step(
 
 
 @ops.register("fisher_accumulate", "triton")
+@torch.no_grad()
 def fisher_accumulate(
     fishers: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -379,6 +381,7 @@ def fisher_accumulate(
 
 
 @ops.register("fisher_score", "triton")
+@torch.no_grad()
 def fisher_score(
     directions: Sequence[Tensor], grads: Sequence[Tensor], fishers: Sequence[Tensor]
 ) -> Tensor:

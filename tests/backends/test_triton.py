@@ -44,6 +44,9 @@ kernels = triton_backend.load_kernels()
 from fisherforget.kernels import fisher as fisher_kernels  # noqa: E402
 from fisherforget.kernels import multi_tensor, step as step_kernels  # noqa: E402
 
+# beta1 = 0 takes log(0) = -inf on purpose (beta1^t = exp(t*log(beta1)) = 0); numpy warns.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+
 SIZES = [1, 7, 4097, 2**16 + 3]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -511,7 +514,7 @@ def test_tables_written_by_kernels_equal_the_copied_tables():
 _ALLOWED_CONSTEXPRS = {
     "P_DTYPE", "G_DTYPE", "M_DTYPE", "V_DTYPE", "VMAX_DTYPE", "F_DTYPE", "D_DTYPE",
     "LR_IS_TENSOR", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "AMSGRAD", "HAS_FISHER", "ANY_MASK",
-    "FREEZES", "ALIGNED", "BLOCK",
+    "FREEZES", "ALIGNED", "VEC", "BLOCK",
 }
 _RUNTIME_HYPERPARAMETERS = {
     "_fused_step_kernel": {"lr", "decay", "weight_decay", "beta1", "beta2", "lerp_weight",
@@ -536,12 +539,15 @@ def test_hyperparameters_are_runtime_arguments(kernel):
     assert constexprs <= _ALLOWED_CONSTEXPRS, constexprs - _ALLOWED_CONSTEXPRS
     runtime = _RUNTIME_HYPERPARAMETERS.get(kernel.fn.__name__, set())
     assert runtime <= set(signature.parameters) - constexprs
-    # Integer runtime arguments must not be specialised on their value (1, multiples of 16).
-    ints = {name for name, p in signature.parameters.items() if "int" in str(p.annotation)}
-    not_specialised = {kernel.arg_names[i] for i in kernel.do_not_specialize} if hasattr(
-        kernel, "do_not_specialize") else set()
-    if not_specialised:
-        assert ints <= not_specialised, ints - not_specialised
+    # Integer runtime arguments must not be specialised on their value (1, multiples of 16),
+    # or a new value could compile a new variant.
+    ints = {name for name, p in signature.parameters.items()
+            if "int" in str(p.annotation) and name not in constexprs}
+    declared = getattr(kernel, "do_not_specialize", None)  # compiled: JITFunction
+    if declared is None:
+        declared = kernel.kwargs.get("do_not_specialize") or []  # interpreted
+    names = {kernel.arg_names[d] if isinstance(d, int) else d for d in declared}
+    assert ints <= names, ints - names
 
 
 def test_compiles_for_hopper_with_16_byte_accesses():
@@ -566,12 +572,19 @@ def test_compiles_for_hopper_with_16_byte_accesses():
     for variant in report:
         assert variant["spilled_bytes"] == 0, variant
         assert variant["float_atomics"] == 0, variant
-    fused = [v for v in report if v["kernel"] == "_fused_step_kernel"]
-    assert fused
-    for variant in fused:
-        assert variant["vector_loads_128"] >= variant["operands_loaded"], variant
+        if variant["kernel"] in ("_fused_step_kernel", "_fisher_accumulate_kernel"):
+            assert variant["shared_bytes"] == 0, variant  # no layout conversions
+        # (The score kernels' block reductions use a few bytes of shared memory.)
+        # Every wide operand is read with vector accesses (16 bytes, 8 for 16-bit operands
+        # beside fp32 ones), and written so unless per-element freezing masks the stores.
+        wide_loads = variant["vector_loads_128"] + variant["vector_loads_64"]
+        assert wide_loads >= variant["operands_loaded"], variant
         if not variant["freezes"]:
-            assert variant["vector_stores_128"] >= variant["operands_stored"], variant
+            wide_stores = variant["vector_stores_128"] + variant["vector_stores_64"]
+            assert wide_stores >= variant["operands_stored"], variant
+    # The fp32 case the speed target is about: all five operands 16 bytes wide, in and out.
+    fp32 = next(v for v in report if v["variant"].startswith("fp32 params/state, Fisher"))
+    assert fp32["vector_loads_128"] >= 5 and fp32["vector_stores_128"] >= 4, fp32
     assert time.time() - start < 300
 
 
