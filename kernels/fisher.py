@@ -198,7 +198,7 @@ def fisher_accumulate(
 
 
 def fisher_score(
-    buckets: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+    buckets: Sequence[tuple[Sequence[torch.Tensor], ...]],
     device: torch.device,
 ) -> torch.Tensor:
     """``[sum d*g, sum F*g^2]`` (float64, on ``device``) over validated buckets

@@ -4,17 +4,18 @@ A launch covers a bucket of tensors that share a device and dtypes. The host des
 in one int64 buffer, as ATen's ``MultiTensorApply.cuh`` does with its kernel-argument struct, except
 that the tables live in device memory so that one launch covers any number of tensors:
 
-``tensor table``  ``[n_tensors, n_fields]`` int64: for each tensor the addresses of its operands
-                  (0 where an operand is absent, e.g. a tensor without a mask) and its element count.
+``tensor table``  ``[n_tensors, n_fields]`` int64: for each tensor the addresses of its
+                  operands (0 where an operand is absent, e.g. a tensor without a mask) and its
+                  element count.
 ``chunk table``   ``[n_chunks]`` int64: program ``pid`` works on chunk ``pid``, the
                   ``chunk_index``-th run of ``blocks_per_chunk * BLOCK`` elements of tensor
                   ``tensor_index``, packed as ``tensor_index << 32 | chunk_index``.
 
 The buffer is rebuilt for every call from the tensors it is given: nothing is cached by address
-(the allocator reuses addresses). Uploading it never synchronises with the host: a pinned staging
-copy with ``non_blocking=True`` in eager mode; inside CUDA-graph capture, where pinned staging is not
-capturable, small kernels write the tensor table (the values become kernel arguments baked into
-the graph) and the chunk table is derived from it on the device.
+(the allocator reuses addresses). Uploading it never synchronises with the host: a pinned
+staging copy with ``non_blocking=True`` in eager mode; inside CUDA-graph capture, where pinned
+staging is not capturable, small kernels write the tensor table (the values become kernel
+arguments baked into the graph) and the chunk table is derived from it on the device.
 """
 
 from __future__ import annotations

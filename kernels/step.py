@@ -14,7 +14,7 @@ adds 1 B, amsgrad 8 B. Frozen elements store nothing; a step skipped by ``found_
 stores nothing. Every hyperparameter is a runtime argument (changing lr, betas, eps, the Fisher
 coefficients, thresholds, scale or ``maximize`` never recompiles); compile-time constants are only
 the dtypes, which optional operands exist (amsgrad, Fisher, masks, tensor lr, grad scale,
-found_inf), address alignment and the block size.
+found_inf), whether freezing is possible at all, address alignment, vector width and block size.
 
 The step counts are advanced by a second, tiny kernel after the main one (one thread per tensor),
 so that every program of the main kernel reads the old count and uses ``t = step + 1``.
@@ -33,10 +33,10 @@ from .multi_tensor import (
     all_aligned,
     build_tables,
     launch_config,
-    vector_elems,
     on_device,
     optional_ptr,
     triton_dtype,
+    vector_elems,
 )
 
 __all__ = ["fused_step", "FIELDS"]
