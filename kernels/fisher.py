@@ -177,12 +177,12 @@ def fisher_accumulate(
     if not fishers:
         return
     device = fishers[0].device
-    rows = [[f.data_ptr(), g.data_ptr(), f.numel()] for f, g in zip(fishers, grads)]
-    config = launch_config([row[-1] for row in rows], device)
-    tables = build_tables(
-        rows, config.chunk_elems, device,
-        aligned=all_aligned([a for row in rows for a in row[:2]]),
-    )
+    address = torch.Tensor.data_ptr
+    addresses = [list(map(address, fishers)), list(map(address, grads))]
+    numels = list(map(torch.Tensor.numel, fishers))
+    config = launch_config(numels, device)
+    tables = build_tables(addresses + [numels], config.chunk_elems, device,
+                          aligned=all_aligned(addresses))
     if not tables.n_chunks:
         return
     with on_device(device):
@@ -207,15 +207,13 @@ def fisher_score(
     plans = []
     n_partials = 0
     for directions, grads, fishers in buckets:
-        rows = [
-            [d.data_ptr(), g.data_ptr(), f.data_ptr(), g.numel()]
-            for d, g, f in zip(directions, grads, fishers)
-        ]
-        config = launch_config([row[-1] for row in rows], device)
-        tables = build_tables(
-            rows, config.chunk_elems, device,
-            aligned=all_aligned([a for row in rows for a in row[:3]]),
-        )
+        address = torch.Tensor.data_ptr
+        addresses = [list(map(address, directions)), list(map(address, grads)),
+                     list(map(address, fishers))]
+        numels = list(map(torch.Tensor.numel, grads))
+        config = launch_config(numels, device)
+        tables = build_tables(addresses + [numels], config.chunk_elems, device,
+                              aligned=all_aligned(addresses))
         plans.append((directions, grads, fishers, config, tables, n_partials))
         n_partials += tables.n_chunks
     out = torch.empty(2, dtype=torch.float64, device=device)

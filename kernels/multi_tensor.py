@@ -21,6 +21,9 @@ arguments baked into the graph) and the chunk table is derived from it on the de
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
+import operator
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -121,7 +124,7 @@ def launch_config(numels: Sequence[int], device: torch.device) -> LaunchConfig:
     if forced:
         blocks_per_chunk = _env_int("FISHERFORGET_TRITON_BLOCKS_PER_CHUNK", 1)
     else:
-        total_blocks = sum(triton.cdiv(n, block) for n in numels)
+        total_blocks = sum(-(-n // block) for n in numels)
         target_programs = _TARGET_PROGRAMS_PER_SM * _processor_count(device)
         blocks_per_chunk = max(1, min(_MAX_BLOCKS_PER_CHUNK, total_blocks // target_programs))
     return LaunchConfig(block=block, num_warps=num_warps, blocks_per_chunk=blocks_per_chunk)
@@ -139,25 +142,27 @@ class Tables:
 
 
 def build_tables(
-    rows: Sequence[Sequence[int]],
+    columns: Sequence[Sequence[int]],
     chunk_elems: int,
     device: torch.device,
     aligned: bool,
     via_kernels: Optional[bool] = None,
 ) -> Tables:
-    """Upload the tensor table ``rows`` (one row of ``n_fields`` ints per tensor, the element
-    count last) and the chunk table cutting each tensor into chunks of ``chunk_elems``.
+    """Upload the tensor table given by ``columns`` (one list of ints per field, one int per
+    tensor; the element counts last) and the chunk table cutting each tensor into chunks of
+    ``chunk_elems`` elements.
 
     ``via_kernels`` (default: only while a CUDA graph is being captured) writes the tables with
     device kernels instead of a host-to-device copy; tests force it to compare both paths."""
-    n_tensors = len(rows)
-    n_fields = len(rows[0]) if rows else 0
-    counts = [(row[-1] + chunk_elems - 1) // chunk_elems for row in rows]
+    n_fields = len(columns)
+    numels = columns[-1]
+    n_tensors = len(numels)
+    counts = [(n + chunk_elems - 1) // chunk_elems for n in numels]
     n_chunks = sum(counts)
-    # Pad the tensor table to an even length so that the chunk table starts 16-byte aligned.
-    table_len = n_tensors * n_fields
-    table_len += table_len % 2
-    flat = [value for row in rows for value in row]
+    # Row-major [n_tensors, n_fields], padded to an even length so that the chunk table starts
+    # 16-byte aligned.
+    flat = [value for row in zip(*columns) for value in row]
+    table_len = len(flat) + len(flat) % 2
     flat.extend([0] * (table_len - len(flat)))
 
     if via_kernels is None:
@@ -167,35 +172,28 @@ def build_tables(
         with on_device(device):
             _write_values_on_device(buffer, flat)
             if n_chunks:
-                numels = buffer[:n_tensors * n_fields].view(n_tensors, n_fields)[:, n_fields - 1]
-                _chunk_table_on_device(buffer[table_len:], numels, chunk_elems, n_chunks)
+                numel_column = buffer[:n_tensors * n_fields].view(n_tensors, n_fields)[:, -1]
+                _chunk_table_on_device(buffer[table_len:], numel_column, chunk_elems, n_chunks)
     else:
-        host = torch.empty(
-            table_len + n_chunks, dtype=torch.int64,
-            pin_memory=device.type == "cuda",
-        )
-        host[:table_len] = torch.tensor(flat, dtype=torch.int64)
-        if n_chunks:
-            host[table_len:] = _chunk_table_on_host(counts)
+        flat.extend(_chunk_table_on_host(counts))
+        # (torch.tensor from a list is fast; CPU ops such as repeat_interleave cost
+        # milliseconds per call, more than a step's whole table.)
         if device.type == "cuda":
             _warm_writer(device)
+            host = torch.tensor(flat, dtype=torch.int64, pin_memory=True)
             buffer = host.to(device, non_blocking=True)
         else:
-            buffer = host
+            buffer = torch.tensor(flat, dtype=torch.int64)
     return Tables(
         tensors=buffer[:table_len], chunks=buffer[table_len:], n_tensors=n_tensors,
         n_chunks=n_chunks, aligned=aligned,
     )
 
 
-def _chunk_table_on_host(counts: Sequence[int]) -> torch.Tensor:
-    counts_t = torch.tensor(counts, dtype=torch.int64)
-    tensor_index = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int64), counts_t)
-    first_chunk = torch.cumsum(counts_t, 0) - counts_t
-    chunk_index = torch.arange(int(counts_t.sum()), dtype=torch.int64) - torch.repeat_interleave(
-        first_chunk, counts_t
-    )
-    return (tensor_index << _CHUNK_INDEX_BITS) | chunk_index
+def _chunk_table_on_host(counts: Sequence[int]) -> list[int]:
+    firsts = [tensor_index << _CHUNK_INDEX_BITS for tensor_index in range(len(counts))]
+    ends = list(map(operator.add, firsts, counts))
+    return list(itertools.chain.from_iterable(map(range, firsts, ends)))
 
 
 def _chunk_table_on_device(
@@ -281,8 +279,12 @@ def vector_elems(operands: Sequence[torch.Tensor]) -> int:
     return ALIGNMENT_BYTES // max(t.element_size() for t in operands)
 
 
-def all_aligned(addresses: Sequence[int]) -> bool:
-    return all(a % ALIGNMENT_BYTES == 0 for a in addresses)
+def all_aligned(columns: Sequence[Sequence[int]]) -> bool:
+    """Whether every address in these table columns (0 = absent) is 16-byte aligned."""
+    bits = 0
+    for column in columns:
+        bits |= functools.reduce(operator.or_, column, 0)
+    return bits & (ALIGNMENT_BYTES - 1) == 0
 
 
 def optional_ptr(t: Optional[torch.Tensor]) -> int:

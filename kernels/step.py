@@ -312,23 +312,24 @@ def fused_step(
     any_mask = any(mask is not None for mask in masks)
     accumulates = has_fisher and fisher_mode is not None
 
-    rows = []
-    addresses = []
-    for i in range(n_tensors):
-        row = [
-            params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-            exp_avg_sqs[i].data_ptr(),
-            max_exp_avg_sqs[i].data_ptr() if amsgrad else 0,
-            fishers[i].data_ptr() if has_fisher else 0,
-            optional_ptr(masks[i]),
-            steps[i].data_ptr(),
-            fisher_counts[i].data_ptr() if accumulates else 0,
-            params[i].numel(),
-        ]
-        rows.append(row)
-        addresses.extend(a for a in row[:_MASK + 1] if a)
-    config = launch_config([row[_NUMEL] for row in rows], device)
-    tables = build_tables(rows, config.chunk_elems, device, aligned=all_aligned(addresses))
+    # Table columns, one C-level map each (a bucket may hold a thousand tensors).
+    address = torch.Tensor.data_ptr
+    absent = [0] * n_tensors
+    addresses = [
+        list(map(address, params)), list(map(address, grads)),
+        list(map(address, exp_avgs)), list(map(address, exp_avg_sqs)),
+        list(map(address, max_exp_avg_sqs)) if amsgrad else absent,
+        list(map(address, fishers)) if has_fisher else absent,
+        list(map(optional_ptr, masks)) if any_mask else absent,
+    ]
+    numels = list(map(torch.Tensor.numel, params))
+    counters = [
+        list(map(address, steps)),
+        list(map(address, fisher_counts)) if accumulates else absent,
+    ]
+    config = launch_config(numels, device)
+    tables = build_tables(addresses + counters + [numels], config.chunk_elems, device,
+                          aligned=all_aligned(addresses))
 
     if fisher_mode == "ema":
         fisher_a, fisher_b = fisher_beta, 1.0 - fisher_beta

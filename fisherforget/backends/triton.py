@@ -33,6 +33,9 @@ from torch import Tensor
 from fisherforget import ops
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPE_SET = set(_KERNEL_DTYPES)
+_STRIDED = {torch.strided}
+_FLOAT32 = {torch.float32}
 _KERNELS_NAME = "fisherforget.kernels"
 
 _kernels: Optional[ModuleType] = None
@@ -158,6 +161,52 @@ def _check_optional_scalar(t: Optional[Tensor], name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+# List-level checks: one cheap pass per list (a step may carry a thousand tensors); only when one
+# fails is the list walked element by element to name the first offender.
+
+
+def _check_params_named(params: Sequence[Tensor], name: str) -> tuple[list, list]:
+    """Check the list the others are compared with; return its shapes and devices."""
+    try:
+        ok = ({p.dtype for p in params} <= _KERNEL_DTYPE_SET
+              and {p.layout for p in params} <= _STRIDED)
+        shapes = [p.shape for p in params]
+        devices = [p.device for p in params]
+    except AttributeError:  # not a tensor: named below
+        ok = False
+    if not ok:
+        for i, p in enumerate(params):
+            _check_float(p, f"{name}[{i}]")
+    for device in set(devices):
+        if not supports_device(device):
+            _check_device(device, f"{name}[{devices.index(device)}]")
+    return shapes, devices
+
+
+def _check_all_like(name: str, tensors: Sequence, params: Sequence[Tensor], shapes: list,
+                    devices: list, allowed=_KERNEL_DTYPES) -> None:
+    try:
+        if ({t.dtype for t in tensors} <= set(allowed) and {t.layout for t in tensors} <= _STRIDED
+                and [t.shape for t in tensors] == shapes
+                and [t.device for t in tensors] == devices):
+            return
+    except AttributeError:  # not a tensor: named below
+        pass
+    for i, (t, p) in enumerate(zip(tensors, params)):
+        _check_like(t, p, f"{name}[{i}]", allowed)
+
+
+def _check_all_scalars(name: str, tensors: Sequence, devices: list) -> None:
+    try:
+        if ({t.dtype for t in tensors} <= _FLOAT32 and not any(map(Tensor.dim, tensors))
+                and [t.device for t in tensors] == devices):
+            return
+    except AttributeError:  # not a tensor: named below
+        pass
+    for i, t in enumerate(tensors):
+        _check_scalar_tensor(t, f"{name}[{i}]", devices[i])
+
+
 def _check_lengths(n: int, **lists: Sequence) -> None:
     for name, values in lists.items():
         if len(values) != n:
@@ -173,17 +222,23 @@ class _Contiguous:
     def __init__(self):
         self._write_back: list[tuple[Tensor, Tensor]] = []
 
-    def read(self, t: Optional[Tensor]) -> Optional[Tensor]:
-        if t is None or t.is_contiguous():
-            return t
-        return t.contiguous()
+    def read(self, tensors: list) -> list:
+        present = [t for t in tensors if t is not None]
+        if all(map(Tensor.is_contiguous, present)):
+            return tensors
+        return [t if t is None or t.is_contiguous() else t.contiguous() for t in tensors]
 
-    def inplace(self, t: Tensor) -> Tensor:
-        if t.is_contiguous():
-            return t
-        copy = t.contiguous()
-        self._write_back.append((t, copy))
-        return copy
+    def inplace(self, tensors: list) -> list:
+        if all(map(Tensor.is_contiguous, tensors)):
+            return tensors
+        out = []
+        for t in tensors:
+            if not t.is_contiguous():
+                copy = t.contiguous()
+                self._write_back.append((t, copy))
+                t = copy
+            out.append(t)
+        return out
 
     def finish(self) -> None:
         for original, copy in self._write_back:
@@ -250,15 +305,14 @@ def fused_step(
     has_fisher = len(fishers) > 0
     accumulates = has_fisher and fisher_mode is not None
 
-    # One launch per (device, dtype of every operand).
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i in range(n):
-        key = (
-            params[i].device, params[i].dtype, grads[i].dtype, exp_avgs[i].dtype,
-            exp_avg_sqs[i].dtype, max_exp_avg_sqs[i].dtype if amsgrad else None,
-            fishers[i].dtype if has_fisher else None,
-        )
-        buckets[key].append(i)
+    # One launch per (device, dtype of every operand); usually the whole list is one bucket.
+    keyed = [params, grads, exp_avgs, exp_avg_sqs]
+    if amsgrad:
+        keyed.append(max_exp_avg_sqs)
+    if has_fisher:
+        keyed.append(fishers)
+    columns = [[p.device for p in params]] + [[t.dtype for t in lst] for lst in keyed]
+    buckets = _group(list(zip(*columns)))
 
     lr_on = _PerDevice(lr) if isinstance(lr, Tensor) else None
     scale_on = _PerDevice(grad_scale)
@@ -266,17 +320,17 @@ def fused_step(
     contiguous = _Contiguous()
     for key, index in buckets.items():
         device = key[0]
-        pick = lambda values: [values[i] for i in index]  # noqa: E731
+
         kernels.fused_step(
-            [contiguous.inplace(params[i]) for i in index],
-            [contiguous.read(grads[i]) for i in index],
-            [contiguous.inplace(exp_avgs[i]) for i in index],
-            [contiguous.inplace(exp_avg_sqs[i]) for i in index],
-            [contiguous.inplace(max_exp_avg_sqs[i]) for i in index] if amsgrad else [],
-            [contiguous.inplace(fishers[i]) for i in index] if has_fisher else [],
-            [contiguous.read(masks[i]) for i in index],
-            pick(steps),
-            pick(fisher_counts) if accumulates else [],
+            contiguous.inplace(_pick(params, index)),
+            contiguous.read(_pick(grads, index)),
+            contiguous.inplace(_pick(exp_avgs, index)),
+            contiguous.inplace(_pick(exp_avg_sqs, index)),
+            contiguous.inplace(_pick(max_exp_avg_sqs, index)) if amsgrad else [],
+            contiguous.inplace(_pick(fishers, index)) if has_fisher else [],
+            contiguous.read(_pick(masks, index)),
+            _pick(steps, index),
+            _pick(fisher_counts, index) if accumulates else [],
             lr=lr_on.on(device) if lr_on is not None else lr,
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, fisher_mode=fisher_mode, fisher_beta=fisher_beta,
@@ -284,6 +338,20 @@ def fused_step(
             grad_scale=scale_on.on(device), found_inf=found_inf_on.on(device),
         )
     contiguous.finish()
+
+
+def _pick(values: Sequence, index: Optional[list]) -> list:
+    return list(values) if index is None else [values[i] for i in index]
+
+
+def _group(keys: list) -> dict:
+    """``{key: indices}`` of equal keys in order; ``{key: None}`` when all keys are equal."""
+    if len(set(keys)) == 1:
+        return {keys[0]: None}
+    groups: dict = defaultdict(list)
+    for i, key in enumerate(keys):
+        groups[key].append(i)
+    return groups
 
 
 def _check_fused_step(
@@ -329,22 +397,20 @@ def _check_fused_step(
     _check_optional_scalar(grad_scale, "grad_scale")
     _check_optional_scalar(found_inf, "found_inf")
 
-    for i, p in enumerate(params):
-        where = f"params[{i}]"
-        _check_float(p, where)
-        _check_device(p.device, where)
-        _check_like(grads[i], p, f"grads[{i}]")
-        _check_like(exp_avgs[i], p, f"exp_avgs[{i}]")
-        _check_like(exp_avg_sqs[i], p, f"exp_avg_sqs[{i}]")
-        if amsgrad:
-            _check_like(max_exp_avg_sqs[i], p, f"max_exp_avg_sqs[{i}]")
-        if fishers:
-            _check_like(fishers[i], p, f"fishers[{i}]")
-        if masks[i] is not None:
-            _check_like(masks[i], p, f"masks[{i}]", allowed=(torch.bool,))
-        _check_scalar_tensor(steps[i], f"steps[{i}]", p.device)
-        if fishers and fisher_mode is not None:
-            _check_scalar_tensor(fisher_counts[i], f"fisher_counts[{i}]", p.device)
+    shapes, devices = _check_params_named(params, "params")
+    _check_all_like("grads", grads, params, shapes, devices)
+    _check_all_like("exp_avgs", exp_avgs, params, shapes, devices)
+    _check_all_like("exp_avg_sqs", exp_avg_sqs, params, shapes, devices)
+    if amsgrad:
+        _check_all_like("max_exp_avg_sqs", max_exp_avg_sqs, params, shapes, devices)
+    if fishers:
+        _check_all_like("fishers", fishers, params, shapes, devices)
+    for i, mask in enumerate(masks):
+        if mask is not None:
+            _check_like(mask, params[i], f"masks[{i}]", allowed=(torch.bool,))
+    _check_all_scalars("steps", steps, devices)
+    if fishers and fisher_mode is not None:
+        _check_all_scalars("fisher_counts", fisher_counts, devices)
 
 
 @ops.register("fisher_accumulate", "triton")
@@ -362,19 +428,16 @@ def fisher_accumulate(
     if len(grads) != n:
         raise ValueError(f"grads has {len(grads)} entries, fishers {n}: they must match")
     _check_optional_scalar(grad_scale, "grad_scale")
-    for i, f in enumerate(fishers):
-        _check_float(f, f"fishers[{i}]")
-        _check_device(f.device, f"fishers[{i}]")
-        _check_like(grads[i], f, f"grads[{i}]")
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i in range(n):
-        buckets[(fishers[i].device, fishers[i].dtype, grads[i].dtype)].append(i)
+    if n == 0:
+        return
+    shapes, devices = _check_params_named(fishers, "fishers")
+    _check_all_like("grads", grads, fishers, shapes, devices)
+    buckets = _group(list(zip(devices, [f.dtype for f in fishers], [g.dtype for g in grads])))
     scale_on = _PerDevice(grad_scale)
     contiguous = _Contiguous()
     for (device, _, _), index in buckets.items():
         kernels.fisher_accumulate(
-            [contiguous.inplace(fishers[i]) for i in index],
-            [contiguous.read(grads[i]) for i in index],
+            contiguous.inplace(_pick(fishers, index)), contiguous.read(_pick(grads, index)),
             alpha=alpha, beta=beta, grad_scale=scale_on.on(device),
         )
     contiguous.finish()
@@ -394,24 +457,19 @@ def fisher_score(
         )
     if n == 0:
         return torch.zeros(2, dtype=torch.float64)
-    device = grads[0].device
-    for i, g in enumerate(grads):
-        _check_float(g, f"grads[{i}]")
-        _check_device(g.device, f"grads[{i}]")
-        if g.device != device:
-            raise ValueError(f"grads[{i}] is on {g.device}, grads[0] on {device}: use one device")
-        _check_like(directions[i], g, f"directions[{i}]")
-        _check_like(fishers[i], g, f"fishers[{i}]")
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i in range(n):
-        buckets[(directions[i].dtype, grads[i].dtype, fishers[i].dtype)].append(i)
+    shapes, devices = _check_params_named(grads, "grads")
+    device = devices[0]
+    for i, other in enumerate(devices):
+        if other != device:
+            raise ValueError(f"grads[{i}] is on {other}, grads[0] on {device}: use one device")
+    _check_all_like("directions", directions, grads, shapes, devices)
+    _check_all_like("fishers", fishers, grads, shapes, devices)
+    buckets = _group(list(zip([d.dtype for d in directions], [g.dtype for g in grads],
+                              [f.dtype for f in fishers])))
     contiguous = _Contiguous()
-    work = [
-        (
-            [contiguous.read(directions[i]) for i in index],
-            [contiguous.read(grads[i]) for i in index],
-            [contiguous.read(fishers[i]) for i in index],
-        )
-        for index in buckets.values()
-    ]
+    work = []
+    for index in buckets.values():
+        work.append((contiguous.read(_pick(directions, index)),
+                     contiguous.read(_pick(grads, index)),
+                     contiguous.read(_pick(fishers, index))))
     return kernels.fisher_score(work, device)

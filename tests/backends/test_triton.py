@@ -500,8 +500,9 @@ def test_tables_written_by_kernels_equal_the_copied_tables():
     rng = torch.Generator().manual_seed(3)
     rows = [[int(x) for x in torch.randint(1, 2**40, (9,), generator=rng)] + [n]
             for n in (1, 5000, 0, 70000, 33)]
-    copied = multi_tensor.build_tables(rows, 4096, DEVICE, aligned=True, via_kernels=False)
-    written = multi_tensor.build_tables(rows, 4096, DEVICE, aligned=True, via_kernels=True)
+    columns = [list(column) for column in zip(*rows)]
+    copied = multi_tensor.build_tables(columns, 4096, DEVICE, aligned=True, via_kernels=False)
+    written = multi_tensor.build_tables(columns, 4096, DEVICE, aligned=True, via_kernels=True)
     assert copied.n_chunks == written.n_chunks == 1 + 2 + 0 + 18 + 1
     assert torch.equal(copied.tensors.cpu(), written.tensors.cpu())
     assert torch.equal(copied.chunks.cpu(), written.chunks.cpu())
