@@ -138,7 +138,8 @@ def random_bucket(
 
 
 def clone_bucket(bucket):
-    return {k: [None if t is None else t.clone() for t in v] for k, v in bucket.items()}
+    return {k: [t.clone() if isinstance(t, torch.Tensor) else t for t in v]
+            for k, v in bucket.items()}
 
 
 HYPER = dict(lr=3e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, amsgrad=False,
@@ -316,6 +317,64 @@ def test_fused_step_non_contiguous_tensors():
     assert torch.equal(base_params[1][:, 1::3], untouched)
 
 
+POISON = 7.0  # finite: a kernel writing into a gap computes a different value there
+
+
+def _carve(sizes, aligned: bool, dtype=torch.float32):
+    """Views of ``sizes`` elements into one poisoned buffer with poisoned gaps between them
+    (a 16-byte gap and 16-byte aligned starts, or odd offsets); returns (buffer, views)."""
+    starts, position = [], 3 if not aligned else 0
+    for n in sizes:
+        starts.append(position)
+        position += n + (4 if aligned else 3)
+        if aligned:
+            position = -(-position // 4) * 4
+    buffer = torch.full((position + 4,), POISON, dtype=dtype, device=DEVICE)
+    return buffer, [buffer[s:s + n] for s, n in zip(starts, sizes)]
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_writes_stay_inside_each_tensor(aligned):
+    sizes = [1, 7, 4097, 5000]
+    bucket = random_bucket(sizes, amsgrad=True, mask_every=2)
+    buffers = {}
+    for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "fishers"):
+        buffer, views = _carve(sizes, aligned)
+        for view, values in zip(views, bucket[name]):
+            view.copy_(values)
+        bucket[name] = views
+        buffers[name] = buffer
+    gaps = {}
+    for name, buffer in buffers.items():
+        gap = torch.ones_like(buffer, dtype=torch.bool)
+        for view in bucket[name]:
+            offset = view.storage_offset()
+            gap[offset:offset + view.numel()] = False
+        gaps[name] = gap
+    expected = clone_bucket(bucket)
+    hyper = dict(HYPER, amsgrad=True, freeze_above=100.0)  # (a gap's F = 7 must not freeze)
+    ops.fused_step(*expected.values(), **hyper, backend="reference")
+    ops.fused_step(*bucket.values(), **hyper, backend="triton")
+    assert_buckets_match(expected, bucket)
+    for name, buffer in buffers.items():
+        assert bool((buffer[gaps[name]] == POISON).all()), f"{name}: a gap was written"
+    # The same for the Fisher accumulation (in place) and the score (read only).
+    fisher_expected = [f.clone() for f in bucket["fishers"]]
+    ops.fisher_accumulate(fisher_expected, bucket["grads"], alpha=0.5, beta=0.5,
+                          backend="reference")
+    ops.fisher_accumulate(bucket["fishers"], bucket["grads"], alpha=0.5, beta=0.5,
+                          backend="triton")
+    for i, (a, e) in enumerate(zip(bucket["fishers"], fisher_expected)):
+        assert_matches(a, e, f"accumulated fishers[{i}]")
+    assert bool((buffers["fishers"][gaps["fishers"]] == POISON).all())
+    _assert_score_close(
+        ops.fisher_score(bucket["exp_avgs"], bucket["grads"], bucket["fishers"],
+                         backend="triton"),
+        ops.fisher_score(bucket["exp_avgs"], bucket["grads"], bucket["fishers"],
+                         backend="reference"),
+    )
+
+
 def test_fused_step_mixed_dtypes_split_into_buckets():
     a = random_bucket([7, 300], param_dtype=torch.float32, generator_seed=1)
     b = random_bucket([5, 100], param_dtype=torch.bfloat16, generator_seed=2)
@@ -345,6 +404,8 @@ def _error_cases():
     case("grads_length", lambda b: b["grads"].pop(), "grads has 1 entries")
     case("fp64_param", lambda b: b["params"].__setitem__(0, b["params"][0].double()),
          r"params\[0\] has dtype torch.float64")
+    case("grad_not_a_tensor", lambda b: b["grads"].__setitem__(0, 3.0),
+         r"grads\[0\] must be a torch.Tensor")
     case("grad_shape", lambda b: b["grads"].__setitem__(1, b["grads"][1][:3]),
          r"grads\[1\] has shape")
     case("mask_dtype", lambda b: b["masks"].__setitem__(0, torch.ones(7, device=DEVICE)),
@@ -374,8 +435,16 @@ def test_fused_step_rejects_bad_input_and_changes_nothing(change, match, hyper):
         ops.fused_step(*bucket.values(), **dict(HYPER, **hyper), backend="triton")
     for name, values in before.items():
         for i, t in enumerate(values):
-            if t is not None:
+            if isinstance(t, torch.Tensor):
                 assert torch.equal(bucket[name][i], t), f"{name}[{i}] changed"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU tensors are refused only outside the interpreter")
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    bucket = random_bucket([3])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="cannot run on cpu tensors"):
+        ops.fused_step(*bucket.values(), **HYPER, backend="triton")
 
 
 def test_fisher_ops_reject_bad_input():
