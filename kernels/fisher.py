@@ -4,12 +4,14 @@
 
 ``fisher_score``: ``[sum_i d_i*g_i, sum_i F_i*g_i^2]`` over every element of every tensor.
 Products and sums are float64. The reduction is deterministic: each program writes the two sums
-of its chunk to its own slot of a partials buffer (a fixed-shape tree reduction inside the
-program), and a second one-program kernel adds the partials in a fixed order. No atomics.
+of its chunk (a fixed number of blocks, whatever the GPU) to its own slot of a partials buffer
+(a fixed-shape tree reduction inside the program), and a second one-program kernel adds the
+partials in a fixed order. No atomics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -159,6 +161,9 @@ def _sum_partials_kernel(partials_ptr, out_ptr, n_partials: tl.int32, BLOCK: tl.
 
 
 _PARTIALS_BLOCK = 1024
+# The score's chunking does not follow the device's processor count, so that the same input
+# gives the same bits on any GPU (with the same Triton and BLOCK): 16 blocks per partial sum.
+_SCORE_BLOCKS_PER_CHUNK = 16
 # Tests set this to fill the partials and the result with NaN before the kernels run, so that a
 # slot no program writes cannot pass unnoticed.
 poison_outputs = False
@@ -211,7 +216,8 @@ def fisher_score(
         addresses = [list(map(address, directions)), list(map(address, grads)),
                      list(map(address, fishers))]
         numels = list(map(torch.Tensor.numel, grads))
-        config = launch_config(numels, device)
+        config = dataclasses.replace(launch_config(numels, device),
+                                     blocks_per_chunk=_SCORE_BLOCKS_PER_CHUNK)
         tables = build_tables(addresses + [numels], config.chunk_elems, device,
                               aligned=all_aligned(addresses))
         plans.append((directions, grads, fishers, config, tables, n_partials))

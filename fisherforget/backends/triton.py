@@ -177,6 +177,8 @@ def _check_params_named(params: Sequence[Tensor], name: str) -> tuple[list, list
     if not ok:
         for i, p in enumerate(params):
             _check_float(p, f"{name}[{i}]")
+        shapes = [p.shape for p in params]
+        devices = [p.device for p in params]
     for device in set(devices):
         if not supports_device(device):
             _check_device(device, f"{name}[{devices.index(device)}]")
