@@ -35,6 +35,7 @@ BENCHMARKS = {
     "score": score_bench.BENCHMARK,
     "estimate": estimate_bench.BENCHMARK,
 }
+TINY_MAX_ELEMENTS = 2**16
 # Share of the time budget each benchmark gets (time one leaves unused passes to the next).
 BUDGET_WEIGHTS = {"step": 0.6, "score": 0.2, "estimate": 0.2}
 
@@ -45,7 +46,7 @@ MODES = {
     "quick": dict(workloads=workloads.QUICK_WORKLOADS, copy_numel=2**24,
                   timing=timing.TimingOptions(warmup=2, min_reps=5, max_reps=30,
                                               target_seconds=0.25),
-                  time_budget=150.0, max_replicas=8),
+                  time_budget=130.0, max_replicas=8, threads=1),
     "tiny": dict(workloads=workloads.TINY_WORKLOADS, copy_numel=2**16,
                  timing=timing.TimingOptions(warmup=1, min_reps=2, max_reps=5,
                                              target_seconds=0.01),
@@ -96,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most input replicas rotated through against cache effects "
                              "(default 16; --quick 8, --tiny 2)")
     parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default: torch's; --tiny uses 1)")
+                        help="torch CPU threads (default: torch's; --quick and --tiny use 1, steadier on a shared CPU)")
     parser.add_argument("--shapes-from", choices=("list", "transformers"), default="list",
                         help="Llama shapes from the config arithmetic or a meta-device model")
     parser.add_argument("--from-json", metavar="DIR",
@@ -160,9 +161,12 @@ def _run_one(name: str, args: argparse.Namespace, mode: str, device: torch.devic
     bench = BENCHMARKS[name]
     preset = MODES[mode]
     names = _csv(args.workloads) or list(preset["workloads"])
-    if mode == "tiny":
-        names = list(dict.fromkeys(workloads.tiny_counterpart(n) for n in names))
     loads = [workloads.get_workload(n, shapes_from=args.shapes_from) for n in names]
+    if mode == "tiny":  # the toy workload of the same kind, unless it is small already
+        names = list(dict.fromkeys(
+            workloads.tiny_counterpart(w.name) if w.num_elements > TINY_MAX_ELEMENTS else w.name
+            for w in loads))
+        loads = [workloads.get_workload(n, shapes_from=args.shapes_from) for n in names]
     dtype_names = _csv(args.dtypes) or ["fp32", "bf16"]
     unknown = [d for d in dtype_names if d not in workloads.DTYPE_CONFIGS]
     if unknown:

@@ -10,6 +10,7 @@ does can stop the others.
 from __future__ import annotations
 
 import math
+import time
 import traceback
 import zlib
 from dataclasses import dataclass, field
@@ -145,7 +146,10 @@ def _measure_row(bench: Benchmark, variant: Variant, workload: Workload, dtypes:
     with timing.MemoryProbe(device) as first:  # first call: lazy state is created here
         built[0].call()
     with timing.MemoryProbe(device) as steady:
+        started = time.perf_counter()
         built[0].call()
+        timing.synchronize(device)
+        estimate = time.perf_counter() - started
     numel = workload.num_elements
     state = built[0].state_tensors()
     if state:
@@ -169,7 +173,8 @@ def _measure_row(bench: Benchmark, variant: Variant, workload: Workload, dtypes:
     )
     for r in range(1, replicas):
         built.append(bench.build(variant, workload, dtypes, setting, device, replica=r))
-    out.update(timing.time_calls([b.call for b in built], device, options, deadline))
+    out.update(timing.time_calls([b.call for b in built], device, options, deadline,
+                                 calls_done=2, estimate_s=estimate))
     return out
 
 

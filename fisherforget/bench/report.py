@@ -169,6 +169,8 @@ def plot(doc: dict, path: Path) -> Optional[str]:
         ax.barh(range(len(panel)), [r["gbps"] for r in panel],
                 color=[colors.get(r["kind"], "#1f77b4") for r in panel])
         ax.set_yticks(range(len(panel)), labels, fontsize=7)
+        for y, r in enumerate(panel):
+            ax.text(r["gbps"], y, f" {r['gbps']:.3g}", va="center", fontsize=6)
         ax.invert_yaxis()
         if copy:
             ax.axvline(copy, color="k", linestyle="--", linewidth=1)
@@ -179,7 +181,7 @@ def plot(doc: dict, path: Path) -> Optional[str]:
     device = doc["environment"]["device"]
     fig.suptitle(f"{doc['title']}: {device['name']} ({device['type']}, "
                  f"{doc['config']['mode']} mode)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None

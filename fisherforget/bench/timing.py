@@ -104,27 +104,36 @@ def time_calls(
     device: torch.device,
     options: TimingOptions,
     deadline: Optional[Deadline] = None,
+    *,
+    calls_done: int = 0,
+    estimate_s: Optional[float] = None,
 ) -> dict:
     """Time ``calls[i % len(calls)]()`` for ``i = 0, 1, ...`` after a warm-up.
 
-    The number of timed calls aims at ``options.target_seconds`` in total, within
-    ``[min_reps, max_reps]``, and stops early (at ``min_reps`` at the least) when ``deadline``
-    would pass. Returns median/mean/min/max/p20/p80 seconds per call, the repeat count, and on
-    CUDA the median host time to issue one call.
+    ``calls_done`` calls of ``calls[0]`` already ran (they count towards the warm-up) and
+    ``estimate_s`` is one call's time if already known. Every replica runs at least once before
+    timing (lazy state is created untimed). The number of timed calls aims at
+    ``options.target_seconds`` in total, within ``[min_reps, max_reps]``, and is cut (to
+    ``min_reps`` at the least) to fit ``deadline``. Returns median/mean/min/max/p20/p80 seconds
+    per call, the repeat count, and on CUDA the median host time to issue one call.
     """
     if not calls:
         raise ValueError("time_calls needs at least one callable")
     replicas = len(calls)
-    warmup = max(options.warmup, replicas)
+    warmup = max(options.warmup - calls_done, replicas - (1 if calls_done else 0), 0)
+    start_index = 1 if calls_done else 0
     for i in range(warmup):
-        calls[i % replicas]()
-    # Estimate one call's time from one more round over the replicas, synchronised.
-    synchronize(device)
-    start = time.perf_counter()
-    for i in range(replicas):
-        calls[i]()
-    synchronize(device)
-    estimate = max((time.perf_counter() - start) / replicas, 1e-7)
+        calls[(start_index + i) % replicas]()
+    if estimate_s is None:
+        # One more round over the replicas, synchronised, estimates a call's time.
+        synchronize(device)
+        start = time.perf_counter()
+        for call in calls:
+            call()
+        synchronize(device)
+        estimate_s = (time.perf_counter() - start) / replicas
+        warmup += replicas
+    estimate = max(estimate_s, 1e-7)
     reps = int(options.target_seconds / estimate)
     if deadline is not None and math.isfinite(deadline.remaining()):
         reps = min(reps, int(0.8 * max(deadline.remaining(), 0.0) / estimate))
@@ -153,7 +162,7 @@ def time_calls(
             synchronize(device)
             times.append(time.perf_counter() - t0)
     result = _summary(times)
-    result["warmup"] = warmup
+    result["warmup"] = warmup + calls_done
     result["replicas"] = replicas
     result["timer"] = "cuda events" if device.type == "cuda" else "perf_counter"
     if host_times:

@@ -59,7 +59,7 @@ LLAMA_CONFIGS: dict[str, dict] = {
 
 # Defaults: the GPU set (issue 5), the CPU --quick set, and the toy set of tests and dry runs.
 FULL_WORKLOADS = ("llama-125m", "llama-1b", "flat-2^28", "many-small-2000x4096")
-QUICK_WORKLOADS = ("flat-2^24", "many-small-500x4096")
+QUICK_WORKLOADS = ("flat-2^22", "many-small-128x4096")
 TINY_WORKLOADS = ("llama-tiny", "flat-2^12", "many-small-16x256")
 
 
