@@ -203,8 +203,16 @@ def write_artifacts(doc: dict, folder: Path) -> dict:
     return doc["artifacts"]
 
 
+def _short(name: str) -> str:
+    return {"torch-adamw-fused": "fused", "torch-adamw-foreach": "foreach",
+            "composition": "comp", "torch-plain": "plain",
+            "torch-foreach": "foreach"}.get(name, name)
+
+
 def summary_lines(docs: list[dict]) -> list[str]:
-    """A short fixed-width table: ours per workload/dtype/setting with its headline figures."""
+    """A short fixed-width table: per workload/dtype/setting, the fastest of our optimizer (or
+    op) variants with its headline figures and its speed-ups; the other kernel backends' share
+    of the copy bandwidth beside it. The reference backend appears only where no kernel ran."""
     out = []
     for doc in docs:
         multi = len(doc["config"]["settings"]) > 1
@@ -213,35 +221,42 @@ def summary_lines(docs: list[dict]) -> list[str]:
         out.append(f"[{doc['benchmark']}] {device['name']} ({device['type']}), copy "
                    f"{_num(copy, '{:.1f}')} GB/s, {doc['config']['mode']} mode"
                    + ("" if doc.get("complete", True) else ", INCOMPLETE"))
-        ours = [r for r in doc["rows"] if r.get("status") == "ok" and r["kind"] == "ours"]
-        # Kernels first; the reference only where no kernel ran (CPU runs).
+        ours = [r for r in doc["rows"] if r.get("status") == "ok" and r["kind"] == "ours"
+                and not r["variant"].startswith("fisherforget-op-")]
         kernels = [r for r in ours if r.get("backend") != "reference"]
         shown = kernels or ours
         baselines = _baseline_names(doc["rows"])
-        head = (f"  {'workload':<22}{'dtype':<7}{'setting':<13}{'variant':<26}{'ms':>9}"
-                f"{'GB/s':>9}{'%copy':>7}  speed-up")
-        out.append(head)
+        out.append(f"  {'workload':<21}{'dtype':<6}{'setting':<12}{'fastest of ours':<24}"
+                   f"{'ms':>8}{'GB/s':>8}{'%copy':>6}  speed-up vs baselines; others")
+        groups: list[tuple] = []
         for r in shown:
-            ups = []
-            for b in baselines:
-                value = _speedup(r, b, multi)
-                if value is not None:
-                    ups.append(f"{value:.2f}x {b}")
+            key = (r["workload"], r["dtype"], r["setting"])
+            if key not in groups:
+                groups.append(key)
+        for key in groups:
+            members = sorted((r for r in shown if (r["workload"], r["dtype"], r["setting"])
+                              == key), key=lambda r: r["median_s"])
+            best = members[0]
+            ups = [f"{_speedup(best, b, multi):.2f}x {_short(b)}" for b in baselines
+                   if _speedup(best, b, multi) is not None]
+            others = [f"{r['backend']} {_pct(r.get('copy_fraction'))}" for r in members[1:]]
+            tail = ", ".join(ups) or "-"
+            if others:
+                tail += "; " + ", ".join(others)
             out.append(
-                f"  {r['workload']:<22}{r['dtype']:<7}{(r['setting'] if multi else '-'):<13}"
-                f"{r['variant']:<26}{_ms(r.get('median_s')):>9}{_num(r.get('gbps'), '{:.1f}'):>9}"
-                f"{_pct(r.get('copy_fraction')):>7}  {', '.join(ups) or '-'}"
+                f"  {key[0]:<21}{key[1]:<6}{(key[2] if multi else '-'):<12}"
+                f"{best['variant']:<24}{_ms(best.get('median_s')):>8}"
+                f"{_num(best.get('gbps'), '{:.1f}'):>8}{_pct(best.get('copy_fraction')):>6}  {tail}"
             )
-        failed = [r for r in doc["rows"] if r.get("status") == "failed"]
         skipped: dict[tuple[str, str], int] = {}
         for r in doc["rows"]:
             if r.get("status") == "skipped":
-                key = (r["variant"], r["reason"])
-                skipped[key] = skipped.get(key, 0) + 1
+                k = (r["variant"], r["reason"])
+                skipped[k] = skipped.get(k, 0) + 1
         for (variant, reason), count in skipped.items():
-            out.append(f"  skipped {variant} ({count} rows): {reason}")
-        for r in failed:
-            out.append(f"  FAILED {r['variant']} {r['workload']}/{r['dtype']}/{r['setting']}: "
-                       f"{r['reason']}")
+            out.append(f"  skipped {variant} ({count}): {reason[:110]}")
+        for r in doc["rows"]:
+            if r.get("status") == "failed":
+                out.append(f"  FAILED {r['variant']} {r['workload']}/{r['dtype']}/{r['setting']}: "
+                           f"{r['reason'][:110]}")
     return out
-
