@@ -35,7 +35,6 @@ BENCHMARKS = {
     "score": score_bench.BENCHMARK,
     "estimate": estimate_bench.BENCHMARK,
 }
-TINY_MAX_ELEMENTS = 2**16
 # Share of the time budget each benchmark gets (time one leaves unused passes to the next).
 BUDGET_WEIGHTS = {"step": 0.6, "score": 0.2, "estimate": 0.2}
 
@@ -71,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument("--workloads",
                         help="comma-separated: llama-125m, llama-1b, flat-2^K, many-small-NxM "
-                             "(with --tiny each maps to its toy counterpart)")
+                             "(with --tiny, those over 2^17 elements map to their toy "
+                             "counterparts)")
     parser.add_argument("--dtypes", help=f"comma-separated of {sorted(workloads.DTYPE_CONFIGS)} "
                                          "(default fp32,bf16)")
     parser.add_argument("--settings",
@@ -164,7 +164,8 @@ def _run_one(name: str, args: argparse.Namespace, mode: str, device: torch.devic
     loads = [workloads.get_workload(n, shapes_from=args.shapes_from) for n in names]
     if mode == "tiny":  # the toy workload of the same kind, unless it is small already
         names = list(dict.fromkeys(
-            workloads.tiny_counterpart(w.name) if w.num_elements > TINY_MAX_ELEMENTS else w.name
+            workloads.tiny_counterpart(w.name)
+            if w.num_elements > workloads.TINY_MAX_ELEMENTS else w.name
             for w in loads))
         loads = [workloads.get_workload(n, shapes_from=args.shapes_from) for n in names]
     dtype_names = _csv(args.dtypes) or ["fp32", "bf16"]

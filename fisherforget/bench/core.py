@@ -219,6 +219,7 @@ def run_benchmark(
         elif deadline.remaining() < 1.0:
             row.update(status="skipped", reason="the run's time budget was spent before this")
         else:
+            before = timing.allocated_bytes(device)
             try:
                 row.update(_measure_row(bench, variant, workload, dtypes, setting, device,
                                         options, deadline, max_replicas))
@@ -227,7 +228,7 @@ def run_benchmark(
                 row.update(status="failed", reason=f"{type(exc).__name__}: {exc}",
                            traceback=traceback.format_exc(limit=6))
             finally:
-                timing.free_memory(device)
+                timing.free_memory(device, before)
         rows.append(row)
         if on_row is not None:
             on_row(row)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import importlib
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -18,10 +18,11 @@ from fisherforget import backends
 _REPO_ROOT = Path(fisherforget.__file__).resolve().parent.parent
 
 
-def _version(module: str) -> Optional[str]:
+def _version(distribution: str) -> Optional[str]:
+    """Installed version, read from package metadata (importing transformers takes seconds)."""
     try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
-    except Exception:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -122,7 +123,7 @@ def environment(device: torch.device) -> dict[str, Any]:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "torch_cuda": torch.version.cuda,
-            "triton": _version("triton"),
+            "triton": _version("triton") or _version("pytorch-triton"),
             "transformers": _version("transformers"),
             "numpy": _version("numpy"),
         },

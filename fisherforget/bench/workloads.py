@@ -36,6 +36,7 @@ __all__ = [
     "FULL_WORKLOADS",
     "QUICK_WORKLOADS",
     "TINY_WORKLOADS",
+    "TINY_MAX_ELEMENTS",
     "get_workload",
     "llama_shapes",
     "llama_shapes_from_transformers",
@@ -61,6 +62,8 @@ LLAMA_CONFIGS: dict[str, dict] = {
 FULL_WORKLOADS = ("llama-125m", "llama-1b", "flat-2^28", "many-small-2000x4096")
 QUICK_WORKLOADS = ("flat-2^22", "many-small-128x4096")
 TINY_WORKLOADS = ("llama-tiny", "flat-2^12", "many-small-16x256")
+# --tiny keeps a workload up to this size and swaps a larger one for its toy counterpart.
+TINY_MAX_ELEMENTS = 2**17
 
 
 @dataclass(frozen=True)
