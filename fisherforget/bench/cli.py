@@ -293,7 +293,12 @@ def run(args: argparse.Namespace) -> int:
     (out_dir / "summary.txt").write_text("\n".join(lines) + "\n")
     print()
     print("\n".join(lines))
-    print(f"\nresults in {out_dir}/ ({', '.join(d['benchmark'] for d in docs)}: .json .md .png)")
+    written: list[str] = []
+    for d in docs:
+        art = d.get("artifacts", {})
+        written += [f"{d['benchmark']}.json", art.get("markdown")]
+        written.append(art.get("plot") or f"(no {d['benchmark']}.png: {art.get('plot_note')})")
+    print(f"\nresults in {out_dir}/: {', '.join(w for w in written if w)}, summary.txt")
     failed = sum(1 for d in docs for r in d["rows"] if r.get("status") == "failed")
     return 1 if failed else 0
 

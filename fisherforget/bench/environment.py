@@ -43,9 +43,12 @@ def git_commit() -> dict[str, Any]:
     override = os.environ.get("FISHERFORGET_GIT_COMMIT")
     if override:
         return {"commit": override, "dirty": None, "source": "FISHERFORGET_GIT_COMMIT"}
+    # Only a source checkout has a commit: an installed copy may sit inside some other repository.
+    top = _run(["git", "rev-parse", "--show-toplevel"], cwd=_REPO_ROOT)
+    if top is None or Path(top).resolve() != _REPO_ROOT:
+        return {"commit": None, "dirty": None,
+                "source": "not a git checkout (set FISHERFORGET_GIT_COMMIT)"}
     commit = _run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT)
-    if commit is None:
-        return {"commit": None, "dirty": None, "source": "no git repository found"}
     # Untracked files (results being written, for one) do not change what ran.
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT)
     return {"commit": commit, "dirty": bool(status), "source": "git"}

@@ -90,3 +90,46 @@ def test_unique_nbytes_counts_shared_storage_once():
     base = torch.zeros(100)
     assert core.unique_nbytes([base, base[:10], base.view(10, 10)]) == 400
     assert core.unique_nbytes([base, torch.zeros(10, dtype=torch.bfloat16)]) == 420
+
+
+class _FakeEvent:
+    """Stands in for torch.cuda.Event so the CUDA timing branch runs without a GPU."""
+
+    clock = 0.0
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.at = None
+
+    def record(self):
+        _FakeEvent.clock += 1.0
+        self.at = _FakeEvent.clock
+
+    def elapsed_time(self, end):  # milliseconds, as CUDA events report
+        return (end.at - self.at) * 1e3
+
+
+def test_cuda_branch_times_with_events(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    calls = [lambda: None, lambda: None]
+    options = timing.TimingOptions(warmup=1, min_reps=5, max_reps=5, target_seconds=1.0)
+    result = timing.time_calls(calls, torch.device("cuda", 0), options, estimate_s=0.01,
+                               calls_done=2)
+    # Each call sits between two consecutive records: exactly one fake second.
+    assert result["median_s"] == 1.0 and result["repeats"] == 5
+    assert result["timer"] == "cuda events" and result["host_median_s"] >= 0
+
+
+def test_memory_probe_reports_the_peak_above_the_start(monkeypatch):
+    stats = {"allocated": 1000, "peak": 5000}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: stats["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: stats["peak"])
+    with timing.MemoryProbe(torch.device("cuda", 0)) as probe:
+        pass
+    assert (probe.base, probe.peak, probe.extra) == (1000, 5000, 4000)
+    with timing.MemoryProbe(CPU) as probe:
+        pass
+    assert probe.extra is None
