@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark the optimizer step (torch AdamW foreach/fused, the composition, FisherAdamW on each backend).
+"""Benchmark the optimizer step: torch AdamW foreach and fused, the composition, and FisherAdamW
+on each backend.
 
 Same as ``fisherforget bench step [options]``; ``--help`` lists the options, docs/benchmarks.md
 explains the figures. Uses the fisherforget of the checkout it sits in (installed or not).

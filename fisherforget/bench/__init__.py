@@ -1,4 +1,5 @@
-"""Benchmarks of the optimizer step, the Fisher score and Fisher estimation (``fisherforget bench``).
+"""Benchmarks of the optimizer step, the Fisher score and Fisher estimation
+(``fisherforget bench``).
 
 ``baselines`` holds every baseline; ``step``, ``score``, ``estimate`` define what is timed;
 ``core`` runs them; ``timing`` measures; ``workloads`` lists the shape sets; ``report`` writes the

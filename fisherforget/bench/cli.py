@@ -97,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most input replicas rotated through against cache effects "
                              "(default 16; --quick 8, --tiny 2)")
     parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default: torch's; --quick and --tiny use 1, steadier on a shared CPU)")
+                        help="torch CPU threads (default: torch's; --quick and --tiny use 1, "
+                             "steadier on a shared CPU)")
     parser.add_argument("--shapes-from", choices=("list", "transformers"), default="list",
                         help="Llama shapes from the config arithmetic or a meta-device model")
     parser.add_argument("--from-json", metavar="DIR",
@@ -281,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
     total = timing.Deadline(budget)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = "fisherforget bench " + " ".join(shlex.quote(a) for a in (getattr(args, "argv", None) or []))
+    argv = getattr(args, "argv", None) or []
+    command = "fisherforget bench " + " ".join(shlex.quote(a) for a in argv)
     docs = []
     for i, name in enumerate(names):
         share = None

@@ -1,4 +1,4 @@
-"""What a benchmark ran on: device, versions, commit, machine load. Every results file carries it."""
+"""What a benchmark ran on: device, versions, commit, machine load (in every results file)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ class EstimateBenchmark:
     name = "estimate"
     title = "Fisher estimation (fisher_accumulate)"
     settings = SETTINGS
-    baseline_note = "torch-foreach: torch._foreach_mul_(F, alpha) + torch._foreach_addcmul_(F, g, g)"
+    baseline_note = ("torch-foreach: torch._foreach_mul_(F, alpha) + "
+                     "torch._foreach_addcmul_(F, g, g, value=beta)")
 
     def bytes_note(self) -> str:
         return "minimum bytes/element: read F and g, write F, at their dtypes"

@@ -180,7 +180,8 @@ def plot(doc: dict, path: Path) -> Optional[str]:
     axes[-1, 0].set_xlabel("effective GB/s over the minimum bytes (higher is better)", fontsize=8)
     device = doc["environment"]["device"]
     fig.suptitle(f"{doc['title']}: {device['name']} ({device['type']}, "
-                 f"{doc['config']['mode']} mode)", fontsize=10)
+                 f"{doc['config']['mode']} mode)"
+                 + ("" if doc.get("complete", True) else ", INCOMPLETE RUN"), fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -193,7 +194,7 @@ def write_artifacts(doc: dict, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     name = doc["benchmark"]
     (folder / f"{name}.md").write_text(markdown(doc))
-    why_not = plot(doc, folder / f"{name}.png") if doc.get("complete", True) else "incomplete"
+    why_not = plot(doc, folder / f"{name}.png")
     doc["artifacts"] = {
         "markdown": f"{name}.md",
         "plot": None if why_not else f"{name}.png",

@@ -109,7 +109,8 @@ def test_unknown_option_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("FISHERFORGET_TEST_GPU_CHECK") != "1",
-                    reason="the real CPU rehearsal takes minutes; set FISHERFORGET_TEST_GPU_CHECK=1")
+                    reason="the real CPU rehearsal takes minutes; "
+                           "set FISHERFORGET_TEST_GPU_CHECK=1")
 def test_real_dry_run_on_cpu(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)
     out = tmp_path / "out"
