@@ -47,9 +47,13 @@ printf 'stage\trc\tseconds\tlimit_s\tnote\n' > "$STAGES"
 if [ "$DRY_RUN" = 1 ]; then
     BENCH_SIZE=(--tiny --device cpu)
     PIP_DRY=(--dry-run)
+    REQUIRE_EXTENSION=""
 else
     BENCH_SIZE=()
     PIP_DRY=()
+    # Make setup.py fail loudly when it cannot build fisherforget._C (instead of quietly
+    # installing without it), so that the JIT stage below takes over and the log says why.
+    REQUIRE_EXTENSION=1
 fi
 # The workloads of issue 5: the flat 2^28 tensor, the ~1B Llama set, 2,000 x 4,096 small tensors.
 WORKLOADS="flat-2^28,llama-1b,many-small-2000x4096"
@@ -107,7 +111,8 @@ fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
 # ---------------------------------------------------------------- 2. build the extension
-stage build 220 250 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v \
+stage build 220 250 env ${REQUIRE_EXTENSION:+FISHERFORGET_CUDA=1} \
+    "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v \
     ${PIP_DRY[@]+"${PIP_DRY[@]}"} -e .
 BUILD_RC=$STAGE_RC
 

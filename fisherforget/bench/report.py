@@ -211,9 +211,10 @@ def _short(name: str) -> str:
 
 
 def summary_lines(docs: list[dict]) -> list[str]:
-    """A short fixed-width table: per workload/dtype/setting, the fastest of our optimizer (or
-    op) variants with its headline figures and its speed-ups; the other kernel backends' share
-    of the copy bandwidth beside it. The reference backend appears only where no kernel ran."""
+    """A short fixed-width table: per workload/dtype/setting, the fastest ``FisherAdamW``
+    variant on a kernel backend with its headline figures and speed-ups, and the other kernel
+    backends' share of the copy bandwidth beside it. The reference backend (a slow ground truth)
+    appears only where no kernel ran, e.g. on a CPU."""
     out = []
     for doc in docs:
         multi = len(doc["config"]["settings"]) > 1
@@ -227,7 +228,7 @@ def summary_lines(docs: list[dict]) -> list[str]:
         kernels = [r for r in ours if r.get("backend") != "reference"]
         shown = kernels or ours
         baselines = _baseline_names(doc["rows"])
-        out.append(f"  {'workload':<21}{'dtype':<6}{'setting':<12}{'fastest of ours':<24}"
+        out.append(f"  {'workload':<21}{'dtype':<6}{'setting':<12}{'ours (fastest kernel)':<24}"
                    f"{'ms':>8}{'GB/s':>8}{'%copy':>6}  speed-up vs baselines; others")
         groups: list[tuple] = []
         for r in shown:

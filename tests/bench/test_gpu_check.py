@@ -25,7 +25,9 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "$*" >> "$FAKE_LOG"
 case "$*" in
-    *"pip install"*) [ "${FAKE_FAIL:-}" = build ] && exit 1 ;;
+    *"pip install"*)
+        echo "pip env FISHERFORGET_CUDA=${FISHERFORGET_CUDA:-unset}" >> "$FAKE_LOG"
+        [ "${FAKE_FAIL:-}" = build ] && exit 1 ;;
     *"import fisherforget._C"*) [ "${FAKE_FAIL:-}" = build ] && exit 1 ;;
     *"backends.load"*) exit 0 ;;
     *"bench step"*) [ "${FAKE_FAIL:-}" = bench_step ] && exit 3 ;;
@@ -64,6 +66,7 @@ def test_all_stages_run_in_order_and_the_summary_is_printed_last(tmp_path):
     pip = next(c for c in calls if "pip install" in c)
     assert "--no-build-isolation --no-deps --no-index" in pip and pip.endswith("-e .")
     assert "--dry-run" not in pip
+    assert "pip env FISHERFORGET_CUDA=1" in calls  # setup.py must build _C or fail loudly
     step = next(c for c in calls if "bench step" in c)
     assert "--workloads flat-2^28,llama-1b,many-small-2000x4096" in step
     assert f"--out {out}/bench" in step and "--time-budget" in step and "--tiny" not in step
@@ -98,6 +101,7 @@ def test_dry_run_uses_pip_dry_run_and_toy_sizes_on_cpu(tmp_path):
     proc, stages, calls, _ = _run(tmp_path, extra=("--dry-run",))
     assert proc.returncode == 0
     assert "--dry-run" in next(c for c in calls if "pip install" in c)
+    assert "pip env FISHERFORGET_CUDA=unset" in calls
     for bench in ("bench step", "bench score", "bench estimate"):
         call = next(c for c in calls if bench in c)
         assert "--tiny --device cpu" in call
