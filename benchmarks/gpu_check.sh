@@ -7,7 +7,7 @@
 #              benchmarks with --tiny --device cpu); run it before spending GPU time.
 # Environment:
 #   PYTHON                   interpreter (default: python, else python3)
-#   GPU_CHECK_BUDGET_S       wall-clock budget of the whole script (default 450 s)
+#   GPU_CHECK_BUDGET_S       wall-clock budget of the whole script (default 420 s)
 #   FISHERFORGET_GIT_COMMIT  the commit to record when the tree has no .git
 #   MAX_JOBS, TORCH_CUDA_ARCH_LIST  passed to the extension build (defaults: all cores, this GPU)
 #
@@ -38,7 +38,7 @@ export PYTHONUNBUFFERED=1
 if [ -z "${PYTHON:-}" ]; then
     if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
-BUDGET="${GPU_CHECK_BUDGET_S:-450}"
+BUDGET="${GPU_CHECK_BUDGET_S:-420}"
 STAGES="$OUT_DIR/stages.tsv"
 BENCH_DIR="$OUT_DIR/bench"
 START=$SECONDS
@@ -92,7 +92,7 @@ stage() {
 
 # ---------------------------------------------------------------- 1. environment
 export PYTHON
-stage env 60 400 bash -c '
+stage env 60 360 bash -c '
     echo "date: $(date -u +%FT%TZ)"; echo "host: $(uname -a)"; echo "repo: $PWD"
     echo "git: $(git rev-parse HEAD 2>/dev/null || echo "no .git") ${FISHERFORGET_GIT_COMMIT:-}"
     if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "no nvidia-smi"; fi
@@ -144,7 +144,8 @@ bench_stage() {  # name cap reserve bench-args...
     shift 3
     local left=$(( BUDGET - (SECONDS - START) - reserve ))
     local limit=$(( cap < left ? cap : left ))
-    local inner=$(( limit > 40 ? limit - 20 : limit * 2 / 3 ))
+    # Leave time for the imports (torch, triton, transformers) and for writing the files.
+    local inner=$(( limit > 60 ? limit - 35 : limit / 2 ))
     stage "$name" "$cap" "$reserve" "$PYTHON" -m fisherforget bench "$@" \
         ${BENCH_SIZE[@]+"${BENCH_SIZE[@]}"} \
         --out "$BENCH_DIR" --time-budget "$inner"
