@@ -49,8 +49,9 @@ def git_commit() -> dict[str, Any]:
         return {"commit": None, "dirty": None,
                 "source": "not a git checkout (set FISHERFORGET_GIT_COMMIT)"}
     commit = _run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT)
-    # Untracked files (results being written, for one) do not change what ran.
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT)
+    # Untracked files and committed results being rewritten do not change what ran.
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                   ":(exclude)benchmarks/results"], cwd=_REPO_ROOT)
     return {"commit": commit, "dirty": bool(status), "source": "git"}
 
 
