@@ -45,7 +45,7 @@ MODES = {
     "quick": dict(workloads=workloads.QUICK_WORKLOADS, copy_numel=2**24,
                   timing=timing.TimingOptions(warmup=2, min_reps=5, max_reps=30,
                                               target_seconds=0.25),
-                  time_budget=130.0, max_replicas=8, threads=1),
+                  time_budget=130.0, threads=1),
     "tiny": dict(workloads=workloads.TINY_WORKLOADS, copy_numel=2**16,
                  timing=timing.TimingOptions(warmup=1, min_reps=2, max_reps=5,
                                              target_seconds=0.01),
@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy-numel", type=int, help="elements of the copy-bandwidth probe")
     parser.add_argument("--max-replicas", type=int,
                         help="most input replicas rotated through against cache effects "
-                             "(default 16; --quick 8, --tiny 2)")
+                             "(default 16; --tiny 2)")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's; --quick and --tiny use 1, "
                              "steadier on a shared CPU)")
