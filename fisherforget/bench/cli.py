@@ -4,8 +4,9 @@ Modes:
 
 * default on a GPU: the full workloads (Llama ~125M and ~1B shapes, a flat 2^28 tensor, 2,000
   tensors of 4,096 elements), fp32 and bf16, many repeats;
-* ``--quick``: small workloads and few repeats (on a machine without a GPU, ``fisherforget
-  bench`` runs this; it finishes in about three minutes on two CPU cores);
+* ``--quick``: small workloads and few repeats, one CPU thread (on a machine without a GPU,
+  ``fisherforget bench`` runs this; about two minutes on two shared CPU cores, and never more
+  than its 130 s time budget plus start-up);
 * ``--tiny``: toy sizes of the same workload kinds, seconds (tests, dry runs of gpu_check.sh).
 
 Each benchmark writes ``<out>/<name>.json`` (rewritten after every row, so an interrupted run
