@@ -91,6 +91,7 @@ stage() {
 }
 
 # ---------------------------------------------------------------- 1. environment
+# (doctor without a JIT build here: the extension is built in the next stages)
 export PYTHON
 stage env 60 360 bash -c '
     echo "date: $(date -u +%FT%TZ)"; echo "host: $(uname -a)"; echo "repo: $PWD"
@@ -98,7 +99,7 @@ stage env 60 360 bash -c '
     if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "no nvidia-smi"; fi
     if command -v nvcc >/dev/null; then nvcc --version; else echo "no nvcc on PATH"; fi
     "$PYTHON" -c "import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available())"
-    "$PYTHON" -m fisherforget doctor'
+    FISHERFORGET_CUDA_JIT=0 "$PYTHON" -m fisherforget doctor'
 
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     # Only this GPU's architecture: a build for every architecture would not fit the budget.
@@ -125,6 +126,10 @@ usable = backends.load("cuda")
 for name, why in backends.status().items():
     print(name, "available" if why is None else "unavailable: " + why)
 sys.exit(0 if usable else 1)'
+    if [ "$STAGE_RC" != 0 ]; then
+        # Do not let every later process retry (and time out in) the same failed JIT build.
+        export FISHERFORGET_CUDA_JIT=0
+    fi
 else
     record jit_build "-" 0 0 "not needed: the extension imports"
 fi

@@ -27,9 +27,10 @@ echo "$*" >> "$FAKE_LOG"
 case "$*" in
     *"pip install"*)
         echo "pip env FISHERFORGET_CUDA=${FISHERFORGET_CUDA:-unset}" >> "$FAKE_LOG"
-        [ "${FAKE_FAIL:-}" = build ] && exit 1 ;;
-    *"import fisherforget._C"*) [ "${FAKE_FAIL:-}" = build ] && exit 1 ;;
-    *"backends.load"*) exit 0 ;;
+        case "${FAKE_FAIL:-}" in build*) exit 1 ;; esac ;;
+    *"import fisherforget._C"*) case "${FAKE_FAIL:-}" in build*) exit 1 ;; esac ;;
+    *"backends.load"*) [ "${FAKE_FAIL:-}" = build_and_jit ] && exit 1; exit 0 ;;
+    *"fisherforget doctor"*) echo "doctor JIT=${FISHERFORGET_CUDA_JIT:-unset}" >> "$FAKE_LOG" ;;
     *"bench step"*) [ "${FAKE_FAIL:-}" = bench_step ] && exit 3 ;;
     *"pytest -m cuda"*) [ "${FAKE_FAIL:-}" = pytest ] && exit 1 ;;
     *"--from-json"*)
@@ -80,6 +81,17 @@ def test_a_failed_build_falls_back_to_jit_and_everything_after_still_runs(tmp_pa
     assert any("backends.load" in c for c in calls)
     assert all(stages[s][1] == "0" for s in STAGES[4:])
     assert proc.returncode == 1  # the build is a stage that must work
+    assert [c for c in calls if c.startswith("doctor JIT=")] == ["doctor JIT=0",
+                                                                  "doctor JIT=unset"]
+
+
+def test_a_failed_jit_build_is_not_retried_by_later_stages(tmp_path):
+    _, stages, calls, _ = _run(tmp_path, fail="build_and_jit")
+    assert stages["jit_build"][1] == "1"
+    doctors = [c for c in calls if c.startswith("doctor JIT=")]
+    # The env stage never JIT-builds; after the JIT stage failed, nothing retries it.
+    assert doctors == ["doctor JIT=0", "doctor JIT=0"]
+    assert all(stages[s][1] == "0" for s in STAGES[4:])
 
 
 def test_a_failed_benchmark_is_recorded_and_the_rest_still_run(tmp_path):
