@@ -169,7 +169,7 @@ echo
 echo "== stages (budget ${BUDGET}s, used $(( SECONDS - START ))s; logs in $OUT_DIR)"
 column -t -s $'\t' "$STAGES" 2>/dev/null || cat "$STAGES"
 if [ -s "$OUT_DIR/pytest_cuda.log" ]; then
-    echo "pytest: $(grep -E '(passed|failed|skipped|error|no tests ran)' "$OUT_DIR/pytest_cuda.log" | tail -n 1)"
+    echo "pytest: $(grep -E '(passed|failed|skipped|deselected|error|no tests ran)' "$OUT_DIR/pytest_cuda.log" | tail -n 1)"
 fi
 echo
 if [ -s "$BENCH_DIR/summary.txt" ]; then
