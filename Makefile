@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fisherforget-installed
 INSTALL_INPUTS := requirements-test.txt setup.py pyproject.toml
 
-.PHONY: test demo doctor install clean
+.PHONY: test demo doctor bench install clean
 
 $(STAMP): $(INSTALL_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: $(STAMP)
 
 doctor: $(STAMP)
 	$(PY) -m fisherforget doctor
+
+bench: $(STAMP)
+	$(PY) -m fisherforget bench --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,7 +9,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["fisherforget", "fisherforget.*"]),
+    # The Triton kernels live in the top-level kernels/ folder and ship as fisherforget.kernels.
+    packages=find_packages(include=["fisherforget", "fisherforget.*"]) + ["fisherforget.kernels"],
+    package_dir={"fisherforget.kernels": "kernels"},
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton"],

@@ -1,8 +1,9 @@
-"""Command line: ``fisherforget {doctor,demo}`` (also ``python -m fisherforget``)."""
+"""Command line: ``fisherforget {doctor,demo,bench}`` (also ``python -m fisherforget``)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional, Sequence
 
 
@@ -14,6 +15,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from fisherforget import demo as demo_module
 
     demo_module.add_arguments(demo)
+    bench = commands.add_parser("bench", help="kernel benchmarks: step, Fisher score, estimation")
+    from fisherforget.bench import cli as bench_cli
+
+    bench_cli.add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "doctor":
         from fisherforget import doctor
@@ -21,5 +26,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return doctor.main()
     if args.command == "demo":
         return demo_module.run(args)
+    if args.command == "bench":
+        args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
+        return bench_cli.run(args)
     parser.error(f"unknown command {args.command}")
     return 2

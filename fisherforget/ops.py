@@ -143,6 +143,11 @@ def fused_step(
         lr: float or 0-dim tensor (read on the device: no host synchronisation).
         grad_scale, found_inf: 0-dim float32 tensors from a GradScaler, or ``None``.
     """
+    check_fused_step_lists(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+        fisher_counts, amsgrad=amsgrad, fisher_mode=fisher_mode, fisher_scale=fisher_scale,
+        freeze_above=freeze_above, freeze_below=freeze_below,
+    )
     if _through_custom_op(backend):
         lr_is_tensor = isinstance(lr, Tensor)
         torch.ops.fisherforget.fused_step(
@@ -162,6 +167,39 @@ def fused_step(
         fisher_scale=fisher_scale, freeze_above=freeze_above, freeze_below=freeze_below,
         grad_scale=grad_scale, found_inf=found_inf,
     )
+
+
+def check_fused_step_lists(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps, fisher_counts,
+    *, amsgrad, fisher_mode, fisher_scale, freeze_above, freeze_below,
+) -> None:
+    """The backend-independent part of ``fused_step``'s contract: which lists must be present
+    and of equal length. Raises ``ValueError`` naming the list; backends check dtypes/devices."""
+    n = len(params)
+    required = dict(grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, masks=masks,
+                    steps=steps)
+    if amsgrad:
+        required["max_exp_avg_sqs"] = max_exp_avg_sqs
+    elif len(max_exp_avg_sqs) not in (0, n):
+        raise ValueError(f"max_exp_avg_sqs has {len(max_exp_avg_sqs)} entries; it must be "
+                         f"empty or match params ({n})")
+    if fisher_mode not in FISHER_MODES:
+        raise ValueError(f"fisher_mode must be one of {FISHER_MODES}, got {fisher_mode!r}")
+    uses_fisher = (fisher_mode is not None or fisher_scale != 0 or freeze_above is not None
+                   or freeze_below is not None)
+    if uses_fisher and n and not fishers:
+        raise ValueError(
+            "fishers is empty, but fisher_mode, fisher_scale or a freeze threshold uses the "
+            f"Fisher (fisher_mode={fisher_mode!r}, fisher_scale={fisher_scale!r}, "
+            f"freeze_above={freeze_above!r}, freeze_below={freeze_below!r}): pass one Fisher "
+            "tensor per param")
+    if fishers:
+        required["fishers"] = fishers
+        if fisher_mode is not None:
+            required["fisher_counts"] = fisher_counts
+    for name, values in required.items():
+        if len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries, params {n}: they must match")
 
 
 def fisher_accumulate(

@@ -32,3 +32,19 @@ def test_fisher_score_matches_float64():
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         ops.fisher_score([], [], [], backend="nope")
+
+
+def test_fused_step_list_contract_is_checked_for_every_backend():
+    p = [torch.randn(3)]
+    g = [torch.randn(3)]
+    m, v = [torch.zeros(3)], [torch.zeros(3)]
+    steps = [torch.zeros(())]
+    common = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+                  maximize=False, fisher_beta=0.9, freeze_below=None)
+    with pytest.raises(ValueError, match="fishers is empty, but fisher_mode"):
+        ops.fused_step(p, g, m, v, [], [], [None], steps, [], fisher_mode="ema",
+                       fisher_scale=0.0, freeze_above=None, **common)
+    with pytest.raises(ValueError, match="masks has 0 entries, params 1"):
+        ops.fused_step(p, g, m, v, [], [], [], steps, [], fisher_mode=None, fisher_scale=0.0,
+                       freeze_above=None, **common)
+    assert steps[0].item() == 0

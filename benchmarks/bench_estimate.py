@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Benchmark Fisher estimation (the fisher_accumulate op) against plain torch.
+
+Same as ``fisherforget bench estimate [options]``; ``--help`` lists the options, docs/benchmarks.md
+explains the figures. Uses the fisherforget of the checkout it sits in (installed or not).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fisherforget.bench.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["estimate", *sys.argv[1:]]))

@@ -1,0 +1,316 @@
+"""Many tensors per launch: address tables, chunking and the launch heuristic.
+
+A launch covers a bucket of tensors that share a device and dtypes. The host describes the bucket
+in one int64 buffer, as ATen's ``MultiTensorApply.cuh`` does with its kernel-argument struct, except
+that the tables live in device memory so that one launch covers any number of tensors:
+
+``tensor table``  ``[n_tensors, n_fields]`` int64: for each tensor the addresses of its
+                  operands (0 where an operand is absent, e.g. a tensor without a mask) and its
+                  element count.
+``chunk table``   ``[n_chunks]`` int64: program ``pid`` works on chunk ``pid``, the
+                  ``chunk_index``-th run of ``blocks_per_chunk * BLOCK`` elements of tensor
+                  ``tensor_index``, packed as ``tensor_index << 32 | chunk_index``.
+
+The buffer is rebuilt for every call from the tensors it is given: nothing is cached by address
+(the allocator reuses addresses). Uploading it never synchronises with the host: a pinned
+staging copy with ``non_blocking=True`` in eager mode; inside CUDA-graph capture, where pinned
+staging is not capturable, small kernels write the tensor table (the values become kernel
+arguments baked into the graph) and the chunk table is derived from it on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import operator
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "LaunchConfig",
+    "Tables",
+    "interpreting",
+    "launch_config",
+    "build_tables",
+    "ALIGNMENT_BYTES",
+    "all_aligned",
+    "vector_elems",
+    "optional_ptr",
+    "on_device",
+    "triton_dtype",
+]
+
+# 16-byte vector loads need every base address 16-byte aligned; chunks start at multiples of BLOCK
+# elements, so aligned bases keep every chunk aligned.
+ALIGNMENT_BYTES = 16
+# Chunk tables pack the tensor index above the chunk index.
+_CHUNK_INDEX_BITS = 32
+
+# Launch heuristic (one place, overridable by environment for benchmark sweeps). BLOCK elements
+# per inner iteration: 2048 over 8 warps is 8 elements per thread, two 16-byte vectors of each
+# fp32 operand in flight per thread (76 registers for the fp32 Fisher step on sm_90; 4 warps
+# would need 146). A program walks up to MAX_BLOCKS_PER_CHUNK blocks of one tensor, so that the
+# chunk table stays small for large models while the grid still has many waves.
+_DEFAULT_BLOCK = 2048
+_DEFAULT_NUM_WARPS = 8
+_MAX_BLOCKS_PER_CHUNK = 16
+_TARGET_PROGRAMS_PER_SM = 32
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How a bucket is cut into programs: ``block`` elements per inner step (a compile-time
+    constant), ``num_warps`` per program, ``blocks_per_chunk`` inner steps per program (a runtime
+    argument, so changing it never recompiles)."""
+
+    block: int
+    num_warps: int
+    blocks_per_chunk: int
+
+    @property
+    def chunk_elems(self) -> int:
+        return self.block * self.blocks_per_chunk
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        parsed = int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+    if parsed <= 0:
+        raise ValueError(f"{name}={value!r} must be positive")
+    return parsed
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _processor_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one after another
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def launch_config(numels: Sequence[int], device: torch.device) -> LaunchConfig:
+    """The heuristic launch shape for a bucket with these element counts.
+
+    ``FISHERFORGET_TRITON_BLOCK``, ``FISHERFORGET_TRITON_NUM_WARPS`` and
+    ``FISHERFORGET_TRITON_BLOCKS_PER_CHUNK`` override it (benchmark sweeps). The kernels run in
+    place on tensors reached through address tables, so Triton's autotuner (which reruns a kernel
+    on the live arguments and can only restore tensors passed directly) is not used.
+    """
+    block = _env_int("FISHERFORGET_TRITON_BLOCK", _DEFAULT_BLOCK)
+    if block & (block - 1):
+        raise ValueError(f"FISHERFORGET_TRITON_BLOCK={block} must be a power of two")
+    num_warps = _env_int("FISHERFORGET_TRITON_NUM_WARPS", _DEFAULT_NUM_WARPS)
+    forced = os.environ.get("FISHERFORGET_TRITON_BLOCKS_PER_CHUNK")
+    if forced:
+        blocks_per_chunk = _env_int("FISHERFORGET_TRITON_BLOCKS_PER_CHUNK", 1)
+    else:
+        total_blocks = sum(-(-n // block) for n in numels)
+        target_programs = _TARGET_PROGRAMS_PER_SM * _processor_count(device)
+        blocks_per_chunk = max(1, min(_MAX_BLOCKS_PER_CHUNK, total_blocks // target_programs))
+    return LaunchConfig(block=block, num_warps=num_warps, blocks_per_chunk=blocks_per_chunk)
+
+
+@dataclass
+class Tables:
+    """Device-resident tables of one launch (see the module docstring)."""
+
+    tensors: torch.Tensor  # int64, [n_tensors * n_fields]
+    chunks: torch.Tensor  # int64, [n_chunks]
+    n_tensors: int
+    n_chunks: int
+    aligned: bool  # every non-zero address in the tensor table is 16-byte aligned
+
+
+def build_tables(
+    columns: Sequence[Sequence[int]],
+    chunk_elems: int,
+    device: torch.device,
+    aligned: bool,
+    via_kernels: Optional[bool] = None,
+) -> Tables:
+    """Upload the tensor table given by ``columns`` (one list of ints per field, one int per
+    tensor; the element counts last) and the chunk table cutting each tensor into chunks of
+    ``chunk_elems`` elements.
+
+    ``via_kernels`` (default: only while a CUDA graph is being captured) writes the tables with
+    device kernels instead of a host-to-device copy; tests force it to compare both paths."""
+    n_fields = len(columns)
+    numels = columns[-1]
+    n_tensors = len(numels)
+    counts = [(n + chunk_elems - 1) // chunk_elems for n in numels]
+    n_chunks = sum(counts)
+    # Row-major [n_tensors, n_fields], padded to an even length so that the chunk table starts
+    # 16-byte aligned.
+    flat = [value for row in zip(*columns) for value in row]
+    table_len = len(flat) + len(flat) % 2
+    flat.extend([0] * (table_len - len(flat)))
+
+    if via_kernels is None:
+        via_kernels = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if via_kernels:
+        buffer = torch.empty(table_len + n_chunks, dtype=torch.int64, device=device)
+        with on_device(device):
+            _write_values_on_device(buffer, flat)
+            if n_chunks:
+                numel_column = buffer[:n_tensors * n_fields].view(n_tensors, n_fields)[:, -1]
+                _chunk_table_on_device(buffer[table_len:], numel_column, chunk_elems, n_chunks)
+    else:
+        flat.extend(_chunk_table_on_host(counts))
+        # (torch.tensor from a list is fast; CPU ops such as repeat_interleave cost
+        # milliseconds per call, more than a step's whole table.)
+        if device.type == "cuda":
+            _warm_writer(device)
+            host = torch.tensor(flat, dtype=torch.int64, pin_memory=True)
+            buffer = host.to(device, non_blocking=True)
+        else:
+            buffer = torch.tensor(flat, dtype=torch.int64)
+    return Tables(
+        tensors=buffer[:table_len], chunks=buffer[table_len:], n_tensors=n_tensors,
+        n_chunks=n_chunks, aligned=aligned,
+    )
+
+
+def _chunk_table_on_host(counts: Sequence[int]) -> list[int]:
+    firsts = [tensor_index << _CHUNK_INDEX_BITS for tensor_index in range(len(counts))]
+    ends = list(map(operator.add, firsts, counts))
+    return list(itertools.chain.from_iterable(map(range, firsts, ends)))
+
+
+def _chunk_table_on_device(
+    out: torch.Tensor, numels: torch.Tensor, chunk_elems: int, n_chunks: int
+) -> None:
+    """The chunk table from the uploaded element counts, with device ops only (capturable:
+    ``output_size`` is known on the host, so nothing reads a device value back)."""
+    counts = (numels + (chunk_elems - 1)) // chunk_elems
+    tensor_index = torch.repeat_interleave(
+        torch.arange(numels.numel(), dtype=torch.int64, device=out.device), counts,
+        output_size=n_chunks,
+    )
+    first_chunk = torch.cumsum(counts, 0) - counts
+    chunk_index = torch.arange(n_chunks, dtype=torch.int64, device=out.device) - (
+        torch.repeat_interleave(first_chunk, counts, output_size=n_chunks)
+    )
+    out.copy_((tensor_index << _CHUNK_INDEX_BITS) | chunk_index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing host integers into device memory without a host-to-device copy (CUDA-graph capture).
+
+_VALUES_PER_WRITE = 16
+
+
+@triton.jit(do_not_specialize=["offset", "count"] + [f"v{i}" for i in range(16)])
+def _write_values_kernel(
+    out_ptr, offset: tl.int64, count: tl.int32,
+    v0: tl.int64, v1: tl.int64, v2: tl.int64, v3: tl.int64,
+    v4: tl.int64, v5: tl.int64, v6: tl.int64, v7: tl.int64,
+    v8: tl.int64, v9: tl.int64, v10: tl.int64, v11: tl.int64,
+    v12: tl.int64, v13: tl.int64, v14: tl.int64, v15: tl.int64,
+):
+    # Values arrive as kernel arguments, which a captured graph stores by value. (The casts are
+    # no-ops when compiled; the interpreter keeps ints in [2^31, 2^32) as 4-byte uint32 data
+    # while typing them int64, and would store only 4 bytes of them.)
+    base = out_ptr + offset
+    tl.store(base + 0, v0.to(tl.uint64).to(tl.int64), mask=count > 0)
+    tl.store(base + 1, v1.to(tl.uint64).to(tl.int64), mask=count > 1)
+    tl.store(base + 2, v2.to(tl.uint64).to(tl.int64), mask=count > 2)
+    tl.store(base + 3, v3.to(tl.uint64).to(tl.int64), mask=count > 3)
+    tl.store(base + 4, v4.to(tl.uint64).to(tl.int64), mask=count > 4)
+    tl.store(base + 5, v5.to(tl.uint64).to(tl.int64), mask=count > 5)
+    tl.store(base + 6, v6.to(tl.uint64).to(tl.int64), mask=count > 6)
+    tl.store(base + 7, v7.to(tl.uint64).to(tl.int64), mask=count > 7)
+    tl.store(base + 8, v8.to(tl.uint64).to(tl.int64), mask=count > 8)
+    tl.store(base + 9, v9.to(tl.uint64).to(tl.int64), mask=count > 9)
+    tl.store(base + 10, v10.to(tl.uint64).to(tl.int64), mask=count > 10)
+    tl.store(base + 11, v11.to(tl.uint64).to(tl.int64), mask=count > 11)
+    tl.store(base + 12, v12.to(tl.uint64).to(tl.int64), mask=count > 12)
+    tl.store(base + 13, v13.to(tl.uint64).to(tl.int64), mask=count > 13)
+    tl.store(base + 14, v14.to(tl.uint64).to(tl.int64), mask=count > 14)
+    tl.store(base + 15, v15.to(tl.uint64).to(tl.int64), mask=count > 15)
+
+
+def _write_values_on_device(out: torch.Tensor, values: Sequence[int]) -> None:
+    for start in range(0, len(values), _VALUES_PER_WRITE):
+        part = list(values[start:start + _VALUES_PER_WRITE])
+        count = len(part)
+        part.extend([0] * (_VALUES_PER_WRITE - count))
+        _write_values_kernel[(1,)](out, start, count, *part)
+
+
+_WARM_WRITERS: set = set()
+
+
+def _warm_writer(device: torch.device) -> None:
+    """Compile and load the table writer once per device outside capture, so that a capture
+    never has to load a module (the usual warm-up steps before capture run through here)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _WARM_WRITERS:
+        return
+    scratch = torch.empty(_VALUES_PER_WRITE, dtype=torch.int64, device=device)
+    with on_device(device):
+        _write_values_on_device(scratch, list(range(_VALUES_PER_WRITE)))
+    _WARM_WRITERS.add(index)
+
+
+def vector_elems(operands: Sequence[torch.Tensor]) -> int:
+    """Elements per vector access shared by all operands of a launch: 16 bytes of the widest
+    dtype (4 for fp32, 8 when every operand is 16-bit). Narrower operands then use narrower
+    accesses, which avoids converting register layouts between operands."""
+    return ALIGNMENT_BYTES // max(t.element_size() for t in operands)
+
+
+def all_aligned(columns: Sequence[Sequence[int]]) -> bool:
+    """Whether every address in these table columns (0 = absent) is 16-byte aligned."""
+    bits = 0
+    for column in columns:
+        bits |= functools.reduce(operator.or_, column, 0)
+    return bits & (ALIGNMENT_BYTES - 1) == 0
+
+
+def optional_ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+
+_TRITON_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
+
+
+def triton_dtype(dtype: torch.dtype):
+    """The Triton element type of a torch floating dtype the kernels handle."""
+    try:
+        return _TRITON_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(
+            f"the Triton kernels handle {tuple(_TRITON_DTYPES)} tensors, got {dtype}"
+        ) from None
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current device's current stream: make it ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
