@@ -17,7 +17,11 @@ How ``FisherAdamW`` runs on PyTorch's distributed engines:
   are all-reduced over every mesh dimension. Every rank gets the same, global value.
 * Per-sample scores computed on disjoint slices of a data set are assembled on every rank by
   :func:`gather_scores`; each score is computed by exactly one rank, so every rank holds the same
-  bits and a deterministic selection picks the same samples everywhere.
+  bits and a deterministic selection picks the same samples everywhere (DDP: the model, the
+  learning-task direction and Fisher are replicated, so each rank scores its own samples).
+* Under FSDP2 a per-sample gradient is itself sharded: every rank runs the same sample and
+  :func:`fisher_score_global` sums the two forgetting-confidence terms over the local shards and
+  all-reduces them, so every rank gets the global terms.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ __all__ = [
     "prepare_optimizer_state_for_load",
     "shard_range",
     "gather_scores",
+    "fisher_score_global",
 ]
 
 
@@ -380,6 +385,65 @@ def gather_scores(
     result[all_indices.to(local_scores.device)] = torch.cat(
         [p.to(local_scores.device) for p in pieces]
     )
+    return result
+
+
+def fisher_score_global(
+    directions: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    fishers: Sequence[Tensor],
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """``ops.fisher_score`` over tensors that may be DTensors: ``[sum <d, g>, sum F g^2]``
+    (float64, shape ``(2,)``) over every element of every tensor, the same on every rank.
+
+    Plain tensors are scored as they are (replicated or single process). For DTensors (FSDP2:
+    every rank ran the same sample, so the reduce-scattered gradient is that sample's gradient,
+    sharded) each rank scores the local shards it owns (see :class:`GlobalCounter`) with the op
+    and the partial terms are all-reduced over the mesh. ``directions[i]``, ``grads[i]`` and
+    ``fishers[i]`` must be laid out alike. One op call per (mesh, device, dtype) bucket, one
+    all-reduce per mesh dimension.
+    """
+    from fisherforget import backends, ops
+
+    if not (len(directions) == len(grads) == len(fishers)):
+        raise ValueError(
+            f"directions, grads and fishers have {len(directions)}, {len(grads)} and "
+            f"{len(fishers)} tensors: they must match"
+        )
+    # (mesh or None, device, dtype) -> (directions, grads, fishers) of the pieces this rank scores
+    buckets: dict[tuple, tuple[list, list, list]] = {}
+    meshes: dict[object, torch.device] = {}
+    for i, (d, g, f) in enumerate(zip(directions, grads, fishers)):
+        if not (same_layout(g, d) and same_layout(g, f)):
+            raise ValueError(f"direction, grad and fisher {i} are not laid out alike")
+        mesh = g.device_mesh if is_dtensor(g) else None
+        if mesh is not None:
+            meshes.setdefault(mesh, local(g).device)
+            if not _owns(g):
+                continue
+        gl = local(g)
+        bucket = buckets.setdefault((mesh, gl.device, gl.dtype), ([], [], []))
+        bucket[0].append(local(d))
+        bucket[1].append(gl)
+        bucket[2].append(local(f))
+    partial: dict[object, Tensor] = {}
+    for (mesh, device, dtype), (ds, gs, fs) in buckets.items():
+        terms = ops.fisher_score(ds, gs, fs, backend=backends.resolve(backend, device, dtype))
+        target = meshes.get(mesh, device) if mesh is not None else None
+        terms = terms.to(target) if target is not None else terms
+        partial[mesh] = terms if mesh not in partial else partial[mesh] + terms.to(
+            partial[mesh].device)
+    result = partial.pop(None, None)
+    for mesh, device in meshes.items():  # every rank reduces every mesh, scored or not
+        part = partial.get(mesh, torch.zeros(2, dtype=torch.float64, device=device))
+        if mesh.get_coordinate() is not None:
+            for dim in range(mesh.ndim):
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+        result = part if result is None else result + part.to(result.device)
+    if result is None:
+        return torch.zeros(2, dtype=torch.float64)
     return result
 
 

@@ -27,8 +27,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.nn.functional import mse_loss
 
-from fisherforget import FisherAdamW
-from fisherforget.distributed import prepare_optimizer_state_for_load
+from fisherforget import FisherAdamW, ops
+from fisherforget.distributed import fisher_score_global, prepare_optimizer_state_for_load
 from multiproc import run_workers
 
 WORLD_SIZE = 2
@@ -165,6 +165,25 @@ def _fsdp2_worker(rank: int, world_size: int, device_type: str, ckpt_dir: str) -
         rtol=1e-5, atol=1e-12,
     )
 
+    # --- forgetting-confidence terms of one sample: every rank runs it, shards are summed --
+    x_s, y_s = batches[4][0][:1], batches[4][1][:1]
+    mse_loss(model(x_s), y_s).backward()
+    terms = fisher_score_global([opt.state[p]["exp_avg"] for p in params],
+                                [p.grad for p in params], [opt.fisher(p) for p in params])
+    opt.zero_grad(set_to_none=True)
+    gathered = _gather(terms, world_size)
+    assert all(torch.equal(g, gathered[0]) for g in gathered), gathered
+    unsharded = copy.deepcopy(base)
+    with torch.no_grad():
+        for q, p in zip(unsharded.parameters(), params):
+            q.copy_(p.full_tensor())
+    mse_loss(unsharded(x_s), y_s).backward()
+    expected = ops.fisher_score(
+        [opt.state[p]["exp_avg"].full_tensor() for p in params],
+        [q.grad for q in unsharded.parameters()], full_fishers,
+    )
+    torch.testing.assert_close(terms.cpu(), expected.cpu(), rtol=1e-6, atol=1e-12)
+
     # --- a gradient laid out unlike its param is refused; nothing changes ----------------
     before = _snapshot(opt, params)
     weights_before = [p.to_local().clone() for p in params]
@@ -233,6 +252,8 @@ def test_fsdp2_cpu_gloo(tmp_path):
       batch (to rounding);
     * ``fisher_mean`` / ``fisher_quantile`` are bitwise equal on both ranks and equal the mean /
       ``torch.quantile`` of the gathered full Fisher;
+    * the forgetting-confidence terms of a sample (``fisher_score_global`` over sharded
+      gradients) are equal on both ranks and equal the unsharded ``ops.fisher_score``;
     * a gradient placed unlike its param is refused with nothing changed;
     * ``torch.distributed.checkpoint`` save -> load into a fresh job (weights, moments, Fisher,
       masks, counts, unlearning moments) -> 2 more steps is bitwise the uninterrupted run; a full
