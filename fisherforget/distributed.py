@@ -27,16 +27,12 @@ How ``FisherAdamW`` runs on PyTorch's distributed engines:
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-try:  # DTensor ships with torch.distributed, which some builds lack.
-    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
-except ImportError:  # pragma: no cover - builds without torch.distributed
-    DTensor = Partial = Shard = distribute_tensor = None
 
 __all__ = [
     "is_dtensor",
@@ -54,7 +50,10 @@ __all__ = [
 
 
 def is_dtensor(t: object) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # No DTensor can exist before its module is imported; looking it up instead of importing it
+    # keeps ``import fisherforget`` free of torch.distributed.tensor's import cost (seconds).
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -122,6 +121,8 @@ def to_param_layout(p: Tensor, value: Tensor, what: str) -> Tensor:
             value = value.redistribute(p.device_mesh, p.placements)
         result = value.to(device=p.device, copy=True)
     else:
+        from torch.distributed.tensor import distribute_tensor
+
         full = value.to(device=p.device).contiguous()
         result = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
     if not result.to_local().is_contiguous():
@@ -158,6 +159,8 @@ class GlobalCounter:
             if not is_dtensor(t):
                 self.plain.append(prepare(t))
                 continue
+            from torch.distributed.tensor import Partial
+
             if any(isinstance(pl, Partial) for pl in t.placements):
                 raise ValueError("a Partial DTensor has no element values until it is reduced")
             shard = local(t)
@@ -190,6 +193,8 @@ class GlobalCounter:
 
 def _owns(t: Tensor) -> bool:
     """Whether this rank's local shard of ``t`` counts (coordinate 0 of every non-Shard dim)."""
+    from torch.distributed.tensor import Shard
+
     mesh = t.device_mesh
     coordinate = mesh.get_coordinate()
     if coordinate is None:
