@@ -158,6 +158,10 @@ class FisherAdamW(Optimizer):
 
     Every option is an ordinary param-group key: schedulers, ``add_param_group`` and per-group
     settings work, and changing any of them never recompiles a kernel.
+
+    Distributed: under DDP every rank takes the same step. DTensor params (FSDP2) are stepped
+    shard by shard, their state is sharded like them, and :meth:`fisher_mean` /
+    :meth:`fisher_quantile` are global (see :mod:`fisherforget.distributed`).
     """
 
     _step_supports_amp_scaling = True

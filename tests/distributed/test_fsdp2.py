@@ -101,8 +101,7 @@ def _assert_same_state(a, b, where):
 
 
 def _fsdp2_worker(rank: int, world_size: int, device_type: str, ckpt_dir: str) -> None:
-    device = torch.device(device_type, rank if device_type == "cuda" else 0) \
-        if device_type == "cuda" else torch.device("cpu")
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     torch.manual_seed(0)
     base = _model().to(device)
     batches = _batches(5, device, seed=1)
