@@ -106,7 +106,31 @@ def availability_error() -> Optional[str]:
         return "torch was built without CUDA (torch.version.cuda is None)"
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    return load_library()
+    return load_library() or _arch_error()
+
+
+def _compiled_archs() -> list[tuple[int, int]]:
+    archs = torch.ops.fisherforget_C.build_info().split(";")[0].removeprefix("archs=")
+    return sorted((int(a) // 100, int(a) % 100 // 10) for a in archs.split(",") if a.isdigit())
+
+
+def _arch_error() -> Optional[str]:
+    """Why the loaded kernels cannot run on a visible GPU, or None.
+
+    A cubin for sm_XY runs on sm_XZ with Z >= Y; the highest architecture also carries PTX (the
+    default +PTX), which the driver compiles for any newer GPU.
+    """
+    compiled = _compiled_archs()
+    if not compiled:
+        return None
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        runs = any(a_major == major and a_minor <= minor for a_major, a_minor in compiled)
+        if not runs and compiled[-1] > (major, minor):
+            names = ", ".join(f"sm_{a}{b}" for a, b in compiled)
+            return (f"the CUDA kernels were built for {names} but cuda:{index} is sm_{major}{minor}; "
+                    f"reinstall with TORCH_CUDA_ARCH_LIST={major}.{minor}")
+    return None
 
 
 def supports_device(device: Union[str, torch.device]) -> bool:

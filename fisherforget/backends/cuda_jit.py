@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -272,6 +273,9 @@ def load(verbose: bool = False) -> Path:
     archs, _ = arch_list()
     build_dir = cache_root() / f"cuda-{build_key(sources, archs, nvcc_version(home) or '?')}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    if not (build_dir / f"{JIT_LIBRARY_NAME}.so").is_file():
+        warnings.warn(f"fisherforget: compiling the CUDA kernels for {archs} into {build_dir} "
+                      "(first use only; takes a few minutes)", stacklevel=2)
     previous_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     try:

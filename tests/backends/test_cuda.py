@@ -222,6 +222,28 @@ def test_unavailable_without_gpu_says_why():
     assert not cuda_backend.supports_device("cpu") and cuda_backend.supports_device("cuda")
 
 
+@needs_extension
+@pytest.mark.parametrize("capability, runs", [((8, 0), True), ((8, 9), True), ((9, 0), True),
+                                              ((12, 0), True), ((7, 5), False)])
+def test_gpu_architecture_check(capability, runs, monkeypatch):
+    """The built archs must run on every visible GPU (a newer one via the highest arch's PTX)."""
+    monkeypatch.setattr(cuda_backend, "_compiled_archs", lambda: [(8, 0), (9, 0)])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+    error = cuda_backend._arch_error()
+    if runs:
+        assert error is None
+    else:
+        assert "built for sm_80, sm_90 but cuda:0 is sm_75" in error
+        assert "TORCH_CUDA_ARCH_LIST=7.5" in error
+
+
+@needs_extension
+def test_compiled_archs_come_from_the_binary():
+    assert _prebuilt_error() is None
+    assert cuda_backend._compiled_archs()  # e.g. [(8, 0), (9, 0)] from __CUDA_ARCH_LIST__
+
+
 def test_setup_rejects_a_bad_switch_and_skips_when_told():
     env = dict(os.environ, FISHERFORGET_CUDA="maybe")
     bad = subprocess.run([sys.executable, "setup.py", "--name"], cwd=REPO, env=env,
