@@ -83,13 +83,9 @@ def _cuda_extension():
         include_dirs=[str(ROOT / "csrc")],
         extra_compile_args={"cxx": tools.EXTRA_CFLAGS, "nvcc": tools.EXTRA_CUDA_CFLAGS},
     )
-    build_ext = cpp_extension.BuildExtension.with_options(
-        use_ninja=shutil.which("ninja") is not None or _has_ninja_module())
+    # ninja compiles the translation units in parallel (MAX_JOBS); without it, one at a time.
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=tools.ensure_ninja_on_path())
     return [extension], {"build_ext": build_ext}
-
-
-def _has_ninja_module() -> bool:
-    return importlib.util.find_spec("ninja") is not None
 
 
 class BuildPyWithKernelSources(build_py):

@@ -176,6 +176,22 @@ def use_cuda_home(home: str) -> None:
     cpp_extension.CUDA_HOME = home
 
 
+def ensure_ninja_on_path() -> bool:
+    """Whether ninja can run; puts the ``ninja`` pip package's binary on PATH when only that is
+    installed (a venv used without activating it)."""
+    if shutil.which("ninja") is not None:
+        return True
+    try:
+        import ninja
+    except ImportError:
+        return False
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    if bin_dir and (Path(bin_dir) / "ninja").exists():
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        return True
+    return False
+
+
 def arch_list() -> tuple[str, str]:
     """``(TORCH_CUDA_ARCH_LIST value, where it came from)``."""
     value = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -265,10 +281,8 @@ def load(verbose: bool = False) -> Path:
         raise JitBuildError(problem)
     from torch.utils import cpp_extension
 
-    try:
-        cpp_extension.verify_ninja_availability()
-    except RuntimeError:
-        raise JitBuildError("ninja is required for the JIT build: pip install ninja") from None
+    if not ensure_ninja_on_path():
+        raise JitBuildError("ninja is required for the JIT build: pip install ninja")
     use_cuda_home(home)
     archs, _ = arch_list()
     build_dir = cache_root() / f"cuda-{build_key(sources, archs, nvcc_version(home) or '?')}"
