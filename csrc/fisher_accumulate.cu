@@ -24,9 +24,9 @@ static_assert(sizeof(AccumulateArgs) <= 4000, "fisher_accumulate kernel argument
 
 template <typename F, typename G>
 struct AccumulateThread {
-  FF_HD static float value(const AccumulateArgs& a, float fisher, float grad) {
+  FF_HD static float value(const AccumulateArgs& a, float scale, float fisher, float grad) {
     float g = grad;
-    if (a.grad_scale != nullptr) g = div_rn(g, *a.grad_scale);
+    if (a.grad_scale != nullptr) g = div_rn(g, scale);
     return add_rn(mul_rn(a.alpha, fisher), mul_rn(a.beta, mul_rn(g, g)));
   }
 
@@ -37,6 +37,7 @@ struct AccumulateThread {
     const int n = static_cast<int>(remaining < kChunkSize ? remaining : kChunkSize);
     F* fisher = static_cast<F*>(t.fisher) + start;
     const G* grad = static_cast<const G*>(t.grad) + start;
+    const float scale = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
     int first_scalar = 0;
     if (aligned_to(fisher, 16) && aligned_to(grad, 16)) {
       const int groups = n / kVec;
@@ -47,14 +48,14 @@ struct AccumulateThread {
         Vec8<F> out;
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          out.v[k] = from_float<F>(value(a, to_float(f.v[k]), to_float(g.v[k])));
+          out.v[k] = from_float<F>(value(a, scale, to_float(f.v[k]), to_float(g.v[k])));
         }
         store_vec(fisher + i, out);
       }
       first_scalar = groups * kVec;
     }
     for (int i = first_scalar + thread; i < n; i += num_threads) {
-      fisher[i] = from_float<F>(value(a, to_float(fisher[i]), to_float(grad[i])));
+      fisher[i] = from_float<F>(value(a, scale, to_float(fisher[i]), to_float(grad[i])));
     }
   }
 };

@@ -62,6 +62,7 @@ struct StepBlockConsts {
   float step_size;  // (float)(lr / (1 - beta1^t))
   float bias_correction2_sqrt;  // (float)sqrt(1 - beta2^t)
   float fisher_a, fisher_b;
+  float grad_scale;  // *StepScalars::grad_scale, loaded once per thread (1 when absent)
 };
 
 template <typename T>
@@ -110,6 +111,7 @@ FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& 
   c.bias_correction2_sqrt = static_cast<float>(bias_correction2_sqrt);
   c.fisher_a = s.fisher_a;
   c.fisher_b = s.fisher_b;
+  c.grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
   if (s.fisher_mode == static_cast<int>(FisherMode::kMean)) {
     // n = count + 1 accumulations including this one: F = (n-1)/n * F + 1/n * g^2.
     const float n = add_rn(*t.fisher_count, 1.0f);
@@ -129,7 +131,7 @@ FF_HD StepElement step_element(const StepScalars& s, const StepBlockConsts& c, f
                                float param, float exp_avg, float exp_avg_sq,
                                float max_exp_avg_sq, float fisher, bool mask_on) {
   float g = grad;
-  if (s.grad_scale != nullptr) g = div_rn(g, *s.grad_scale);
+  if (s.grad_scale != nullptr) g = div_rn(g, c.grad_scale);
   if (s.maximize) g = -g;
   const float g2 = mul_rn(g, g);
 
