@@ -279,11 +279,11 @@ def load(verbose: bool = False) -> Path:
     problem = version_problem(home)
     if problem is not None:
         raise JitBuildError(problem)
-    from torch.utils import cpp_extension
-
     if not ensure_ninja_on_path():
         raise JitBuildError("ninja is required for the JIT build: pip install ninja")
-    use_cuda_home(home)
+    use_cuda_home(home)  # before torch.utils.cpp_extension is imported: it reads CUDA_HOME once
+    from torch.utils import cpp_extension
+
     archs, _ = arch_list()
     build_dir = cache_root() / f"cuda-{build_key(sources, archs, nvcc_version(home) or '?')}"
     build_dir.mkdir(parents=True, exist_ok=True)
