@@ -19,6 +19,27 @@ def _version(module: str) -> str:
         return "not installed"
 
 
+def _cuda_extension() -> dict[str, str]:
+    """Whether the prebuilt ``fisherforget._C`` is there (and for which GPUs), what the ``cuda``
+    backend loaded, and where a JIT build is cached."""
+    from fisherforget.backends import cuda, cuda_jit
+
+    error = cuda.load_prebuilt()
+    if error is None:
+        info = cuda.build_info()
+        prebuilt = f"built for {info['archs']} (CUDA {info['cuda']})"
+    else:
+        prebuilt = f"not built ({error})"
+    loaded = cuda.library_source()
+    if loaded is not None:
+        info = cuda.build_info()
+        loaded = f"{loaded}: {info['archs']} (CUDA {info['cuda']})"
+    jit_dir = cuda_jit.jit_build_dir()
+    jit = (f"{jit_dir} ({'built' if jit_dir.is_dir() else 'empty'})" if jit_dir is not None
+           else f"{cuda_jit.cache_root()} (no JIT build possible here: no nvcc or no csrc/)")
+    return {"prebuilt _C": prebuilt, "loaded": loaded or "not loaded", "JIT cache": jit}
+
+
 def report() -> dict[str, Any]:
     devices = ["cpu"]
     if torch.cuda.is_available():
@@ -43,6 +64,7 @@ def report() -> dict[str, Any]:
         "backends": {name: ("available" if why is None else f"unavailable: {why}")
                      for name, why in status.items()},
         "auto_picks": auto,
+        "cuda_extension": _cuda_extension(),
     }
 
 

@@ -1,0 +1,109 @@
+// The torch-free interface of the fisherforget CUDA kernels (csrc/*.cu).
+//
+// Callers pass plain host arrays of device pointers and element counts; the kernels group the
+// tensors into chunked address tables (as ATen's MultiTensorApply) and launch on the given stream.
+// The binding (bindings.cpp) is the only code that knows about torch; it validates the tensors and
+// fills these structs. Every function throws std::runtime_error when a launch fails.
+//
+// Math: DESIGN.md section 2 and fisherforget/backends/reference.py, which these kernels follow op
+// for op (fp32 arithmetic, bias corrections in double from the per-tensor step count).
+#pragma once
+
+#include <cstdint>
+
+namespace fisherforget {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+const char* dtype_name(DType dtype);
+
+enum class FisherMode : int { kNone = 0, kEma = 1, kMean = 2, kSum = 3 };
+
+// How the learning rate arrives: a host double (a Python float) or a 0-dim device tensor whose
+// dtype fixes the precision of `1 - lr * weight_decay`, as it does in the reference backend.
+enum class LrKind : int { kHost = 0, kFloat32 = 1, kFloat64 = 2, kBFloat16 = 3, kFloat16 = 4 };
+
+// Where the kernels run: a CUDA stream, or the host, executing the same per-thread code one
+// simulated thread at a time (slow; for testing on machines without a GPU, with host pointers).
+struct ExecTarget {
+  bool emulate_on_host = false;
+  void* stream = nullptr;  // cudaStream_t
+};
+
+// One fused Fisher-AdamW step over `num_tensors` tensors of one dtype combination.
+struct FusedStepProblem {
+  int64_t num_tensors = 0;
+  const int64_t* numels = nullptr;
+  DType param_dtype = DType::kFloat32;   // params and grads
+  DType state_dtype = DType::kFloat32;   // exp_avg, exp_avg_sq, max_exp_avg_sq
+  DType fisher_dtype = DType::kFloat32;  // fisher (ignored without fishers)
+
+  void* const* params = nullptr;
+  const void* const* grads = nullptr;
+  void* const* exp_avgs = nullptr;
+  void* const* exp_avg_sqs = nullptr;
+  void* const* max_exp_avg_sqs = nullptr;  // required when amsgrad
+  void* const* fishers = nullptr;          // null: no Fisher is used or accumulated
+  const bool* const* masks = nullptr;      // null, or an array whose entries may be null
+  float* const* steps = nullptr;           // 0-dim fp32 step counts, incremented unless found_inf
+  float* const* fisher_counts = nullptr;   // required when fishers and fisher_mode != kNone
+
+  double lr = 0.0;                 // used when lr_kind == kHost
+  const void* lr_tensor = nullptr;  // 0-dim device tensor otherwise
+  LrKind lr_kind = LrKind::kHost;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  bool amsgrad = false, maximize = false;
+  FisherMode fisher_mode = FisherMode::kNone;
+  double fisher_beta = 0.0, fisher_scale = 0.0;
+  bool has_freeze_above = false, has_freeze_below = false;
+  double freeze_above = 0.0, freeze_below = 0.0;
+  const float* grad_scale = nullptr;  // 0-dim fp32 or null
+  const float* found_inf = nullptr;   // 0-dim fp32 or null
+};
+
+void fused_step(const FusedStepProblem& problem, const ExecTarget& target);
+
+// F = alpha * F + beta * (g / grad_scale)^2 over `num_tensors` tensors.
+struct FisherAccumulateProblem {
+  int64_t num_tensors = 0;
+  const int64_t* numels = nullptr;
+  DType fisher_dtype = DType::kFloat32;
+  DType grad_dtype = DType::kFloat32;
+  void* const* fishers = nullptr;
+  const void* const* grads = nullptr;
+  double alpha = 1.0, beta = 1.0;
+  const float* grad_scale = nullptr;
+};
+
+void fisher_accumulate(const FisherAccumulateProblem& problem, const ExecTarget& target);
+
+// Per-block partial sums of <d, g> and sum F g^2 (float64), written to
+// partials[2 * (first_block + b) + {0, 1}] for the b-th chunk of this problem's tensors.
+// A later fisher_score_finalize sums every partial in a fixed order: no float atomics, so the
+// result is the same bit for bit on every run.
+struct FisherScoreProblem {
+  int64_t num_tensors = 0;
+  const int64_t* numels = nullptr;
+  DType direction_dtype = DType::kFloat32;
+  DType grad_dtype = DType::kFloat32;
+  DType fisher_dtype = DType::kFloat32;
+  const void* const* directions = nullptr;
+  const void* const* grads = nullptr;
+  const void* const* fishers = nullptr;
+  double* partials = nullptr;
+  int64_t first_block = 0;
+};
+
+// Number of partial-sum blocks (chunks) that fisher_score_partials uses for these tensors.
+int64_t fisher_score_num_blocks(int64_t num_tensors, const int64_t* numels);
+void fisher_score_partials(const FisherScoreProblem& problem, const ExecTarget& target);
+// out[0] = sum of partials[2b], out[1] = sum of partials[2b + 1], b < num_blocks, fixed order.
+void fisher_score_finalize(const double* partials, int64_t num_blocks, double* out,
+                           const ExecTarget& target);
+
+// Build facts of the compiled kernels: the CUDA architectures (e.g. "800,900") and the CUDA
+// version they were compiled with.
+const char* compiled_cuda_archs();
+int compiled_cuda_version();
+
+}  // namespace fisherforget

@@ -1,0 +1,132 @@
+// fused_step: the per-call scalars, the step/Fisher count increments and the dtype dispatch.
+// The kernel template is in fused_step.cuh, instantiated in fused_step_{f32,bf16,f16}.cu.
+#include "fused_step.cuh"
+
+#define FF_STRINGIFY_INNER(...) #__VA_ARGS__
+#define FF_STRINGIFY(...) FF_STRINGIFY_INNER(__VA_ARGS__)
+
+namespace fisherforget {
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return "float32";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kFloat16:
+      return "float16";
+  }
+  return "unknown";
+}
+
+const char* compiled_cuda_archs() {
+#ifdef __CUDA_ARCH_LIST__
+  return FF_STRINGIFY(__CUDA_ARCH_LIST__);
+#else
+  return "unknown";
+#endif
+}
+
+int compiled_cuda_version() { return CUDART_VERSION; }
+
+StepScalars make_step_scalars(const FusedStepProblem& p) {
+  StepScalars s{};
+  s.lr = p.lr;
+  s.lr_tensor = p.lr_tensor;
+  s.lr_kind = static_cast<int>(p.lr_kind);
+  s.grad_scale = p.grad_scale;
+  s.found_inf = p.found_inf;
+  s.beta1 = p.beta1;
+  s.beta2 = p.beta2;
+  s.weight_decay = p.weight_decay;
+  // Python evaluates 1 - lr * weight_decay in double with two roundings; volatile keeps the host
+  // compiler from contracting it into one fused multiply-add (aarch64 hosts would).
+  volatile double lr_times_decay = p.lr * p.weight_decay;
+  s.decay_host = static_cast<float>(1.0 - lr_times_decay);
+  s.weight_decay_f = static_cast<float>(p.weight_decay);
+  s.beta1_weight = static_cast<float>(1.0 - p.beta1);
+  s.beta2_f = static_cast<float>(p.beta2);
+  s.beta2_weight = static_cast<float>(1.0 - p.beta2);
+  s.eps = static_cast<float>(p.eps);
+  s.has_fisher = p.fishers != nullptr;
+  s.fisher_mode = static_cast<int>(s.has_fisher ? p.fisher_mode : FisherMode::kNone);
+  switch (p.fisher_mode) {
+    case FisherMode::kEma:
+      s.fisher_a = static_cast<float>(p.fisher_beta);
+      s.fisher_b = static_cast<float>(1.0 - p.fisher_beta);
+      break;
+    case FisherMode::kSum:
+      s.fisher_a = 1.0f;
+      s.fisher_b = 1.0f;
+      break;
+    default:  // kMean: per tensor from its count; kNone: unused
+      s.fisher_a = 0.0f;
+      s.fisher_b = 0.0f;
+  }
+  s.fisher_scale = static_cast<float>(p.fisher_scale);
+  s.apply_fisher_scale = s.has_fisher && p.fisher_scale != 0.0;
+  s.has_freeze_above = p.has_freeze_above;
+  s.has_freeze_below = p.has_freeze_below;
+  s.freeze_above = static_cast<float>(p.freeze_above);
+  s.freeze_below = static_cast<float>(p.freeze_below);
+  s.amsgrad = p.amsgrad;
+  s.maximize = p.maximize;
+  return s;
+}
+
+constexpr int kCountMaxTensors = 240;
+
+struct CountArgs {
+  float* steps[kCountMaxTensors];
+  float* fisher_counts[kCountMaxTensors];
+  const float* found_inf;
+  int num_tensors;
+  bool has_fisher_counts;
+};
+static_assert(sizeof(CountArgs) <= 4000, "increment_counts kernel argument exceeds 4 KB");
+
+FF_HD void increment_one(const CountArgs& a, int i) {
+  if (i >= a.num_tensors) return;
+  if (a.found_inf != nullptr && *a.found_inf > 0.0f) return;
+  *a.steps[i] = add_rn(*a.steps[i], 1.0f);
+  if (a.has_fisher_counts) *a.fisher_counts[i] = add_rn(*a.fisher_counts[i], 1.0f);
+}
+
+__global__ void __launch_bounds__(256) increment_counts_kernel(const __grid_constant__ CountArgs args) {
+  increment_one(args, static_cast<int>(threadIdx.x));
+}
+
+void increment_counts(const FusedStepProblem& problem, const ExecTarget& target) {
+  CountArgs args{};
+  args.found_inf = problem.found_inf;
+  args.has_fisher_counts = problem.fishers != nullptr && problem.fisher_mode != FisherMode::kNone;
+  for (int64_t first = 0; first < problem.num_tensors; first += kCountMaxTensors) {
+    const int64_t left = problem.num_tensors - first;
+    args.num_tensors = static_cast<int>(left < kCountMaxTensors ? left : kCountMaxTensors);
+    for (int i = 0; i < args.num_tensors; ++i) {
+      args.steps[i] = problem.steps[first + i];
+      args.fisher_counts[i] = args.has_fisher_counts ? problem.fisher_counts[first + i] : nullptr;
+    }
+    if (target.emulate_on_host) {
+      for (int i = 0; i < args.num_tensors; ++i) increment_one(args, i);
+    } else {
+      increment_counts_kernel<<<1, 256, 0, as_stream(target)>>>(args);
+      check_launch("fused_step: increment_counts");
+    }
+  }
+}
+
+void fused_step(const FusedStepProblem& problem, const ExecTarget& target) {
+  if (problem.num_tensors == 0) return;
+  switch (problem.param_dtype) {
+    case DType::kFloat32:
+      return fused_step_f32(problem, target);
+    case DType::kBFloat16:
+      return fused_step_bf16(problem, target);
+    case DType::kFloat16:
+      return fused_step_f16(problem, target);
+  }
+  throw std::invalid_argument("fused_step: unsupported param dtype");
+}
+
+}  // namespace fisherforget

@@ -1,0 +1,282 @@
+"""CUDA backend: the hand-written kernels of ``csrc/``, registered as ``torch.ops.fisherforget_C``.
+
+The kernels come from the prebuilt extension ``fisherforget._C`` (compiled by ``pip install``) or,
+where that does not import but a GPU and nvcc exist, from a JIT build of the same sources
+(:mod:`fisherforget.backends.cuda_jit`). Each op launches a few multi-tensor kernels per dtype
+group (chunked address tables, as ``torch``'s fused optimizers); everything stays on the device:
+a tensor ``lr``, ``grad_scale``, ``found_inf`` and the step counts are read by the kernels.
+
+This module is the Python glue: it passes contiguous tensors (working on contiguous copies of
+non-contiguous ones and writing them back), moves scalar tensors to the params' device, and
+registers fake implementations so ``torch.compile`` can trace the ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fisherforget import ops
+from fisherforget.backends import cuda_jit
+
+# The op schemas, as registered by csrc/bindings.cpp (checked by tests/backends/test_cuda.py).
+SCHEMAS = {
+    "fused_step": (
+        "fisherforget_C::fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] fishers, "
+        "Tensor?[] masks, Tensor(f!)[] steps, Tensor(g!)[] fisher_counts, *, float lr, "
+        "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
+        "bool amsgrad, bool maximize, str? fisher_mode, float fisher_beta, float fisher_scale, "
+        "float? freeze_above, float? freeze_below, Tensor? grad_scale, Tensor? found_inf) -> ()"
+    ),
+    "fisher_accumulate": (
+        "fisherforget_C::fisher_accumulate(Tensor(a!)[] fishers, Tensor[] grads, *, float alpha, "
+        "float beta, Tensor? grad_scale) -> ()"
+    ),
+    "fisher_score": (
+        "fisherforget_C::fisher_score(Tensor[] directions, Tensor[] grads, Tensor[] fishers) "
+        "-> Tensor"
+    ),
+}
+
+_library_error: Optional[str] = None
+_library_source: Optional[str] = None  # how the ops were loaded, once they are
+_fakes_registered = False
+
+
+def _ops_registered() -> bool:
+    try:
+        torch.ops.fisherforget_C.fused_step  # noqa: B018  (attribute lookup resolves the op)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def load_prebuilt() -> Optional[str]:
+    """Import the prebuilt ``fisherforget._C``; None on success, else the import error."""
+    global _library_source
+    try:
+        import fisherforget._C  # noqa: F401  (registers torch.ops.fisherforget_C)
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    _library_source = _library_source or "prebuilt fisherforget._C"
+    _register_fakes()
+    return None
+
+
+def load_library() -> Optional[str]:
+    """Load the kernels: the prebuilt ``_C``, else a JIT build (needs a GPU, nvcc and ninja).
+
+    Returns None when ``torch.ops.fisherforget_C`` is ready, else why not. Remembers the outcome.
+    """
+    global _library_error, _library_source
+    if _library_source is not None:
+        return None
+    if _library_error is not None:
+        return _library_error
+    if _ops_registered():  # loaded by other means (e.g. a test imported the library)
+        _library_source = "already loaded"
+        _register_fakes()
+        return None
+    prebuilt_error = load_prebuilt()
+    if prebuilt_error is None:
+        return None
+    if not torch.cuda.is_available():
+        _library_error = (f"fisherforget._C is not built ({prebuilt_error}) and no GPU is visible "
+                          "for a JIT build")
+        return _library_error
+    try:
+        build_dir = cuda_jit.load()
+    except cuda_jit.JitBuildError as exc:
+        _library_error = f"fisherforget._C is not built ({prebuilt_error}); JIT build: {exc}"
+        return _library_error
+    _library_source = f"JIT build in {build_dir}"
+    _register_fakes()
+    return None
+
+
+def library_source() -> Optional[str]:
+    return _library_source
+
+
+def availability_error() -> Optional[str]:
+    if torch.version.cuda is None:
+        return "torch was built without CUDA (torch.version.cuda is None)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    return load_library() or _arch_error()
+
+
+def _compiled_archs() -> list[tuple[int, int]]:
+    archs = torch.ops.fisherforget_C.build_info().split(";")[0].removeprefix("archs=")
+    return sorted((int(a) // 100, int(a) % 100 // 10) for a in archs.split(",") if a.isdigit())
+
+
+def _arch_error() -> Optional[str]:
+    """Why the loaded kernels cannot run on a visible GPU, or None.
+
+    A cubin for sm_XY runs on sm_XZ with Z >= Y; the highest architecture also carries PTX (the
+    default +PTX), which the driver compiles for any newer GPU.
+    """
+    compiled = _compiled_archs()
+    if not compiled:
+        return None
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        runs = any(a_major == major and a_minor <= minor for a_major, a_minor in compiled)
+        if not runs and compiled[-1] > (major, minor):
+            names = ", ".join(f"sm_{a}{b}" for a, b in compiled)
+            return (f"the CUDA kernels were built for {names} but cuda:{index} is sm_{major}{minor}; "
+                    f"reinstall with TORCH_CUDA_ARCH_LIST={major}.{minor}")
+    return None
+
+
+def supports_device(device: Union[str, torch.device]) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def build_info() -> dict[str, str]:
+    """``{"archs": "sm_80, sm_90", "cuda": "13.0"}`` of the loaded kernels (requires them loaded)."""
+    fields = dict(item.split("=", 1) for item in torch.ops.fisherforget_C.build_info().split(";"))
+    archs = ", ".join(f"sm_{int(a) // 10}" for a in fields.get("archs", "").split(",") if a.isdigit())
+    version = int(fields.get("cuda", "0"))
+    return {"archs": archs or fields.get("archs", "unknown"),
+            "cuda": f"{version // 1000}.{version % 1000 // 10}"}
+
+
+# ---------------------------------------------------------------------------------- fake kernels
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations: shapes only, so torch.compile can trace the ops."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+
+    @torch.library.register_fake("fisherforget_C::fused_step")
+    def _fused_step_fake(*args, **kwargs) -> None:  # mutates its inputs, returns nothing
+        return None
+
+    @torch.library.register_fake("fisherforget_C::fisher_accumulate")
+    def _fisher_accumulate_fake(*args, **kwargs) -> None:
+        return None
+
+    @torch.library.register_fake("fisherforget_C::fisher_score")
+    def _fisher_score_fake(directions, grads, fishers) -> Tensor:
+        device = grads[0].device if len(grads) else torch.device("cpu")
+        return torch.empty(2, dtype=torch.float64, device=device)
+
+
+# ------------------------------------------------------------------------------------------ glue
+
+
+def _writable(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """Contiguous tensors the kernels may write, and the (original, copy) pairs to copy back."""
+    work, write_back = [], []
+    for t in tensors:
+        if t.is_contiguous():
+            work.append(t)
+        else:
+            copy = t.contiguous()
+            work.append(copy)
+            write_back.append((t, copy))
+    return work, write_back
+
+
+def _on(value: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    if value is None:
+        return None
+    return value.to(device=device, dtype=torch.float32, non_blocking=True)
+
+
+@ops.register("fused_step", "cuda")
+def fused_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    fishers: Sequence[Tensor],
+    masks: Sequence[Optional[Tensor]],
+    steps: Sequence[Tensor],
+    fisher_counts: Sequence[Tensor],
+    *,
+    lr: Union[float, Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    fisher_mode: Optional[str],
+    fisher_beta: float,
+    fisher_scale: float,
+    freeze_above: Optional[float],
+    freeze_below: Optional[float],
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+) -> None:
+    if len(params) == 0:
+        return
+    device = params[0].device
+    writes: list[tuple[Tensor, Tensor]] = []
+    lists = {}
+    for name, tensors in (("params", params), ("exp_avgs", exp_avgs),
+                          ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs),
+                          ("fishers", fishers)):
+        lists[name], pending = _writable(tensors)
+        writes += pending
+    lr_tensor = None
+    if isinstance(lr, Tensor):
+        # Kept in its own dtype: it sets the precision of 1 - lr * weight_decay, as in the reference.
+        lr_tensor = lr.to(device=device, non_blocking=True)
+        lr = 0.0
+    torch.ops.fisherforget_C.fused_step(
+        lists["params"], [g.contiguous() for g in grads], lists["exp_avgs"],
+        lists["exp_avg_sqs"], lists["max_exp_avg_sqs"], lists["fishers"],
+        [None if m is None else m.contiguous() for m in masks], list(steps), list(fisher_counts),
+        lr=float(lr), lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2),
+        eps=float(eps), weight_decay=float(weight_decay), amsgrad=bool(amsgrad),
+        maximize=bool(maximize), fisher_mode=fisher_mode, fisher_beta=float(fisher_beta),
+        fisher_scale=float(fisher_scale),
+        freeze_above=None if freeze_above is None else float(freeze_above),
+        freeze_below=None if freeze_below is None else float(freeze_below),
+        grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
+    )
+    for original, copy in writes:
+        original.copy_(copy)
+
+
+@ops.register("fisher_accumulate", "cuda")
+def fisher_accumulate(
+    fishers: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    *,
+    alpha: float,
+    beta: float,
+    grad_scale: Optional[Tensor] = None,
+) -> None:
+    if len(fishers) == 0:
+        return
+    work, writes = _writable(fishers)
+    torch.ops.fisherforget_C.fisher_accumulate(
+        work, [g.contiguous() for g in grads], alpha=float(alpha), beta=float(beta),
+        grad_scale=_on(grad_scale, fishers[0].device),
+    )
+    for original, copy in writes:
+        original.copy_(copy)
+
+
+@ops.register("fisher_score", "cuda")
+def fisher_score(
+    directions: Sequence[Tensor], grads: Sequence[Tensor], fishers: Sequence[Tensor]
+) -> Tensor:
+    if len(grads) == 0:
+        return torch.zeros(2, dtype=torch.float64)  # as the reference: no tensors, no device
+    return torch.ops.fisherforget_C.fisher_score(
+        [d.contiguous() for d in directions], [g.contiguous() for g in grads],
+        [f.contiguous() for f in fishers],
+    )

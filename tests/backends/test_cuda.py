@@ -1,0 +1,853 @@
+"""Tests of the CUDA backend: csrc/ (kernels + binding) and fisherforget/backends/cuda.py.
+
+Without a GPU (CI):
+* the extension is built by ``make test`` (``pip install -e .``) against the CUDA build of torch;
+  it imports and registers the ops with the schemas the Python side expects;
+* each torch-free ``.cu`` compiles with plain ``nvcc -c`` for sm_80 and sm_90;
+* the launch planner (chunked address tables) is checked by a small C++ program;
+* the kernels' own code runs on the host: the extension registers, for CPU tensors, an emulation
+  that executes the same per-thread code one simulated thread at a time. It is compared with the
+  reference backend on fresh random inputs, so the math, the vector/scalar paths, the tables and
+  the relaunches are tested here too.
+
+With a GPU (``-m cuda``, the same comparisons on the device plus sizes up to 2^28 and 1,000
+tensors, poisoned outputs, run-to-run determinism, CUDA-graph capture, the optimizer end to end and
+a JIT build on a clean cache).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+from fisherforget import FisherAdamW, ops
+from fisherforget.backends import cuda as cuda_backend
+from fisherforget.backends import cuda_jit
+
+REPO = Path(__file__).resolve().parents[2]
+CSRC = REPO / "csrc"
+HAS_GPU = torch.cuda.is_available()
+
+
+def _build_expected() -> Optional[str]:
+    """Why the extension need not exist here, or None when the build must have produced it."""
+    if os.environ.get("FISHERFORGET_CUDA", "").strip() == "0":
+        return "FISHERFORGET_CUDA=0"
+    if torch.version.cuda is None:
+        return "torch was built without CUDA"
+    home, why = cuda_jit.find_cuda_home()
+    if home is None:
+        return why
+    return cuda_jit.version_problem(home)
+
+
+# Importing fisherforget._C registers torch.ops.fisherforget_C (the CPU emulation included).
+_PREBUILT_ERROR = cuda_backend.load_prebuilt()
+
+
+def _prebuilt_error() -> Optional[str]:
+    return _PREBUILT_ERROR
+
+
+# Where the build was expected but _C is missing, test_extension_is_built_where_it_can_be fails.
+needs_extension = pytest.mark.skipif(
+    _PREBUILT_ERROR is not None, reason=f"fisherforget._C does not import: {_PREBUILT_ERROR}"
+)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+STATE_DTYPES = [torch.float32, torch.bfloat16]
+
+
+# ----------------------------------------------------------------------------------- build checks
+
+
+def test_extension_is_built_where_it_can_be():
+    """`make test` builds _C whenever torch has CUDA and nvcc exists: a missing _C is a failure."""
+    why_not = _build_expected()
+    if why_not is not None:
+        pytest.skip(f"no CUDA build expected: {why_not}")
+    assert _prebuilt_error() is None, f"fisherforget._C does not import: {_prebuilt_error()}"
+
+
+@needs_extension
+def test_ops_are_registered_with_the_expected_schemas():
+    assert _prebuilt_error() is None
+    for op, schema in cuda_backend.SCHEMAS.items():
+        assert str(getattr(torch.ops.fisherforget_C, op).default._schema) == schema
+    info = cuda_backend.build_info()
+    assert info["archs"].startswith("sm_"), info
+    major = torch.version.cuda.split(".")[0]
+    assert info["cuda"].split(".")[0] == major, info
+
+
+NVCC_TORCH_FLAGS = [  # torch's CUDAExtension flags: the kernels must build under them
+    "-std=c++17", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+]
+
+
+def test_kernel_files_compile_with_plain_nvcc(tmp_path):
+    """Each .cu is torch-free: plain nvcc (no torch include path) compiles it for sm_80 and sm_90.
+
+    -O1 for host and ptxas keeps this to about 40 s of CPU on two cores, two files at a time.
+    """
+    home, why = cuda_jit.find_cuda_home()
+    if home is None:
+        pytest.skip(f"nvcc not found: {why}")
+    nvcc = str(Path(home) / "bin" / "nvcc")
+    sources = sorted(CSRC.glob("*.cu"))
+    assert {s.name for s in sources} == {s for s in cuda_jit.SOURCES if s.endswith(".cu")}
+
+    def compile_one(source: Path) -> tuple[str, int, str]:
+        command = [nvcc, *NVCC_TORCH_FLAGS, "-O1", "-Xptxas", "-O1", "-I", str(CSRC),
+                   "-gencode", "arch=compute_80,code=sm_80",
+                   "-gencode", "arch=compute_90,code=sm_90",
+                   "-c", str(source), "-o", str(tmp_path / (source.stem + ".o"))]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        return source.name, result.returncode, result.stdout + result.stderr
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(compile_one, sources))
+    failed = {name: log[-3000:] for name, code, log in results if code != 0}
+    assert not failed, failed
+    warned = {name: log[-3000:] for name, _, log in results if "warning" in log.lower()}
+    assert not warned, warned
+
+
+def test_launch_planner_covers_every_chunk_once(tmp_path):
+    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    binary = tmp_path / "plan_check"
+    subprocess.run([compiler, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", str(CSRC),
+                    str(Path(__file__).with_name("cuda_plan_check.cpp")), "-o", str(binary)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "plan check ok" in result.stdout, result.stdout
+
+
+# --------------------------------------------------------------------------- toolkit discovery, JIT
+
+
+def test_cuda_home_found_through_a_wrapper_script(tmp_path, monkeypatch):
+    home, _ = cuda_jit.find_cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit here")
+    wrapper_dir = tmp_path / "bin"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {home}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    found, how = cuda_jit.find_cuda_home()
+    assert found == str(Path(home).resolve())
+    assert cuda_jit.toolkit_problem(str(tmp_path)) is not None  # the wrapper's folder is no toolkit
+
+
+def test_invalid_cuda_home_is_reported_and_skipped(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    found, how = cuda_jit.find_cuda_home()
+    if found is None:
+        assert f"{tmp_path} has no bin/nvcc" in how
+    else:
+        assert found != str(tmp_path)
+
+
+def test_cuda_version_mismatch_is_explained(monkeypatch):
+    home, _ = cuda_jit.find_cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit here")
+    found = cuda_jit.nvcc_version(home)
+    monkeypatch.setattr(torch.version, "cuda", f"{int(found.split('.')[0]) + 1}.0")
+    problem = cuda_jit.version_problem(home)
+    assert problem is not None and "CUDA version mismatch" in problem and found in problem
+
+
+@pytest.mark.parametrize("case", ["disabled", "no_sources", "no_nvcc"])
+def test_jit_build_errors_say_what_is_missing(case, monkeypatch):
+    if torch.version.cuda is None:
+        pytest.skip("torch without CUDA")
+    if case == "disabled":
+        monkeypatch.setenv("FISHERFORGET_CUDA_JIT", "0")
+        expected = "FISHERFORGET_CUDA_JIT=0"
+    elif case == "no_sources":
+        monkeypatch.setattr(cuda_jit, "source_dir", lambda: None)
+        expected = "kernel sources"
+    else:
+        monkeypatch.setattr(cuda_jit, "find_cuda_home", lambda: (None, "no nvcc on PATH"))
+        expected = "nvcc was not found: no nvcc on PATH"
+    with pytest.raises(cuda_jit.JitBuildError, match=expected):
+        cuda_jit.load()
+
+
+def test_jit_sources_and_cache_location(tmp_path, monkeypatch):
+    assert cuda_jit.source_dir() == CSRC  # a source checkout uses csrc/ itself
+    monkeypatch.setenv("FISHERFORGET_CUDA_CACHE", str(tmp_path))
+    assert cuda_jit.cache_root() == tmp_path
+    build_dir = cuda_jit.jit_build_dir()
+    if build_dir is not None:
+        assert build_dir.parent == tmp_path and build_dir.name.startswith("cuda-")
+
+
+def test_ninja_from_the_pip_package_is_put_on_path(monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert cuda_jit.ensure_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+
+
+def test_load_library_reports_prebuilt_and_jit_failures(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_library_error", None)
+    monkeypatch.setattr(cuda_backend, "_library_source", None)
+    monkeypatch.setattr(cuda_backend, "_ops_registered", lambda: False)
+    monkeypatch.setattr(cuda_backend, "load_prebuilt", lambda: "ImportError: no _C")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def failing_build():
+        raise cuda_jit.JitBuildError("nvcc was not found")
+
+    monkeypatch.setattr(cuda_jit, "load", failing_build)
+    error = cuda_backend.load_library()
+    assert "fisherforget._C is not built (ImportError: no _C)" in error
+    assert "JIT build: nvcc was not found" in error
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the message given without a GPU")
+def test_unavailable_without_gpu_says_why():
+    error = cuda_backend.availability_error()
+    assert error is not None
+    assert "no CUDA GPU is visible" in error or "without CUDA" in error
+    assert not cuda_backend.supports_device("cpu") and cuda_backend.supports_device("cuda")
+
+
+@needs_extension
+@pytest.mark.parametrize("capability, runs", [((8, 0), True), ((8, 9), True), ((9, 0), True),
+                                              ((12, 0), True), ((7, 5), False)])
+def test_gpu_architecture_check(capability, runs, monkeypatch):
+    """The built archs must run on every visible GPU (a newer one via the highest arch's PTX)."""
+    monkeypatch.setattr(cuda_backend, "_compiled_archs", lambda: [(8, 0), (9, 0)])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+    error = cuda_backend._arch_error()
+    if runs:
+        assert error is None
+    else:
+        assert "built for sm_80, sm_90 but cuda:0 is sm_75" in error
+        assert "TORCH_CUDA_ARCH_LIST=7.5" in error
+
+
+@needs_extension
+def test_compiled_archs_come_from_the_binary():
+    assert _prebuilt_error() is None
+    assert cuda_backend._compiled_archs()  # e.g. [(8, 0), (9, 0)] from __CUDA_ARCH_LIST__
+
+
+def test_setup_rejects_a_bad_switch_and_skips_when_told():
+    env = dict(os.environ, FISHERFORGET_CUDA="maybe")
+    bad = subprocess.run([sys.executable, "setup.py", "--name"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "FISHERFORGET_CUDA must be 0, 1 or unset" in bad.stderr
+    env["FISHERFORGET_CUDA"] = "0"
+    skipped = subprocess.run([sys.executable, "setup.py", "--name"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert skipped.returncode == 0 and skipped.stdout.strip().endswith("fisherforget")
+
+
+def test_doctor_reports_the_extension():
+    from fisherforget import doctor
+
+    report = doctor.report()["cuda_extension"]
+    assert set(report) == {"prebuilt _C", "loaded", "JIT cache"}
+    if _prebuilt_error() is None:
+        assert report["prebuilt _C"].startswith("built for sm_")
+    else:
+        assert report["prebuilt _C"].startswith("not built")
+
+
+# ----------------------------------------------------------------------------------- input makers
+
+
+def _fresh(shape, dtype, device, low=None, high=None, positive=False, scale=1.0):
+    """Random, never-zero values."""
+    if positive:
+        values = torch.rand(shape, device=device) * (high - low) + low
+    else:
+        values = torch.randn(shape, device=device) * scale
+        values = torch.where(values == 0, torch.full_like(values, 0.5 * scale), values)
+    return values.to(dtype)
+
+
+class StepInputs:
+    """Lists for ops.fused_step on ``device``, fresh random values (never zeros)."""
+
+    def __init__(self, sizes, device, param_dtype, state_dtype=torch.float32,
+                 fisher_dtype=torch.float32, *, amsgrad=True, fisher=True, masks=True):
+        shapes = [s if isinstance(s, tuple) else (s,) for s in sizes]
+        self.params = [_fresh(s, param_dtype, device) for s in shapes]
+        self.grads = [_fresh(s, param_dtype, device) for s in shapes]
+        self.exp_avgs = [_fresh(s, state_dtype, device, scale=0.1) for s in shapes]
+        self.exp_avg_sqs = [_fresh(s, state_dtype, device, 1e-4, 1e-2, positive=True)
+                            for s in shapes]
+        self.max_exp_avg_sqs = ([_fresh(s, state_dtype, device, 1e-4, 2e-2, positive=True)
+                                 for s in shapes] if amsgrad else [])
+        self.fishers = ([_fresh(s, fisher_dtype, device, 0.01, 1.0, positive=True) for s in shapes]
+                        if fisher else [])
+        # Some params masked, some not (None) in the same call.
+        self.masks = [(torch.rand(s, device=device) > 0.3) if masks and i % 2 == 0 else None
+                      for i, s in enumerate(shapes)]
+        # Per-tensor step and Fisher counts that differ from tensor to tensor.
+        self.steps = [torch.tensor(float(torch.randint(0, 20, ()).item()), device=device)
+                      for _ in shapes]
+        self.fisher_counts = ([torch.tensor(float(torch.randint(0, 6, ()).item()), device=device)
+                               for _ in shapes] if fisher else [])
+
+    LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "fishers", "masks",
+             "steps", "fisher_counts")
+
+    def lists(self):
+        return [getattr(self, name) for name in self.LISTS]
+
+    def clone(self) -> "StepInputs":
+        twin = object.__new__(StepInputs)
+        for name in self.LISTS:
+            setattr(twin, name, [None if t is None else t.clone() for t in getattr(self, name)])
+        return twin
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    # fp32: a few ulps (the reference's lerp/addcmul may round differently); bf16/fp16: 1 ulp.
+    return 4 * torch.finfo(torch.float32).eps if dtype == torch.float32 else torch.finfo(dtype).eps
+
+
+def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    if actual.numel() == 0:
+        return
+    a, e = actual.double(), expected.double()
+    scale = torch.nan_to_num(e.abs(), nan=0.0).max()
+    # Near-cancelling elements (p*decay - step*update) carry the rounding error of their operands,
+    # which are up to the tensor's scale: hence the absolute term, in fp32 ulps of that scale.
+    limit = torch.maximum(a.abs(), e.abs()).mul_(_tolerance(expected.dtype))
+    limit.add_(scale * (4 * torch.finfo(torch.float32).eps))
+    ok = (a - e).abs_() <= limit
+    if not bool(ok.all()):
+        ok |= a.isnan() & e.isnan()
+    if not bool(ok.all()):
+        bad = ~ok
+        index = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {a.numel()} elements differ; first at {list(index)}: "
+            f"got {a[index].item()!r}, expected {e[index].item()!r}")
+
+
+def assert_step_matches(got: StepInputs, want: StepInputs, exact_fisher=False) -> None:
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "fishers"):
+        for i, (a, e) in enumerate(zip(getattr(got, name), getattr(want, name))):
+            if exact_fisher and name == "fishers":
+                assert torch.equal(a, e), f"{name}[{i}]"
+            else:
+                assert_close_ulps(a, e, f"{name}[{i}]")
+    for name in ("steps", "fisher_counts"):
+        for i, (a, e) in enumerate(zip(getattr(got, name), getattr(want, name))):
+            assert torch.equal(a, e), f"{name}[{i}]: {a.item()} vs {e.item()}"
+
+
+# Feature combinations; each runs every Fisher-related branch somewhere.
+STEP_CONFIGS = {
+    "adamw": dict(fisher=False, masks=False, amsgrad=False,
+                  kw=dict(fisher_mode=None, fisher_scale=0.0, freeze_above=None,
+                          freeze_below=None)),
+    "ema_scale_mask_amsgrad": dict(kw=dict(fisher_mode="ema", fisher_beta=0.9, fisher_scale=0.7,
+                                           freeze_above=None, freeze_below=None)),
+    "mean_thresholds_maximize_scaled": dict(
+        kw=dict(fisher_mode="mean", fisher_scale=0.0, freeze_above=0.8, freeze_below=0.05,
+                maximize=True, grad_scale=2.0, lr="float32")),
+    "sum_lr64_found_inf0": dict(
+        amsgrad=False, kw=dict(fisher_mode="sum", fisher_scale=0.3, freeze_above=2.5,
+                               freeze_below=None, lr="float64", found_inf=0.0)),
+    "fisher_used_not_accumulated": dict(
+        kw=dict(fisher_mode=None, fisher_scale=2.0, freeze_above=0.6, freeze_below=None,
+                lr="bfloat16")),
+}
+
+
+def _step_kwargs(config: dict, device) -> dict:
+    kw = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, amsgrad=config.get(
+        "amsgrad", True), maximize=False, fisher_mode="ema", fisher_beta=0.95, fisher_scale=0.0,
+        freeze_above=None, freeze_below=None, grad_scale=None, found_inf=None)
+    kw.update(config["kw"])
+    if isinstance(kw["lr"], str):
+        kw["lr"] = torch.tensor(3e-2, dtype=getattr(torch, kw["lr"]), device=device)
+    for name in ("grad_scale", "found_inf"):
+        if kw[name] is not None:
+            kw[name] = torch.tensor(float(kw[name]), device=device)
+    return kw
+
+
+def _make(config: dict, sizes, device, param_dtype, state_dtype, fisher_dtype=None):
+    return StepInputs(sizes, device, param_dtype, state_dtype,
+                      state_dtype if fisher_dtype is None else fisher_dtype,
+                      amsgrad=config.get("amsgrad", True), fisher=config.get("fisher", True),
+                      masks=config.get("masks", True))
+
+
+def _run_cuda_step(inputs: StepInputs, kw: dict) -> None:
+    # On CPU tensors this runs the host emulation of the kernels through the same glue.
+    cuda_backend.fused_step(*inputs.lists(), **kw)
+
+
+def _sizes(device):
+    # Odd sizes, a multi-chunk tensor (chunks are 65536 elements) and, on the GPU, 2^20 + 3.
+    return [1, 7, 4097, 65536 + 5] + ([2**20 + 3] if device == "cuda" else [])
+
+
+# ------------------------------------------------------------------------------- fused_step tests
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", list(STEP_CONFIGS))
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES, ids=str)
+def test_fused_step_matches_reference(device, config, param_dtype, state_dtype):
+    conf = STEP_CONFIGS[config]
+    kw = _step_kwargs(conf, device)
+    want = _make(conf, _sizes(device), device, param_dtype, state_dtype)
+    got = want.clone()
+    for _ in range(2):  # two steps: the counts advance and the second step reads them
+        ops.fused_step(*want.lists(), **kw, backend="reference")
+        _run_cuda_step(got, kw)
+        assert_step_matches(got, want)
+        # Start the next step from identical state: a 1-ulp rounding difference in a bf16 moment
+        # would otherwise grow through the next update beyond a per-step tolerance.
+        got = want.clone()
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_step_fp32_state_bf16_fisher(device):
+    conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
+    kw = _step_kwargs(conf, device)
+    want = _make(conf, [5, 4099], device, torch.bfloat16, torch.float32, torch.bfloat16)
+    got = want.clone()
+    ops.fused_step(*want.lists(), **kw, backend="reference")
+    _run_cuda_step(got, kw)
+    assert_step_matches(got, want)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_found_inf_changes_nothing(device):
+    conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
+    kw = _step_kwargs(conf, device)
+    kw["found_inf"] = torch.tensor(1.0, device=device)
+    inputs = _make(conf, [3, 4097, 65536 + 9], device, torch.bfloat16, torch.float32)
+    before = inputs.clone()
+    _run_cuda_step(inputs, kw)
+    for name in StepInputs.LISTS:
+        for a, b in zip(getattr(inputs, name), getattr(before, name)):
+            assert (a is None and b is None) or torch.equal(a, b), name
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
+def test_frozen_elements_keep_their_bits(device, param_dtype):
+    """Frozen lanes inside a 16-byte packet are stored with their original bits (NaN poison in
+    the state of masked-out elements survives), and fully frozen tensors are not touched."""
+    conf = STEP_CONFIGS["ema_scale_mask_amsgrad"]
+    kw = _step_kwargs(conf, device)
+    want = _make(conf, [64, 4101], device, param_dtype, torch.float32)
+    for i, mask in enumerate(want.masks):
+        if mask is not None:
+            for state in (want.exp_avgs[i], want.exp_avg_sqs[i], want.max_exp_avg_sqs[i]):
+                state[~mask] = float("nan")
+    poisoned = [i for i, mask in enumerate(want.masks) if mask is not None]
+    want.masks[1] = torch.zeros_like(want.params[1], dtype=torch.bool)
+    got = want.clone()
+    before = want.clone()
+    ops.fused_step(*want.lists(), **kw, backend="reference")
+    _run_cuda_step(got, kw)
+    assert_step_matches(got, want)
+    for i in poisoned:
+        mask = got.masks[i]
+        assert got.exp_avgs[i][~mask].isnan().all() and got.params[i][~mask].isfinite().all()
+        assert not got.exp_avgs[i][mask].isnan().any()
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+        assert torch.equal(getattr(got, name)[1], getattr(before, name)[1]), name
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_tensors_in_one_call(device):
+    """More tensors than one kernel argument table holds (24), zero-size ones included: their
+    step counts still advance, as in the reference."""
+    count = 1000 if device == "cuda" else 70
+    generator = torch.Generator().manual_seed(7)
+    sizes = [int(torch.randint(0, 3000, (), generator=generator)) for _ in range(count)]
+    sizes[3] = 0
+    sizes[10] = 70000
+    conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
+    kw = _step_kwargs(conf, device)
+    want = _make(conf, sizes, device, torch.float32, torch.float32)
+    got = want.clone()
+    ops.fused_step(*want.lists(), **kw, backend="reference")
+    _run_cuda_step(got, kw)
+    assert_step_matches(got, want)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_misaligned_and_noncontiguous_params(device):
+    """A view at an odd storage offset takes the scalar path; a transposed param is stepped
+    through a contiguous copy and written back; a mixed-dtype list is split by dtype."""
+    conf = STEP_CONFIGS["ema_scale_mask_amsgrad"]
+    kw = _step_kwargs(conf, device)
+    want = _make(conf, [4099, (33, 65), 300], device, torch.float32, torch.float32)
+    base = _fresh((4100,), torch.float32, device)
+    want.params[0] = base[1:]  # contiguous, 4 bytes past a 16-byte boundary
+    want.params[1] = _fresh((65, 33), torch.float32, device).t()  # non-contiguous
+    want.params[2] = want.params[2].to(torch.bfloat16)
+    want.grads[2] = want.grads[2].to(torch.bfloat16)
+    got = want.clone()
+    got.params[0] = base.clone()[1:]
+    got.params[1] = want.params[1].t().clone().t()
+    assert not got.params[1].is_contiguous()
+    ops.fused_step(*want.lists(), **kw, backend="reference")
+    _run_cuda_step(got, kw)
+    assert_step_matches(got, want)
+
+
+# ------------------------------------------------------------------------- fisher_accumulate/score
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fisher_dtype", STATE_DTYPES, ids=str)
+@pytest.mark.parametrize("grad_dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fisher_accumulate_matches_reference(device, fisher_dtype, grad_dtype, scaled):
+    sizes = _sizes(device) + [2, 4096]
+    want = [_fresh((n,), fisher_dtype, device, 0.01, 1.0, positive=True) for n in sizes]
+    grads = [_fresh((n,), grad_dtype, device) for n in sizes]
+    got = [f.clone() for f in want]
+    scale = torch.tensor(4.0, device=device) if scaled else None
+    alpha, beta = 0.9, 0.1 + 1e-3
+    ops.fisher_accumulate(want, grads, alpha=alpha, beta=beta, grad_scale=scale,
+                          backend="reference")
+    cuda_backend.fisher_accumulate(got, grads, alpha=alpha, beta=beta, grad_scale=scale)
+    for i, (a, e) in enumerate(zip(got, want)):
+        assert_close_ulps(a, e, f"fishers[{i}]")
+
+
+def _score_inputs(device, sizes, direction_dtype, grad_dtype, fisher_dtype):
+    directions = [_fresh((n,), direction_dtype, device) for n in sizes]
+    grads = [_fresh((n,), grad_dtype, device) for n in sizes]
+    fishers = [_fresh((n,), fisher_dtype, device, 0.01, 1.0, positive=True) for n in sizes]
+    return directions, grads, fishers
+
+
+def _score_scale(directions, grads, fishers) -> torch.Tensor:
+    """sum |d g| and sum F g^2 in float64: the magnitude a rounding error is relative to."""
+    dot = sum((d.double() * g.double()).abs().sum() for d, g in zip(directions, grads))
+    weighted = sum((f.double() * g.double() ** 2).sum() for f, g in zip(fishers, grads))
+    return torch.stack([dot, weighted]).cpu()
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", [
+    (torch.float32, torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float16, torch.float32),
+    (torch.float16, torch.float32, torch.bfloat16),
+], ids=lambda d: "-".join(str(t).split(".")[1] for t in d))
+def test_fisher_score_matches_reference_and_is_deterministic(device, dtypes):
+    sizes = _sizes(device) + [3] * 80  # > 64 tensors: several launches into one partial buffer
+    directions, grads, fishers = _score_inputs(device, sizes, *dtypes)
+    want = ops.fisher_score(directions, grads, fishers, backend="reference")
+    got = cuda_backend.fisher_score(directions, grads, fishers)
+    assert got.dtype == torch.float64 and got.shape == (2,) and got.device == grads[0].device
+    bound = 1e-12 * _score_scale(directions, grads, fishers)
+    assert ((got.cpu() - want.cpu()).abs() <= bound).all(), (got, want)
+    again = cuda_backend.fisher_score(directions, grads, fishers)
+    assert torch.equal(got, again)  # fixed-order reduction: bit for bit
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_fisher_score_mixed_dtypes_and_empty(device):
+    directions, grads, fishers = _score_inputs(device, [5, 100], torch.float32, torch.float32,
+                                               torch.float32)
+    d2, g2, f2 = _score_inputs(device, [17, 0], torch.bfloat16, torch.float16, torch.bfloat16)
+    directions, grads, fishers = directions + d2, grads + g2, fishers + f2
+    want = ops.fisher_score(directions, grads, fishers, backend="reference")
+    got = cuda_backend.fisher_score(directions, grads, fishers)
+    bound = 1e-12 * _score_scale(directions, grads, fishers)
+    assert ((got.cpu() - want.cpu()).abs() <= bound).all()
+    assert torch.equal(cuda_backend.fisher_score([], [], []), torch.zeros(2, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+def _direct_step_args(device="cpu"):
+    inputs = StepInputs([10], device, torch.float32, masks=False)
+    kwargs = dict(lr=1e-3, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                  amsgrad=True, maximize=False, fisher_mode="ema", fisher_beta=0.9,
+                  fisher_scale=0.0, freeze_above=None, freeze_below=None, grad_scale=None,
+                  found_inf=None)
+    return inputs, kwargs
+
+
+@needs_extension
+@pytest.mark.parametrize("mutate, message", [
+    (lambda i: i.grads.__setitem__(0, i.grads[0].double()),
+     r"grads\[0\] has dtype Double but params\[0\] has Float"),
+    (lambda i: i.exp_avgs.__setitem__(0, i.exp_avgs[0].half()),
+     r"exp_avgs\[0\] has dtype Half; supported: float32, bfloat16 \("),
+    (lambda i: i.exp_avg_sqs.__setitem__(0, i.exp_avg_sqs[0].bfloat16()),
+     r"exp_avg_sqs\[0\] has dtype BFloat16 but exp_avgs\[0\] has Float"),
+    (lambda i: i.fishers.__setitem__(0, i.fishers[0][:5]),
+     r"fishers\[0\] has shape \[5\] but params\[0\] has shape \[10\]"),
+    (lambda i: i.exp_avgs.__setitem__(0, torch.randn(20)[::2]),
+     r"exp_avgs\[0\] must be contiguous"),
+    (lambda i: i.steps.__setitem__(0, torch.zeros(2)),
+     r"steps\[0\] must hold one element"),
+    (lambda i: i.fisher_counts.__setitem__(0, torch.zeros((), dtype=torch.float64)),
+     r"fisher_counts\[0\] must be float32"),
+    (lambda i: i.masks.__setitem__(0, torch.ones(10)),
+     r"masks\[0\] must be a bool tensor"),
+    (lambda i: i.max_exp_avg_sqs.clear(),
+     r"max_exp_avg_sqs has 0 tensors, expected 1 \(amsgrad=True\)"),
+    (lambda i: i.params.__setitem__(0, i.params[0].double()),
+     r"params\[0\] has dtype Double; supported: float32, bfloat16, float16"),
+])
+def test_fused_step_errors_name_the_tensor(mutate, message):
+    inputs, kwargs = _direct_step_args()
+    mutate(inputs)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fisherforget_C.fused_step(*inputs.lists(), **kwargs)
+
+
+@needs_extension
+def test_other_errors_name_the_problem():
+    inputs, kwargs = _direct_step_args()
+    with pytest.raises(RuntimeError, match="fisher_mode must be 'ema', 'mean', 'sum' or None"):
+        torch.ops.fisherforget_C.fused_step(*inputs.lists(), **dict(kwargs, fisher_mode="max"))
+    with pytest.raises(RuntimeError, match="freeze_above needs the fishers list"):
+        lists = inputs.lists()
+        lists[5], lists[8] = [], []
+        torch.ops.fisherforget_C.fused_step(*lists, **dict(kwargs, freeze_above=1.0))
+    with pytest.raises(RuntimeError, match="lr_tensor must be a floating-point tensor"):
+        torch.ops.fisherforget_C.fused_step(
+            *inputs.lists(), **dict(kwargs, lr_tensor=torch.tensor(1)))
+    with pytest.raises(RuntimeError, match=r"grads has 1 tensors, expected 2 \(one per fisher\)"):
+        torch.ops.fisherforget_C.fisher_accumulate(
+            [torch.ones(3), torch.ones(3)], [torch.ones(3)], alpha=1.0, beta=1.0, grad_scale=None)
+    with pytest.raises(RuntimeError, match=r"fishers\[0\] has dtype Half"):
+        torch.ops.fisherforget_C.fisher_score([torch.ones(3)], [torch.ones(3)],
+                                              [torch.ones(3, dtype=torch.half)])
+    if HAS_GPU:
+        with pytest.raises(RuntimeError, match=r"grads\[0\] is on cpu but the tensors must all"):
+            torch.ops.fisherforget_C.fisher_accumulate(
+                [torch.ones(3, device="cuda")], [torch.ones(3)], alpha=1.0, beta=1.0,
+                grad_scale=None)
+
+
+# ---------------------------------------------------------------------- torch.library / compile
+
+
+@needs_extension
+def test_opcheck_schemas_and_fake_kernels():
+    inputs, kwargs = _direct_step_args()
+    kwargs["grad_scale"] = torch.tensor(2.0)
+    torch.library.opcheck(torch.ops.fisherforget_C.fused_step.default,
+                          tuple(inputs.lists()), kwargs)
+    fishers, grads = [torch.rand(5), torch.rand(70)], [torch.randn(5), torch.randn(70)]
+    torch.library.opcheck(torch.ops.fisherforget_C.fisher_accumulate.default, (fishers, grads),
+                          dict(alpha=0.5, beta=0.5, grad_scale=None))
+    torch.library.opcheck(torch.ops.fisherforget_C.fisher_score.default,
+                          ([torch.randn(5)], [torch.randn(5)], [torch.rand(5)]))
+
+
+@needs_extension
+def test_torch_compile_traces_the_ops():
+    conf = STEP_CONFIGS["ema_scale_mask_amsgrad"]
+    kw = _step_kwargs(conf, "cpu")
+    want = _make(conf, [9, 100], "cpu", torch.float32, torch.float32)
+    got = want.clone()
+
+    def step_and_score(inputs):
+        cuda_backend.fused_step(*inputs.lists(), **kw)
+        return cuda_backend.fisher_score(inputs.exp_avgs, inputs.grads, inputs.fishers)
+
+    expected = step_and_score(want)
+    compiled = torch.compile(step_and_score, backend="aot_eager", fullgraph=True)
+    result = compiled(got)
+    assert_step_matches(got, want)
+    assert torch.equal(result, expected)
+
+
+# ------------------------------------------------------------------------------ GPU-only tests
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_gpu_fused_step_2_pow_28_elements():
+    conf = STEP_CONFIGS["ema_scale_mask_amsgrad"]
+    kw = _step_kwargs(conf, "cuda")
+    want = StepInputs([2**28], "cuda", torch.bfloat16, torch.float32, amsgrad=False, masks=True)
+    got = want.clone()
+    kw["amsgrad"] = False
+    ops.fused_step(*want.lists(), **kw, backend="reference")
+    ops.fused_step(*got.lists(), **kw, backend="cuda")
+    assert_step_matches(got, want)
+    del want, got
+    torch.cuda.empty_cache()
+    directions, grads, fishers = _score_inputs("cuda", [2**28], torch.float32, torch.bfloat16,
+                                               torch.float32)
+    expected = ops.fisher_score(directions, grads, fishers, backend="reference")
+    result = ops.fisher_score(directions, grads, fishers, backend="cuda")
+    bound = 1e-12 * _score_scale(directions, grads, fishers)
+    assert ((result.cpu() - expected.cpu()).abs() <= bound).all()
+
+
+@pytest.mark.cuda
+def test_gpu_outputs_are_written_not_left_over():
+    """Poison the caching allocator with NaN so an output the kernels fail to write shows up."""
+    directions, grads, fishers = _score_inputs("cuda", [4097, 65536 * 3 + 1], torch.float32,
+                                               torch.float32, torch.float32)
+    expected = ops.fisher_score(directions, grads, fishers, backend="reference")
+    for _ in range(3):
+        # The op allocates its partial sums (2 per block) and output (2) from the small pool:
+        # leave NaN-filled blocks of those sizes there for it to reuse.
+        poison = [torch.full((n,), float("nan"), dtype=torch.float64, device="cuda")
+                  for n in range(1, 65) for _ in range(4)]
+        del poison
+        result = ops.fisher_score(directions, grads, fishers, backend="cuda")
+        assert torch.isfinite(result).all()
+        bound = 1e-12 * _score_scale(directions, grads, fishers)
+        assert ((result.cpu() - expected.cpu()).abs() <= bound).all()
+
+
+@pytest.mark.cuda
+def test_gpu_results_identical_run_to_run():
+    conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
+    kw = _step_kwargs(conf, "cuda")
+    first = _make(conf, [7, 4097, 2**20 + 3], "cuda", torch.bfloat16, torch.bfloat16)
+    second = first.clone()
+    ops.fused_step(*first.lists(), **kw, backend="cuda")
+    ops.fused_step(*second.lists(), **kw, backend="cuda")
+    for name in StepInputs.LISTS:
+        for a, b in zip(getattr(first, name), getattr(second, name)):
+            assert (a is None and b is None) or torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+def test_gpu_cuda_graph_capture_of_a_step():
+    """A captured step replays with device-side lr, grad_scale, found_inf and step counts: each
+    replay sees the incremented counts and the lr value current at replay time."""
+    conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
+    kw = _step_kwargs(conf, "cuda")
+    kw["lr"] = torch.tensor(3e-2, device="cuda")
+    kw["found_inf"] = torch.tensor(0.0, device="cuda")
+    want = _make(conf, [7, 4097, 65536 + 3], "cuda", torch.float32, torch.float32)
+    got = want.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph, as for any capture
+        scratch = want.clone()
+        ops.fused_step(*scratch.lists(), **kw, backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.fused_step(*got.lists(), **kw, backend="cuda")
+    for replay, (lr, skip) in enumerate([(3e-2, 0.0), (1e-2, 0.0), (1e-2, 1.0), (5e-3, 0.0)]):
+        kw["lr"].fill_(lr)
+        kw["found_inf"].fill_(skip)
+        graph.replay()
+        ops.fused_step(*want.lists(), **kw, backend="reference")
+        torch.cuda.synchronize()
+        assert_step_matches(got, want)
+    assert got.steps[0].item() == want.steps[0].item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
+def test_gpu_optimizer_end_to_end(dtype):
+    """FisherAdamW(backend="cuda") follows backend="reference" over several steps."""
+    torch.manual_seed(3)
+    shapes = [(64, 33), (33,), (7, 5, 3), (1,)]
+    ref_params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype)) for s in shapes]
+    cuda_params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
+    settings = dict(lr=1e-2, weight_decay=0.1, fisher="mean", fisher_scale=0.5, amsgrad=True,
+                    freeze_above=5.0)
+    optimizers = [FisherAdamW(ref_params, backend="reference", **settings),
+                  FisherAdamW(cuda_params, backend="cuda", **settings)]
+    optimizers[1].set_mask(cuda_params[0], torch.rand(shapes[0], device="cuda") > 0.5)
+    optimizers[0].set_mask(ref_params[0], optimizers[1].state[cuda_params[0]]["mask"].clone())
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "fisher", "step", "fisher_count")
+    for step in range(5):
+        grads = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+        for params, opt in zip((ref_params, cuda_params), optimizers):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        for i, (a, e) in enumerate(zip(cuda_params, ref_params)):
+            assert_close_ulps(a.detach(), e.detach(), f"step {step} param {i}")
+            for key in keys:
+                assert_close_ulps(optimizers[1].state[a][key], optimizers[0].state[e][key],
+                                  f"step {step} param {i} {key}")
+            # Continue from identical values, so rounding differences do not compound.
+            with torch.no_grad():
+                a.copy_(e)
+                for key in keys:
+                    optimizers[1].state[a][key].copy_(optimizers[0].state[e][key])
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_gpu_jit_build_on_a_clean_cache(tmp_path):
+    """Where no prebuilt _C exists: build csrc/ with ninja into an empty cache and run an op."""
+    script = textwrap.dedent("""
+        import torch
+        from fisherforget import ops
+        from fisherforget.backends import cuda_jit
+        build_dir = cuda_jit.load()
+        print("built in", build_dir)
+        info = torch.ops.fisherforget_C.build_info()
+        major, minor = torch.cuda.get_device_capability()
+        assert f"{major}{minor}0" in info, info
+        fishers = [torch.rand(n, device="cuda") + 0.01 for n in (1, 7, 4097)]
+        grads = [torch.randn(n, device="cuda") for n in (1, 7, 4097)]
+        want = [f.clone() for f in fishers]
+        ops.fisher_accumulate(want, grads, alpha=0.9, beta=0.1, backend="reference")
+        torch.ops.fisherforget_C.fisher_accumulate(fishers, grads, alpha=0.9, beta=0.1,
+                                                   grad_scale=None)
+        for a, e in zip(fishers, want):
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=0)
+        print("JIT OK")
+    """)
+    env = dict(os.environ, FISHERFORGET_CUDA_CACHE=str(tmp_path / "cache"),
+               MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 2)),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TORCH_CUDA_ARCH_LIST", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0 and "JIT OK" in result.stdout, result.stdout + result.stderr
+    assert any((tmp_path / "cache").glob(f"cuda-*/{cuda_jit.JIT_LIBRARY_NAME}.so"))
