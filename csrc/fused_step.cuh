@@ -58,17 +58,12 @@ static_assert(sizeof(FusedStepArgs) <= 4000, "fused_step kernel argument exceeds
 
 // Scalars shared by every element of one block (one tensor, one chunk).
 struct StepBlockConsts {
-  float decay;      // 1 - lr * weight_decay, rounded as the reference rounds it
+  float decay;      // 1 - lr * weight_decay in fp32 (fp64 for a float64 lr tensor)
   float step_size;  // (float)(lr / (1 - beta1^t))
   float bias_correction2_sqrt;  // (float)sqrt(1 - beta2^t)
   float fisher_a, fisher_b;
   float grad_scale;  // *StepScalars::grad_scale, loaded once per thread (1 when absent)
 };
-
-template <typename T>
-FF_HD float round_through(float x) {
-  return to_float(from_float<T>(x));
-}
 
 FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& t) {
   StepBlockConsts c;
@@ -93,15 +88,13 @@ FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& 
     case static_cast<int>(LrKind::kBFloat16): {
       const float value = to_float(*static_cast<const __nv_bfloat16*>(s.lr_tensor));
       lr = value;
-      const float product = round_through<__nv_bfloat16>(mul_rn(value, s.weight_decay_f));
-      c.decay = round_through<__nv_bfloat16>(sub_rn(1.0f, product));
+      c.decay = sub_rn(1.0f, mul_rn(value, s.weight_decay_f));  // widened: fp32 math
       break;
     }
     case static_cast<int>(LrKind::kFloat16): {
       const float value = to_float(*static_cast<const __half*>(s.lr_tensor));
       lr = value;
-      const float product = round_through<__half>(mul_rn(value, s.weight_decay_f));
-      c.decay = round_through<__half>(sub_rn(1.0f, product));
+      c.decay = sub_rn(1.0f, mul_rn(value, s.weight_decay_f));  // widened: fp32 math
       break;
     }
     default:

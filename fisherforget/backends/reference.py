@@ -80,6 +80,10 @@ def fused_step(
         skip = found_inf_on.on(device)
         skip = None if skip is None else skip > 0  # 0-dim bool: the whole step is skipped
         step_lr = lr_on.on(device) if lr_on is not None else lr
+        if isinstance(step_lr, Tensor) and step_lr.dtype in (torch.bfloat16, torch.float16):
+            # The math is fp32: a low-precision lr tensor is widened, not used to round
+            # 1 - lr*wd (a bf16 1 - 1e-5 is 1.0, which would silently drop weight decay).
+            step_lr = step_lr.float()
 
         g = grads[i].to(cdt)
         scale = grad_scale_on.on(device)
