@@ -63,8 +63,8 @@ METHOD_LABELS = {
 # LWF hyperparameters of the built-in benchmark, chosen with `fisherforget demo --tune` on the
 # validation entities and tuning seeds disjoint from the reported ones (results in
 # benchmarks/results/lwf_demo_tune.json).
-DEFAULT_LWF = dict(every=20, steps=4, warmup=20, fraction=0.25, lr=3e-4, freeze_quantile=0.9,
-                   fisher_scale=0.0, normalize=False, positive_only=False, rescore_every=20,
+DEFAULT_LWF = dict(every=20, steps=4, warmup=20, fraction=0.1, lr=3e-4, freeze_quantile=None,
+                   fisher_scale=0.0, normalize=True, positive_only=False, rescore_every=20,
                    moments="separate", batch_size=16)
 
 
@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     builtin = parser.add_argument_group("built-in benchmark")
     builtin.add_argument("--quick", action="store_true",
                          help="one seed, shorter training (CI smoke run, < 1 min)")
-    builtin.add_argument("--seeds", type=int, default=None, help="seeds (default 5; quick: 1)")
+    builtin.add_argument("--seeds", type=int, default=None, help="seeds (default 3; quick: 1)")
     builtin.add_argument("--methods", default=",".join(METHODS),
                          help=f"comma-separated subset of {','.join(METHODS)}")
     builtin.add_argument("--entities", type=int, default=120)
@@ -352,7 +352,7 @@ def finetune(method: str, world: World, pretrained: dict, forget_samples: list[d
 def _settings(args) -> dict:
     quick = args.quick
     return dict(
-        seeds=args.seeds if args.seeds is not None else (1 if quick else 5),
+        seeds=args.seeds if args.seeds is not None else (1 if quick else 3),
         pretrain_steps=args.pretrain_steps or (300 if quick else 500),
         steps=args.steps or (100 if quick else 200),
         entities=args.entities,
@@ -556,8 +556,9 @@ def run_tuning(args) -> int:
     trials.append({"options": dict(current), "val_learn": best})
     print(f"start {current}: validation learning accuracy {best:.3f}")
     for key, values in TUNING_GRID.items():
+        tried = current[key]
         for value in values:
-            if value == current[key]:
+            if value == tried:
                 continue
             candidate = dict(current, **{key: value})
             got = score(candidate)
@@ -573,7 +574,9 @@ def run_tuning(args) -> int:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "lwf_demo_tune.json")
         with open(path, "w") as f:
-            json.dump({"seeds": seeds, "settings": settings, "grid": TUNING_GRID,
+            json.dump({"seeds": seeds,
+                       "settings": {k: v for k, v in settings.items() if k != "seeds"},
+                       "grid": TUNING_GRID,
                        "chosen": current, "val_learn_chosen": best,
                        "val_learn_adamw": sum(adamw) / len(adamw), "trials": trials,
                        "environment": _environment(device)}, f, indent=1)
