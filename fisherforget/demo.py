@@ -46,7 +46,7 @@ import random
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -452,8 +452,9 @@ def run_builtin(args) -> int:
     device = torch.device(args.device)
     world = build_world(settings["entities"])
     cfg = FinetuneConfig(steps=settings["steps"])
-    print(f"fisherforget demo: {world.n_entities} entities, {len(world.learn_train)} learning / "
-          f"{len(world.learn_val)} validation / {len(world.learn_test)} test; "
+    print(f"fisherforget demo: {world.n_entities} entities: {len(world.learn_train)} learning, "
+          f"{len(world.forget_only)} forgetting prompts, {len(world.learn_val)} validation, "
+          f"{len(world.learn_test)} test; "
           f"{settings['seeds']} seed(s), pre-training {settings['pretrain_steps']} steps, "
           f"fine-tuning {cfg.steps} steps, {torch.get_num_threads()} thread(s) on {device}")
     start = time.perf_counter()
@@ -541,8 +542,8 @@ def run_tuning(args) -> int:
     prepared = []
     for seed in seeds:
         conflicted = pretrain(world, seed, settings["pretrain_steps"], True, device)
-        prepared.append((seed, conflicted,
-                         self_knowledge(_load(world, conflicted, seed, device), world, seed, device)))
+        samples = self_knowledge(_load(world, conflicted, seed, device), world, seed, device)
+        prepared.append((seed, conflicted, samples))
 
     def score(options: dict) -> float:
         cfg = FinetuneConfig(steps=base.steps, lwf=options)
@@ -567,9 +568,10 @@ def run_tuning(args) -> int:
             if got > best + 1e-9:
                 best, current = got, candidate
         print(f"{key} -> {current[key]} (validation {best:.3f})")
-    adamw = [finetune("adamw", world, pre, samples, seed, base, device, split="val")["final"]["learn"]
-             for seed, pre, samples in prepared]
-    print(f"chosen {current}: validation {best:.3f}; AdamW validation {sum(adamw) / len(adamw):.3f}")
+    adamw = [finetune("adamw", world, pre, samples, seed, base, device,
+                      split="val")["final"]["learn"] for seed, pre, samples in prepared]
+    print(f"chosen {current}: validation {best:.3f}; "
+          f"AdamW validation {sum(adamw) / len(adamw):.3f}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "lwf_demo_tune.json")
@@ -760,12 +762,14 @@ def run_pretrained(args) -> int:
               f"{metrics['forget']['accuracy']:.3f} (loss {metrics['forget']['loss']:.3f})  "
               f"{wall:.0f}s")
     print()
-    head = f"{'method':<28} {'learn acc':>9} {'learn loss':>10} {'forget acc':>10} {'forget loss':>11} {'wall s':>7}"
+    head = (f"{'method':<28} {'learn acc':>9} {'learn loss':>10} {'forget acc':>10} "
+            f"{'forget loss':>11} {'wall s':>7}")
     print(head)
     print("-" * len(head))
     for method in ["before"] + methods:
         r = results[method]
-        print(f"{METHOD_LABELS.get(method, 'pre-trained model'):<28} {r['learn']['accuracy']:>9.3f} "
+        label = METHOD_LABELS.get(method, "pre-trained model")
+        print(f"{label:<28} {r['learn']['accuracy']:>9.3f} "
               f"{r['learn']['loss']:>10.3f} {r['forget']['accuracy']:>10.3f} "
               f"{r['forget']['loss']:>11.3f} {r.get('wall_s', 0.0):>7.0f}")
     if args.out:

@@ -5,20 +5,22 @@ Three estimators, which are *different statistics* (never interchangeable):
 ``"empirical"``
     The empirical Fisher: the mean over samples ``s`` of the squared per-sample gradient of the
     sample's negative log-likelihood *on its observed labels*,
-    ``F = (1/N) sum_s (grad l_s(y_s | x_s))^2``. Needs one gradient per sample (micro-batches of one,
-    or ``torch.func`` per-sample gradients).
+    ``F = (1/N) sum_s (grad l_s(y_s | x_s))^2``. Needs one gradient per sample (micro-batches of
+    one, or ``torch.func`` per-sample gradients).
 ``"true"``
-    The (Monte-Carlo) true Fisher: as ``"empirical"`` but the labels are *sampled from the model's
-    own predictive distribution*, ``y_t ~ p_theta(. | x, y_<t)`` at every label position, teacher-forced
-    on the observed context (one forward pass draws every position's label). Its expectation is the
-    Fisher information of the model's conditional distributions; it does not depend on the data's
-    labels, only on the prompts/contexts.
+    The (Monte-Carlo) true Fisher: as ``"empirical"`` but the labels are *sampled from the
+    model's own predictive distribution*, ``y_t ~ p_theta(. | x, y_<t)`` at every label position,
+    teacher-forced on the observed context (one forward pass draws every position's label). Its
+    expectation is the Fisher information of the model's conditional distributions; it does not
+    depend on the data's labels, only on the prompts/contexts.
 ``"batch"``
     The mean over mini-batches ``B`` of the squared *mini-batch* gradient,
-    ``F = (1/|batches|) sum_B (grad L_B)^2`` with ``L_B`` the batch's token-averaged NLL (exactly the
-    ``loss`` a ``transformers`` causal LM returns). This is the statistic ``FisherAdamW`` accumulates
-    online inside its step (there as an EMA/mean/sum over optimizer steps); it is cheap but it is
-    *not* the empirical Fisher: squaring after averaging over a batch shrinks the per-sample noise.
+    ``F = (1/|batches|) sum_B (grad L_B)^2`` with ``L_B`` the batch's token-averaged NLL (exactly
+    the ``loss`` a ``transformers`` causal LM returns). This is the statistic ``FisherAdamW``
+    accumulates online inside its step (there as an EMA/mean/sum over optimizer steps). It is
+    cheap but it is *not* the empirical Fisher: for i.i.d. samples, roughly
+    ``E[(grad L_B)^2] = (E grad l)^2 + Var(grad l) / |B|`` per element, while the empirical Fisher
+    is ``(E grad l)^2 + Var(grad l)``.
 
 Every estimate is accumulated into fp32 buffers (fp64 for fp64 params) through the
 :func:`fisherforget.ops.fisher_accumulate` op with running-mean weights
@@ -73,7 +75,9 @@ def _check_batch(batch: Mapping[str, Tensor], where: str = "batch") -> None:
     for key in ("attention_mask", "labels"):
         value = batch.get(key)
         if value is not None and (not isinstance(value, Tensor) or value.shape != ids.shape):
-            raise ValueError(f"{where}[{key!r}] must be a tensor shaped like input_ids {tuple(ids.shape)}")
+            raise ValueError(
+                f"{where}[{key!r}] must be a tensor shaped like input_ids {tuple(ids.shape)}"
+            )
 
 
 def labels_of(batch: Mapping[str, Tensor]) -> Tensor:

@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 

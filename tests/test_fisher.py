@@ -114,8 +114,10 @@ def test_batch_matches_float64_brute_force():
     model64 = copy.deepcopy(model).double()
     total = [torch.zeros_like(p) for p in model64.parameters()]
     for batch in batches:
-        logits = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1),
+        logits = model64(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB),
+                               batch["labels"][:, 1:].reshape(-1),
                                ignore_index=IGNORE_INDEX)  # the token-averaged batch loss
         for t, g in zip(total, brute_grads(model64, loss)):
             t += g * g

@@ -1,4 +1,4 @@
-"""Learning With Forgetting (LWF): unlearn the self-knowledge that conflicts with a fine-tuning task.
+"""Learning With Forgetting (LWF): unlearn self-knowledge that conflicts with a fine-tuning task.
 
 1. :func:`generate_self_knowledge`: the model answers the forgetting task's prompts (``D_self``);
    :func:`encode_pairs` makes training samples of the answers.

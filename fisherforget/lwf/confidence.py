@@ -1,4 +1,4 @@
-"""Forgetting confidence (FC): how much unlearning one self-generated sample helps the learning task.
+"""Forgetting confidence (FC): how much unlearning one self-generated sample helps learning.
 
 For a sample ``s`` of ``D_self`` with token-averaged NLL ``l_s`` and gradient ``g_s`` (optionally
 ``g_s / ||g_s||``), the unlearning update is the ascent step ``u_s = +eta * g_s``. With ``gbar_L``
@@ -12,9 +12,10 @@ Both terms come from one :func:`fisherforget.ops.fisher_score` call per sample (
 bucket of parameters), in float64.
 
 Sources of ``gbar_L``: :func:`optimizer_direction` (the bias-corrected first moment of a
-``FisherAdamW``, ``exp_avg / (1 - beta1^step)``) or :func:`mean_gradient` (a fresh mean of mini-batch
-gradients over learning batches). Sources of ``F_L``: :func:`optimizer_fisher` (the optimizer's
-online *mini-batch* Fisher) or :func:`fisherforget.fisher.estimate_fisher` (empirical, true or batch).
+``FisherAdamW``, ``exp_avg / (1 - beta1^step)``) or :func:`mean_gradient` (a fresh mean of
+mini-batch gradients over learning batches). Sources of ``F_L``: :func:`optimizer_fisher` (the
+optimizer's online *mini-batch* Fisher) or :func:`fisherforget.fisher.estimate_fisher` (empirical,
+true or batch).
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def _params_list(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> 
     managed = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for i, p in enumerate(params):
         if id(p) not in managed:
-            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) is not managed by the optimizer")
+            raise ValueError(
+                f"params[{i}] (shape {tuple(p.shape)}) is not managed by the optimizer"
+            )
     return params
 
 
@@ -102,8 +105,8 @@ def _beta1_of(optimizer: torch.optim.Optimizer, p: Tensor) -> float:
 @torch.no_grad()
 def optimizer_direction(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> list[Tensor]:
     """``gbar_L``: the optimizer's bias-corrected first moment ``exp_avg / (1 - beta1^step)`` of
-    each param, as new fp32 tensors (fp64 for fp64 state). The first moment of an Adam-type optimizer
-    is an exponential average of recent mini-batch gradients of the learning loss.
+    each param, as new fp32 tensors (fp64 for fp64 state). The first moment of an Adam-type
+    optimizer is an exponential average of recent mini-batch gradients of the learning loss.
 
     Call it outside :meth:`FisherAdamW.unlearning` so that with ``moments="separate"`` it reads
     the learning task's moments. With ``moments="shared"`` the moments also hold the unlearning
@@ -235,7 +238,9 @@ def forgetting_confidence(
     fishers = _aligned(fisher, names, "fisher")
     for n, p, d, f in zip(names, chosen.values(), directions, fishers):
         if d.shape != p.shape or f.shape != p.shape:
-            raise ValueError(f"direction/fisher of {n!r} are not shaped like the param {tuple(p.shape)}")
+            raise ValueError(
+                f"direction/fisher of {n!r} are not shaped like the param {tuple(p.shape)}"
+            )
     rows: list[Tensor] = []
     norms: list[Tensor] = []
     iterator = batches

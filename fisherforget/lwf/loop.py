@@ -110,14 +110,18 @@ class LWFConfig:
         if self.scores not in SCORE_KINDS:
             raise ValueError(f"Invalid scores: {self.scores!r} (must be one of {SCORE_KINDS})")
         if self.direction not in ("optimizer", "fresh"):
-            raise ValueError(f"Invalid direction: {self.direction!r} (must be 'optimizer' or 'fresh')")
+            raise ValueError(
+                f"Invalid direction: {self.direction!r} (must be 'optimizer' or 'fresh')"
+            )
         if self.fisher_source not in ("optimizer",) + ESTIMATORS:
             raise ValueError(
                 f"Invalid fisher_source: {self.fisher_source!r} (must be 'optimizer' or one of "
                 f"{ESTIMATORS})"
             )
         if self.score_method not in ("loop", "vmap"):
-            raise ValueError(f"Invalid score_method: {self.score_method!r} (must be 'loop' or 'vmap')")
+            raise ValueError(
+                f"Invalid score_method: {self.score_method!r} (must be 'loop' or 'vmap')"
+            )
         if self.moments not in ("shared", "separate"):
             raise ValueError(f"Invalid moments: {self.moments!r} (must be 'shared' or 'separate')")
         for name in ("lr", "fisher_scale"):
@@ -129,7 +133,9 @@ class LWFConfig:
         if self.freeze_quantile is not None and not (
             isinstance(self.freeze_quantile, (int, float)) and 0 <= self.freeze_quantile <= 1
         ):
-            raise ValueError(f"Invalid freeze_quantile: {self.freeze_quantile!r} (must be in [0, 1])")
+            raise ValueError(
+                f"Invalid freeze_quantile: {self.freeze_quantile!r} (must be in [0, 1])"
+            )
         for name in ("batch_size", "score_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -279,7 +285,8 @@ class LearningWithForgetting:
             with self.autocast():
                 scores = forgetting_confidence(
                     model,
-                    batches_of(self.samples, cfg.batch_size, pad_id=self.pad_id, device=self.device),
+                    batches_of(self.samples, cfg.batch_size, pad_id=self.pad_id,
+                               device=self.device),
                     direction, fisher, eta=cfg.score_eta, params=list(chosen.values()),
                     normalize=cfg.normalize, method=cfg.score_method, backend=cfg.backend,
                 )
@@ -397,7 +404,8 @@ class LearningWithForgetting:
 
     def _phase(self, n_steps: int) -> dict[str, float]:
         stats: dict[str, float] = {}
-        if self.config.schedule.needs_rescore(self.global_step, self.last_scored) or self.selected is None:
+        schedule = self.config.schedule
+        if self.selected is None or schedule.needs_rescore(self.global_step, self.last_scored):
             stats.update(self.rescore())
         stats.update(self.unlearn(n_steps))
         if self.config.forget_eval_size > 0:

@@ -19,9 +19,9 @@ class UnlearningSchedule:
     So with ``warmup=100, every=50`` unlearning follows steps 100, 150, 200, ...; with ``warmup=0``
     it follows 50, 100, ... Nothing fires during warm-up (``t < warmup``).
 
-    ``rescore_every``: recompute the forgetting confidence (and the selection) before a phase when at
-    least this many learning steps passed since the last scoring; ``None`` scores once, at the first
-    phase. ``early=True`` is the control that runs every unlearning step before fine-tuning
+    ``rescore_every``: recompute the forgetting confidence (and the selection) before a phase when
+    at least this many learning steps passed since the last scoring; ``None`` scores once, at the
+    first phase. ``early=True`` is the control that runs every unlearning step before fine-tuning
     (:meth:`total_unlearning_steps` of them at step 0) and none during it.
     """
 
@@ -41,7 +41,9 @@ class UnlearningSchedule:
         if self.rescore_every is not None and (
             not isinstance(self.rescore_every, int) or self.rescore_every < 1
         ):
-            raise ValueError(f"Invalid rescore_every: {self.rescore_every!r} (must be None or >= 1)")
+            raise ValueError(
+                f"Invalid rescore_every: {self.rescore_every!r} (must be None or >= 1)"
+            )
         if not isinstance(self.early, bool):
             raise TypeError(f"Invalid early: {self.early!r} (must be a bool)")
 
@@ -58,7 +60,8 @@ class UnlearningSchedule:
         return (total_steps - self.warmup) // self.every + (1 if self.warmup >= 1 else 0)
 
     def total_unlearning_steps(self, total_steps: int) -> int:
-        """Unlearning steps of the periodic schedule over ``total_steps`` (the early variant's budget)."""
+        """Unlearning steps of the periodic schedule over ``total_steps`` (the budget of the
+        early variant)."""
         return self.phases(total_steps) * self.steps
 
     def needs_rescore(self, step: int, last_scored: Optional[int]) -> bool:

@@ -1,4 +1,4 @@
-"""LWF inside ``transformers``' ``Trainer``: a callback, and a ``Trainer`` subclass that wires it up.
+"""LWF inside ``transformers``' ``Trainer``: a callback, and a ``Trainer`` subclass wiring it up.
 
 ::
 
@@ -7,7 +7,7 @@
     lwf = LearningWithForgetting(None, None, forget_samples, LWFConfig(every=50, steps=5, lr=1e-4))
     trainer = LWFTrainer(model=model, args=TrainingArguments(...), train_dataset=train,
                          data_collator=collator, lwf=lwf)          # builds a FisherAdamW
-    trainer.train()                                                # or train(resume_from_checkpoint=True)
+    trainer.train()                          # or trainer.train(resume_from_checkpoint=True)
 
 or, with any ``Trainer`` and your own ``FisherAdamW``::
 
@@ -93,7 +93,9 @@ class LWFCallback(TrainerCallback):
 
     def _load(self, args, state) -> None:
         candidates = [self.resume_dir] if self.resume_dir else []
-        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        candidates.append(
+            os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        )
         for folder in candidates:
             path = os.path.join(folder, STATE_FILE)
             if os.path.isfile(path):

@@ -168,7 +168,8 @@ def test_mean_gradient_is_the_mean_batch_gradient():
     model64 = copy.deepcopy(model).double()
     total = [torch.zeros_like(p) for p in model64.parameters()]
     for batch in batches:
-        logits = model64(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model64(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
         for t, g in zip(total, torch.autograd.grad(loss, list(model64.parameters()))):

@@ -70,7 +70,8 @@ def test_encode_pairs_masks_the_prompt():
     assert first["input_ids"].tolist() == prompt_ids + tok("3 4", add_special_tokens=False)[
         "input_ids"] + [tok.eos_token_id]
     assert first["labels"][: len(prompt_ids)].eq(IGNORE_INDEX).all()
-    assert first["labels"][len(prompt_ids):].tolist() == first["input_ids"][len(prompt_ids):].tolist()
+    response = slice(len(prompt_ids), None)
+    assert first["labels"][response].tolist() == first["input_ids"][response].tolist()
     assert samples[1]["input_ids"].tolist() == [1, 4, 7, 8, 2]
     assert samples[1]["labels"].tolist() == [IGNORE_INDEX] * 3 + [8, 2]
     short = encode_pairs(tok, [{"prompt": "A 1 2 =", "response": "3 4 5 6"}], max_length=7)
