@@ -11,6 +11,16 @@ pytest.importorskip("transformers")
 from fisherforget import cli, demo  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``fisherforget demo`` sets the torch thread count (``--threads``); put it back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_world_splits_are_disjoint_and_conflicting():
     world = demo.build_world(120)
     groups = [world.learn_train, world.forget_only, world.learn_val, world.learn_test]

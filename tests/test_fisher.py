@@ -18,6 +18,15 @@ from fisherforget.fisher import (
 VOCAB = 7
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one intra-op thread; restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama(seed=0, vocab=VOCAB, layers=1):
     from transformers import LlamaConfig, LlamaForCausalLM
 
