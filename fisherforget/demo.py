@@ -321,18 +321,28 @@ def finetune(method: str, world: World, pretrained: dict, forget_samples: list[d
         learn_batches = [collate(learn_samples[i:i + 16]) for i in range(0, len(learn_samples), 16)]
         lwf = LearningWithForgetting(model, opt, forget_samples, LWFConfig(**options),
                                      learn_batches=learn_batches)
+    # Which relations the selections picked (only R3 conflicts with the learning task).
+    relation_of = [world.words[int(s["input_ids"][2])] for s in forget_samples]
+    picked = {rel: 0 for rel in RELATIONS}
+
+    def count_selection() -> None:
+        if lwf is not None and lwf.last_scored == lwf.global_step and lwf.selected is not None:
+            for i in lwf.selected.tolist():
+                picked[relation_of[i]] += 1
+
     curve = [{"step": 0, **evaluate(model, world, "val", device)}]
     eval_time = 0.0
     start = time.perf_counter()
     if lwf is not None:
         lwf.begin(cfg.steps)
+        count_selection()
     for step in range(1, cfg.steps + 1):
         x, y = next(batches)
         model(input_ids=x.to(device), labels=y.to(device)).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if lwf is not None:
-            lwf.step()
+        if lwf is not None and lwf.step() is not None:
+            count_selection()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             t = time.perf_counter()
             curve.append({"step": step, **evaluate(model, world, "val", device)})
@@ -341,6 +351,8 @@ def finetune(method: str, world: World, pretrained: dict, forget_samples: list[d
     result = {"curve": curve, "final": evaluate(model, world, split, device), "wall_s": wall}
     if lwf is not None:
         result["lwf_phases"] = len(lwf.history)
+        total = sum(picked.values())
+        result["selected_relations"] = {rel: n / total for rel, n in picked.items()} if total else {}
         if lwf.fc is not None:
             result["fc"] = lwf.fc.stats()
     return result
@@ -390,21 +402,26 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
         for metric in ("learn", "forget", "kept"):
             row[metric] = _mean_std([r["final"][metric] for r in results])
         row["wall_s"] = _mean_std([r["wall_s"] for r in results])
+        shares = [r["selected_relations"]["R3"] for r in results if r.get("selected_relations")]
+        if shares:
+            row["selected_R3"] = _mean_std(shares)
         summary[method] = row
     return summary
 
 
 def format_table(summary: dict[str, dict], n_seeds: int) -> str:
     head = (f"{'method':<32} {'learning acc':>14} {'forgetting acc':>15} {'kept acc':>14} "
-            f"{'wall s':>11}")
+            f"{'wall s':>11} {'R3 share':>9}")
     lines = [head, "-" * len(head)]
     for method, row in summary.items():
         cells = [f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in ("learn", "forget", "kept")]
         wall = f"{row['wall_s'][0]:.1f} ± {row['wall_s'][1]:.1f}"
+        share = f"{row['selected_R3'][0]:.2f}" if "selected_R3" in row else "-"
         lines.append(f"{METHOD_LABELS.get(method, method):<32} {cells[0]:>14} {cells[1]:>15} "
-                     f"{cells[2]:>14} {wall:>11}")
+                     f"{cells[2]:>14} {wall:>11} {share:>9}")
     lines.append(f"(mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}; learning and "
-                 "forgetting accuracy on test entities, kept on all)")
+                 "forgetting accuracy on test entities, kept on all; R3 share: fraction of the "
+                 "unlearned selections that were conflicting R3 samples, 1/3 of D_self)")
     return "\n".join(lines)
 
 

@@ -54,6 +54,8 @@ def test_demo_quick_runs_and_prints_the_table(tmp_path, capsys):
     assert result["pretraining"][0]["clean"]["R3"] < 0.5  # R3 was never shown to it
     for method in ("lwf", "lwf_random", "lwf_lowest"):
         assert result["runs"][method][0]["lwf_phases"] > 0
+        shares = result["runs"][method][0]["selected_relations"]
+        assert set(shares) == {"R1", "R2", "R3"} and abs(sum(shares.values()) - 1) < 1e-9
     assert result["runs"]["lwf_early"][0]["lwf_phases"] == 1
     curve = result["runs"]["adamw"][0]["curve"]
     assert curve[0]["step"] == 0 and curve[-1]["step"] == result["settings"]["steps"]
