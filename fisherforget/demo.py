@@ -667,7 +667,21 @@ def load_pretrained(name: str, gguf_file: Optional[str], device):
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(name, **extra)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **extra).to(device)
+    model_extra = dict(extra)
+    if gguf_file:
+        from transformers import GgufConfig
+
+        # Fine-tuning needs dense weights: unpack every GGUF block into an fp32 tensor.
+        model_extra["quantization_config"] = GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **model_extra)
+    model = model.to(device)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if gguf_file and quantizer is not None:
+        if not getattr(quantizer.quantization_config, "dequantize", False):
+            raise SystemExit(f"{gguf_file} was loaded with packed GGUF weights; cannot fine-tune")
+        # Every weight is now an ordinary dense fp32 tensor; the quantizer left attached would
+        # make Trainer refuse to fine-tune what is no longer a quantized model.
+        model.hf_quantizer = None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model
