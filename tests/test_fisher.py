@@ -242,3 +242,21 @@ def test_errors():
     frozen.lm_head.weight.requires_grad_(False)
     with pytest.raises(ValueError, match="do not require grad"):
         estimate_fisher(frozen, batches, params=["lm_head.weight"])
+
+
+def accumulate_backends():
+    from fisherforget import backends
+
+    return ["reference"] + [name for name in ("triton", "cuda")
+                            if backends.is_available(name)
+                            and backends.runs_on(name, torch.device("cpu"))]
+
+
+@pytest.mark.parametrize("backend", accumulate_backends())
+def test_every_backend_of_the_accumulate_op_gives_the_same_estimate(backend):
+    model = tiny_llama()
+    batches = random_batches(n_batches=1)
+    expected = estimate_fisher(model, batches, "empirical", backend="reference")
+    got = estimate_fisher(model, batches, "empirical", backend=backend)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-12)

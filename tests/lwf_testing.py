@@ -1,5 +1,5 @@
-"""Shared helpers of the LWF tests: a tiny random causal LM, a word-level tokenizer and a
-self-knowledge set of prompt/response samples."""
+"""Shared helpers of the LWF tests (tests/lwf/): a tiny random causal LM, a word-level tokenizer
+and a self-knowledge set of prompt/response samples."""
 
 import torch
 
