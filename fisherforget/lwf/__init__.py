@@ -1,0 +1,48 @@
+"""Learning With Forgetting (LWF): unlearn self-knowledge that conflicts with a fine-tuning task.
+
+1. :func:`generate_self_knowledge`: the model answers the forgetting task's prompts (``D_self``);
+   :func:`encode_pairs` makes training samples of the answers.
+2. :func:`forgetting_confidence`: FC of each sample from the learning task's gradient and Fisher
+   (DESIGN section 2); :func:`control_scores` gives the random / reversed controls.
+3. :class:`UnlearningSchedule` and :func:`select`: every ``every`` learning steps, ``steps`` ascent
+   steps on the top ``fraction`` of ``D_self`` by FC, through ``FisherAdamW.unlearning``.
+
+Two ways in: :class:`LearningWithForgetting` (any training loop) and :class:`LWFTrainer` /
+:class:`LWFCallback` (``transformers.Trainer``; imported lazily so that ``transformers`` stays
+optional).
+"""
+
+from fisherforget.lwf.confidence import (
+    SCORE_KINDS,
+    ForgettingScores,
+    control_scores,
+    forgetting_confidence,
+    mean_gradient,
+    optimizer_direction,
+    optimizer_fisher,
+    score_terms,
+)
+from fisherforget.lwf.loop import LearningWithForgetting, LWFConfig
+from fisherforget.lwf.schedule import UnlearningSchedule, select
+from fisherforget.lwf.self_knowledge import (
+    batches_of,
+    collate,
+    encode_pairs,
+    fingerprint,
+    generate_self_knowledge,
+)
+
+__all__ = [
+    "SCORE_KINDS", "ForgettingScores", "control_scores", "forgetting_confidence", "mean_gradient",
+    "optimizer_direction", "optimizer_fisher", "score_terms", "LearningWithForgetting",
+    "LWFConfig", "UnlearningSchedule", "select", "batches_of", "collate", "encode_pairs",
+    "fingerprint", "generate_self_knowledge", "LWFCallback", "LWFTrainer",
+]
+
+
+def __getattr__(name):
+    if name in ("LWFCallback", "LWFTrainer"):
+        from fisherforget.lwf import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'fisherforget.lwf' has no attribute {name!r}")

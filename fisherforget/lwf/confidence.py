@@ -1,0 +1,289 @@
+"""Forgetting confidence (FC): how much unlearning one self-generated sample helps learning.
+
+For a sample ``s`` of ``D_self`` with token-averaged NLL ``l_s`` and gradient ``g_s`` (optionally
+``g_s / ||g_s||``), the unlearning update is the ascent step ``u_s = +eta * g_s``. With ``gbar_L``
+the learning-task gradient and ``F_L`` the learning-task diagonal Fisher, the second-order
+prediction of the learning-loss change is (DESIGN section 2)::
+
+    dL(s) = eta * <gbar_L, g_s> + 0.5 * eta^2 * sum_i F_L[i] * g_s[i]^2
+    FC(s) = -dL(s)          high FC: unlearning s helps, or barely hurts, the learning task
+
+Both terms come from one :func:`fisherforget.ops.fisher_score` call per sample (per (device, dtype)
+bucket of parameters), in float64.
+
+Sources of ``gbar_L``: :func:`optimizer_direction` (the bias-corrected first moment of a
+``FisherAdamW``, ``exp_avg / (1 - beta1^step)``) or :func:`mean_gradient` (a fresh mean of
+mini-batch gradients over learning batches). Sources of ``F_L``: :func:`optimizer_fisher` (the
+optimizer's online *mini-batch* Fisher) or :func:`fisherforget.fisher.estimate_fisher` (empirical,
+true or batch).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from fisherforget import backends, ops
+from fisherforget.fisher import ParamSpec, batch_gradient, per_sample_gradients, resolve_params
+
+__all__ = [
+    "ForgettingScores",
+    "SCORE_KINDS",
+    "optimizer_direction",
+    "optimizer_fisher",
+    "mean_gradient",
+    "score_terms",
+    "forgetting_confidence",
+    "control_scores",
+]
+
+SCORE_KINDS = ("fc", "random", "reversed")
+
+Tensors = Union[Sequence[Tensor], Mapping[str, Tensor]]
+
+
+@dataclass
+class ForgettingScores:
+    """FC of every sample (float64, CPU), with the two terms it is made of.
+
+    ``fc = -(eta * first_order + 0.5 * eta**2 * second_order)`` where ``first_order`` is
+    ``<gbar_L, g_s>`` and ``second_order`` is ``sum_i F_L[i] g_s[i]^2`` (both of the normalised
+    ``g_s`` when ``normalized``); ``grad_norm`` is ``||g_s||`` before normalisation.
+    """
+
+    fc: Tensor
+    first_order: Tensor
+    second_order: Tensor
+    grad_norm: Tensor
+    eta: float
+    normalized: bool
+
+    def __len__(self) -> int:
+        return self.fc.numel()
+
+    def stats(self) -> dict[str, float]:
+        fc = self.fc
+        return {
+            "fc_mean": float(fc.mean()),
+            "fc_std": float(fc.std()) if fc.numel() > 1 else 0.0,
+            "fc_min": float(fc.min()),
+            "fc_max": float(fc.max()),
+            "fc_positive": float((fc > 0).double().mean()),
+        }
+
+    def state_dict(self) -> dict:
+        return {"fc": self.fc, "first_order": self.first_order, "second_order": self.second_order,
+                "grad_norm": self.grad_norm, "eta": self.eta, "normalized": self.normalized}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping) -> "ForgettingScores":
+        return cls(**dict(state))
+
+
+def _params_list(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> list[Tensor]:
+    params = list(params)
+    managed = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for i, p in enumerate(params):
+        if id(p) not in managed:
+            raise ValueError(
+                f"params[{i}] (shape {tuple(p.shape)}) is not managed by the optimizer"
+            )
+    return params
+
+
+def _beta1_of(optimizer: torch.optim.Optimizer, p: Tensor) -> float:
+    for group in optimizer.param_groups:
+        if any(p is q for q in group["params"]):
+            return group["betas"][0]
+    raise ValueError("param not managed by the optimizer")
+
+
+@torch.no_grad()
+def optimizer_direction(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> list[Tensor]:
+    """``gbar_L``: the optimizer's bias-corrected first moment ``exp_avg / (1 - beta1^step)`` of
+    each param, as new fp32 tensors (fp64 for fp64 state). The first moment of an Adam-type
+    optimizer is an exponential average of recent mini-batch gradients of the learning loss.
+
+    Call it outside :meth:`FisherAdamW.unlearning` so that with ``moments="separate"`` it reads
+    the learning task's moments. With ``moments="shared"`` the moments also hold the unlearning
+    steps' (negated) gradients.
+    """
+    out = []
+    for i, p in enumerate(_params_list(optimizer, params)):
+        state = optimizer.state.get(p, {})
+        if "exp_avg" not in state or "step" not in state:
+            raise ValueError(
+                f"optimizer_direction: params[{i}] (shape {tuple(p.shape)}) has no first moment "
+                "yet (the optimizer has not stepped on it); use mean_gradient() instead"
+            )
+        m = state["exp_avg"]
+        dtype = torch.float64 if m.dtype == torch.float64 else torch.float32
+        step = state["step"].to(device=m.device, dtype=torch.float64)
+        correction = 1 - _beta1_of(optimizer, p) ** step
+        out.append((m.to(torch.float64) / correction).to(dtype).contiguous())
+    return out
+
+
+def optimizer_fisher(optimizer, params: Iterable[Tensor]) -> list[Tensor]:
+    """``F_L`` from a ``FisherAdamW``: its online Fisher estimate of each param (``opt.fisher(p)``,
+    the accumulated squared *mini-batch* gradients; zeros where nothing was accumulated)."""
+    if not hasattr(optimizer, "fisher"):
+        raise TypeError("optimizer_fisher needs a FisherAdamW (an optimizer with .fisher(p))")
+    return [optimizer.fisher(p) for p in _params_list(optimizer, params)]
+
+
+def mean_gradient(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    params: ParamSpec = None,
+    *,
+    max_batches: Optional[int] = None,
+) -> list[Tensor]:
+    """``gbar_L`` afresh: the mean over ``batches`` of the gradient of each batch's token-averaged
+    NLL, aligned with ``resolve_params(model, params)``; fp32 (fp64 for fp64 params). The params'
+    ``.grad`` are not touched."""
+    chosen = list(resolve_params(model, params).values())
+    total = [torch.zeros(p.shape, device=p.device,
+                         dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+             for p in chosen]
+    count = 0
+    for batch in batches:
+        for acc, g in zip(total, batch_gradient(model, batch, chosen)):
+            acc.add_(g.to(acc.dtype))
+        count += 1
+        if max_batches is not None and count >= max_batches:
+            break
+    if count == 0:
+        raise ValueError("mean_gradient: batches is empty")
+    return [t.div_(count) for t in total]
+
+
+def _aligned(values: Tensors, names: Sequence[str], what: str) -> list[Tensor]:
+    if isinstance(values, Mapping):
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ValueError(f"{what} lacks entries for params {missing[:5]}")
+        values = [values[n] for n in names]
+    values = list(values)
+    if len(values) != len(names):
+        raise ValueError(f"{what} has {len(values)} tensors for {len(names)} params")
+    return values
+
+
+def score_terms(
+    directions: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    fishers: Sequence[Tensor],
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """``[sum <d, g>, sum F g^2]`` (float64, shape ``(2,)``) over every tensor, through the
+    ``fisher_score`` op: one call per (device, grad dtype) bucket, summed."""
+    buckets: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
+    for d, g, f in zip(directions, grads, fishers):
+        bucket = buckets[(g.device, g.dtype)]
+        bucket[0].append(d)
+        bucket[1].append(g)
+        bucket[2].append(f)
+    total = None
+    for (device, dtype), (ds, gs, fs) in buckets.items():
+        terms = ops.fisher_score(ds, gs, fs, backend=backends.resolve(backend, device, dtype))
+        terms = terms.to(device=directions[0].device)
+        total = terms if total is None else total + terms
+    if total is None:
+        raise ValueError("score_terms: no tensors")
+    return total
+
+
+def forgetting_confidence(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    direction: Tensors,
+    fisher: Tensors,
+    *,
+    eta: float,
+    params: ParamSpec = None,
+    normalize: bool = False,
+    method: str = "loop",
+    backend: str = "auto",
+    progress: bool = False,
+) -> ForgettingScores:
+    """FC of every row of every batch of ``D_self`` (in order).
+
+    Args:
+        model: the causal LM being fine-tuned.
+        batches: collated batches of self-knowledge samples (labels on the response only).
+        direction: ``gbar_L`` per param (list aligned with ``resolve_params(model, params)`` or a
+            ``{name: tensor}`` dict).
+        fisher: ``F_L`` per param, aligned the same way.
+        eta: the unlearning step size of the prediction ``u_s = eta * g_s``.
+        params: the parameter subset (see :func:`fisherforget.fisher.resolve_params`); the
+            per-sample gradients are taken with respect to these only, which bounds the cost on
+            large models.
+        normalize: use ``g_s / ||g_s||`` (unit-norm update): FC then ranks samples by direction
+            alone, not by how large their loss gradient is.
+        method: per-sample gradients by ``"loop"`` or ``"vmap"``
+            (:func:`fisherforget.fisher.per_sample_gradients`).
+        backend: backend of the ``fisher_score`` op.
+    """
+    if not isinstance(eta, (int, float)) or not eta > 0:
+        raise ValueError(f"Invalid eta: {eta!r} (must be > 0)")
+    chosen = resolve_params(model, params)
+    names = list(chosen)
+    directions = _aligned(direction, names, "direction")
+    fishers = _aligned(fisher, names, "fisher")
+    for n, p, d, f in zip(names, chosen.values(), directions, fishers):
+        if d.shape != p.shape or f.shape != p.shape:
+            raise ValueError(
+                f"direction/fisher of {n!r} are not shaped like the param {tuple(p.shape)}"
+            )
+    rows: list[Tensor] = []
+    norms: list[Tensor] = []
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="forgetting confidence", leave=False)
+    for batch in iterator:
+        for grads in per_sample_gradients(model, batch, chosen, reduction="mean", method=method):
+            terms = score_terms(directions, grads, fishers, backend=backend)
+            norm = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g, dtype=torch.float64).to(terms.device) for g in grads]
+            ))
+            rows.append(terms)
+            norms.append(norm)
+    if not rows:
+        raise ValueError("forgetting_confidence: batches is empty")
+    # One host transfer for all samples.
+    terms = torch.stack(rows).cpu()
+    grad_norm = torch.stack(norms).cpu()
+    first, second = terms[:, 0].clone(), terms[:, 1].clone()
+    if normalize:
+        safe = torch.where(grad_norm > 0, grad_norm, torch.ones_like(grad_norm))
+        first = first / safe
+        second = second / safe**2
+    fc = -(eta * first + 0.5 * eta**2 * second)
+    return ForgettingScores(fc=fc, first_order=first, second_order=second, grad_norm=grad_norm,
+                            eta=float(eta), normalized=normalize)
+
+
+def control_scores(
+    scores: Union[ForgettingScores, Tensor],
+    kind: str,
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Scores to rank ``D_self`` by: ``"fc"`` (the FC itself), ``"reversed"`` (``-FC``: top-ranked
+    are the lowest-FC samples, a control) or ``"random"`` (i.i.d. uniform, a control)."""
+    fc = scores.fc if isinstance(scores, ForgettingScores) else scores
+    if kind == "fc":
+        return fc.clone()
+    if kind == "reversed":
+        return -fc
+    if kind == "random":
+        return torch.rand(fc.shape, generator=generator, dtype=torch.float64)
+    raise ValueError(f"Invalid score kind: {kind!r} (must be one of {SCORE_KINDS})")
