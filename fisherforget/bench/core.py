@@ -95,6 +95,21 @@ def backend_variant_status(name: str, device: torch.device, allow_interpreter: b
     return None
 
 
+def op_backend_variants(op: str, settings: Sequence[str], device: torch.device,
+                        allow_interpreter: bool) -> list["Variant"]:
+    """One ``fisherforget-<backend>`` variant of ``fisherforget.ops.<op>`` per backend, each
+    marked with why it cannot be timed here (if so)."""
+    return [
+        Variant(
+            f"fisherforget-{name}", "ours", settings,
+            f"fisherforget.ops.{op}(backend={name!r})", backend=name,
+            unavailable=backend_variant_status(name, device, allow_interpreter),
+            informative_only=name == "reference" and device.type != "cpu",
+        )
+        for name in backends.BACKENDS
+    ]
+
+
 def unique_nbytes(tensors: Sequence[Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (shared buffers count once)."""
     seen: dict[int, int] = {}

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from fisherforget import backends, ops
+from fisherforget import ops
 from fisherforget.bench import baselines
-from fisherforget.bench.core import Built, Variant, backend_variant_status, replica_generator
+from fisherforget.bench.core import Built, Variant, op_backend_variants, replica_generator
 from fisherforget.bench.workloads import DtypeConfig, Workload
 
 SETTINGS = ("default",)
@@ -33,14 +33,7 @@ class EstimateBenchmark:
                  op_variants: bool) -> list[Variant]:
         out = [Variant("torch-foreach", "baseline", SETTINGS,
                        "torch._foreach_mul_ + torch._foreach_addcmul_")]
-        for name in backends.BACKENDS:
-            out.append(Variant(
-                f"fisherforget-{name}", "ours", SETTINGS,
-                f"fisherforget.ops.fisher_accumulate(backend={name!r})", backend=name,
-                unavailable=backend_variant_status(name, device, allow_interpreter),
-                informative_only=name == "reference" and device.type != "cpu",
-            ))
-        return out
+        return out + op_backend_variants('fisher_accumulate', SETTINGS, device, allow_interpreter)
 
     def build(self, variant: Variant, workload: Workload, dtypes: DtypeConfig, setting: str,
               device: torch.device, replica: int) -> Built:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from fisherforget import backends, ops
+from fisherforget import ops
 from fisherforget.bench import baselines
-from fisherforget.bench.core import Built, Variant, backend_variant_status, replica_generator
+from fisherforget.bench.core import Built, Variant, op_backend_variants, replica_generator
 from fisherforget.bench.workloads import DtypeConfig, Workload
 
 SETTINGS = ("default",)
@@ -32,14 +32,7 @@ class ScoreBenchmark:
                  op_variants: bool) -> list[Variant]:
         out = [Variant("torch-plain", "baseline", SETTINGS,
                        "per-tensor torch.dot(d, g) and torch.dot(F, g*g), float64 sum")]
-        for name in backends.BACKENDS:
-            out.append(Variant(
-                f"fisherforget-{name}", "ours", SETTINGS,
-                f"fisherforget.ops.fisher_score(backend={name!r})", backend=name,
-                unavailable=backend_variant_status(name, device, allow_interpreter),
-                informative_only=name == "reference" and device.type != "cpu",
-            ))
-        return out
+        return out + op_backend_variants('fisher_score', SETTINGS, device, allow_interpreter)
 
     def build(self, variant: Variant, workload: Workload, dtypes: DtypeConfig, setting: str,
               device: torch.device, replica: int) -> Built:
