@@ -20,6 +20,7 @@ and the learning task's Fisher protecting what matters (``fisher_scale`` and/or 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fisherforget.distributed import gather_scores, shard_range
 from fisherforget.fisher import (
     ESTIMATORS,
     ParamSpec,
@@ -77,6 +79,12 @@ class LWFConfig:
 
     Logging: ``forget_eval_size`` samples of ``D_self`` give the forgetting-task loss after each
     phase (0 disables it).
+
+    Several processes: ``split_scoring`` (DDP, or any replicated model) makes each rank score only
+    its slice of ``D_self`` (:func:`fisherforget.distributed.shard_range`) and gathers the scores
+    (:func:`~fisherforget.distributed.gather_scores`), so every rank gets the same scores, bit for
+    bit, and selects the same samples. Pass the unwrapped module (``ddp.module``) to
+    :class:`LearningWithForgetting`. Not for FSDP, where every rank must run every sample.
     """
 
     every: int = 50
@@ -102,6 +110,7 @@ class LWFConfig:
     seed: int = 0
     forget_eval_size: int = 256
     backend: str = "auto"
+    split_scoring: bool = False
 
     def __post_init__(self) -> None:
         self.schedule  # validates the schedule fields
@@ -282,16 +291,25 @@ class LearningWithForgetting:
                         method=cfg.score_method, backend=cfg.backend,
                         generator=torch.Generator().manual_seed(cfg.seed + self.global_step),
                     ).values())
+            samples = self.samples
+            if cfg.split_scoring:
+                samples = [samples[i] for i in shard_range(len(samples))]
             with self.autocast():
                 scores = forgetting_confidence(
                     model,
-                    batches_of(self.samples, cfg.batch_size, pad_id=self.pad_id,
-                               device=self.device),
+                    batches_of(samples, cfg.batch_size, pad_id=self.pad_id, device=self.device),
                     direction, fisher, eta=cfg.score_eta, params=list(chosen.values()),
                     normalize=cfg.normalize, method=cfg.score_method, backend=cfg.backend,
                 )
         finally:
             model.train(was_training)
+        if cfg.split_scoring:
+            scores = dataclasses.replace(
+                scores, fc=gather_scores(scores.fc),
+                first_order=gather_scores(scores.first_order),
+                second_order=gather_scores(scores.second_order),
+                grad_norm=gather_scores(scores.grad_norm),
+            )
         return scores
 
     def rescore(self) -> dict[str, float]:
