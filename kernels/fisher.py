@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
+    program_chunk,
     all_aligned,
     build_tables,
     launch_config,
@@ -52,12 +53,9 @@ def _fisher_accumulate_kernel(
     F_ALIGN: tl.constexpr = VEC * (F_DTYPE.primitive_bitwidth // 8)
     G_ALIGN: tl.constexpr = VEC * (G_DTYPE.primitive_bitwidth // 8)
     # (Inlined like the fused step: device-function calls are slow in the interpreter.)
-    packed = tl.load(chunk_table_ptr + tl.program_id(0))
-    tensor_index = packed >> 32
-    row = tensor_table_ptr + tensor_index * ACC_N_FIELDS
-    chunk_elems = blocks_per_chunk.to(tl.int64) * BLOCK
-    chunk_start = (packed - (tensor_index << 32)) * chunk_elems
-    chunk_len = tl.minimum(tl.load(row + ACC_NUMEL_FIELD) - chunk_start, chunk_elems).to(tl.int32)
+    row, chunk_start, chunk_len = program_chunk(tensor_table_ptr, chunk_table_ptr,
+                                                blocks_per_chunk, ACC_N_FIELDS, ACC_NUMEL_FIELD,
+                                                BLOCK)
     f_ptr = tl.load(row + ACC_F_FIELD).to(tl.pointer_type(F_DTYPE)) + chunk_start
     g_ptr = tl.load(row + ACC_G_FIELD).to(tl.pointer_type(G_DTYPE)) + chunk_start
     alpha_f = tl.full([], alpha, tl.float32)
@@ -102,14 +100,9 @@ def _fisher_score_kernel(
     D_ALIGN: tl.constexpr = VEC * (D_DTYPE.primitive_bitwidth // 8)
     G_ALIGN: tl.constexpr = VEC * (G_DTYPE.primitive_bitwidth // 8)
     F_ALIGN: tl.constexpr = VEC * (F_DTYPE.primitive_bitwidth // 8)
-    packed = tl.load(chunk_table_ptr + tl.program_id(0))
-    tensor_index = packed >> 32
-    row = tensor_table_ptr + tensor_index * SCORE_N_FIELDS
-    chunk_elems = blocks_per_chunk.to(tl.int64) * BLOCK
-    chunk_start = (packed - (tensor_index << 32)) * chunk_elems
-    chunk_len = tl.minimum(tl.load(row + SCORE_NUMEL_FIELD) - chunk_start, chunk_elems).to(
-        tl.int32
-    )
+    row, chunk_start, chunk_len = program_chunk(tensor_table_ptr, chunk_table_ptr,
+                                                blocks_per_chunk, SCORE_N_FIELDS,
+                                                SCORE_NUMEL_FIELD, BLOCK)
     d_ptr = tl.load(row + SCORE_D_FIELD).to(tl.pointer_type(D_DTYPE)) + chunk_start
     g_ptr = tl.load(row + SCORE_G_FIELD).to(tl.pointer_type(G_DTYPE)) + chunk_start
     f_ptr = tl.load(row + SCORE_F_FIELD).to(tl.pointer_type(F_DTYPE)) + chunk_start

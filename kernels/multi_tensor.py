@@ -42,6 +42,7 @@ __all__ = [
     "all_aligned",
     "vector_elems",
     "optional_ptr",
+    "program_chunk",
     "on_device",
     "triton_dtype",
 ]
@@ -217,6 +218,20 @@ def _chunk_table_on_device(
 # Writing host integers into device memory without a host-to-device copy (CUDA-graph capture).
 
 _VALUES_PER_WRITE = 16
+
+
+@triton.jit
+def program_chunk(tensor_table_ptr, chunk_table_ptr, blocks_per_chunk,
+                  N_FIELDS: tl.constexpr, NUMEL_FIELD: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's chunk, decoded from the chunk table: the tensor-table row of its tensor
+    and its elements ``[chunk_start, chunk_start + chunk_len)`` (one call per program)."""
+    packed = tl.load(chunk_table_ptr + tl.program_id(0))
+    tensor_index = packed >> 32
+    row = tensor_table_ptr + tensor_index * N_FIELDS
+    chunk_elems = blocks_per_chunk.to(tl.int64) * BLOCK
+    chunk_start = (packed - (tensor_index << 32)) * chunk_elems
+    chunk_len = tl.minimum(tl.load(row + NUMEL_FIELD) - chunk_start, chunk_elems).to(tl.int32)
+    return row, chunk_start, chunk_len
 
 
 @triton.jit(do_not_specialize=["offset", "count"] + [f"v{i}" for i in range(16)])

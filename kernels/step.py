@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
+    program_chunk,
     all_aligned,
     build_tables,
     launch_config,
@@ -76,13 +77,10 @@ def _fused_step_kernel(
     FREEZES: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # This program's chunk: elements [chunk_start, chunk_start + chunk_len) of one tensor.
-    # (Helpers are inlined by hand: every device-function call costs the interpreter dearly.)
-    packed = tl.load(chunk_table_ptr + tl.program_id(0))
-    tensor_index = packed >> 32
-    row = tensor_table_ptr + tensor_index * N_FIELDS
-    chunk_elems = blocks_per_chunk.to(tl.int64) * BLOCK
-    chunk_start = (packed - (tensor_index << 32)) * chunk_elems
-    chunk_len = tl.minimum(tl.load(row + NUMEL_FIELD) - chunk_start, chunk_elems).to(tl.int32)
+    # (Per-block helpers are inlined by hand: every device-function call costs the interpreter
+    # dearly; this one runs once per program.)
+    row, chunk_start, chunk_len = program_chunk(tensor_table_ptr, chunk_table_ptr,
+                                                blocks_per_chunk, N_FIELDS, NUMEL_FIELD, BLOCK)
     n_blocks = tl.cdiv(chunk_len, BLOCK)
 
     # Operand base pointers from the tensor table. With ALIGNED (every address 16-byte aligned,
