@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fisherforget import ops
 from fisherforget.backends import cuda_jit
+from fisherforget.backends.staging import ContiguousStaging
 
 # The op schemas, as registered by csrc/bindings.cpp (checked by tests/backends/test_cuda.py).
 SCHEMAS = {
@@ -173,19 +174,6 @@ def _register_fakes() -> None:
 # ------------------------------------------------------------------------------------------ glue
 
 
-def _writable(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
-    """Contiguous tensors the kernels may write, and the (original, copy) pairs to copy back."""
-    work, write_back = [], []
-    for t in tensors:
-        if t.is_contiguous():
-            work.append(t)
-        else:
-            copy = t.contiguous()
-            work.append(copy)
-            write_back.append((t, copy))
-    return work, write_back
-
-
 def _on(value: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     if value is None:
         return None
@@ -222,22 +210,18 @@ def fused_step(
     if len(params) == 0:
         return
     device = params[0].device
-    writes: list[tuple[Tensor, Tensor]] = []
-    lists = {}
-    for name, tensors in (("params", params), ("exp_avgs", exp_avgs),
-                          ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs),
-                          ("fishers", fishers)):
-        lists[name], pending = _writable(tensors)
-        writes += pending
+    staging = ContiguousStaging()
     lr_tensor = None
     if isinstance(lr, Tensor):
-        # Kept in its own dtype: it sets the precision of 1 - lr * weight_decay, as in the reference.
+        # Kept in its own dtype: a float64 lr keeps float64 math for 1 - lr * weight_decay; the
+        # kernel widens bf16/fp16 to fp32, as the reference does.
         lr_tensor = lr.to(device=device, non_blocking=True)
         lr = 0.0
     torch.ops.fisherforget_C.fused_step(
-        lists["params"], [g.contiguous() for g in grads], lists["exp_avgs"],
-        lists["exp_avg_sqs"], lists["max_exp_avg_sqs"], lists["fishers"],
-        [None if m is None else m.contiguous() for m in masks], list(steps), list(fisher_counts),
+        staging.inplace(list(params)), staging.read(list(grads)),
+        staging.inplace(list(exp_avgs)), staging.inplace(list(exp_avg_sqs)),
+        staging.inplace(list(max_exp_avg_sqs)), staging.inplace(list(fishers)),
+        staging.read(list(masks)), list(steps), list(fisher_counts),
         lr=float(lr), lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2),
         eps=float(eps), weight_decay=float(weight_decay), amsgrad=bool(amsgrad),
         maximize=bool(maximize), fisher_mode=fisher_mode, fisher_beta=float(fisher_beta),
@@ -246,8 +230,7 @@ def fused_step(
         freeze_below=None if freeze_below is None else float(freeze_below),
         grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
     )
-    for original, copy in writes:
-        original.copy_(copy)
+    staging.finish()
 
 
 @ops.register("fisher_accumulate", "cuda")
@@ -261,13 +244,12 @@ def fisher_accumulate(
 ) -> None:
     if len(fishers) == 0:
         return
-    work, writes = _writable(fishers)
+    staging = ContiguousStaging()
     torch.ops.fisherforget_C.fisher_accumulate(
-        work, [g.contiguous() for g in grads], alpha=float(alpha), beta=float(beta),
-        grad_scale=_on(grad_scale, fishers[0].device),
+        staging.inplace(list(fishers)), staging.read(list(grads)), alpha=float(alpha),
+        beta=float(beta), grad_scale=_on(grad_scale, fishers[0].device),
     )
-    for original, copy in writes:
-        original.copy_(copy)
+    staging.finish()
 
 
 @ops.register("fisher_score", "cuda")
@@ -276,7 +258,7 @@ def fisher_score(
 ) -> Tensor:
     if len(grads) == 0:
         return torch.zeros(2, dtype=torch.float64)  # as the reference: no tensors, no device
+    staging = ContiguousStaging()
     return torch.ops.fisherforget_C.fisher_score(
-        [d.contiguous() for d in directions], [g.contiguous() for g in grads],
-        [f.contiguous() for f in fishers],
+        staging.read(list(directions)), staging.read(list(grads)), staging.read(list(fishers))
     )

@@ -16,26 +16,12 @@ import torch
 from torch import Tensor
 
 from fisherforget import ops
+from fisherforget.backends.staging import ScalarOnDevice
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
     # fp32 math for fp32/bf16/fp16; never downcast fp64 params.
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-class _PerDevice:
-    """Moves a scalar tensor (found_inf, grad_scale) to each device once per call."""
-
-    def __init__(self, value: Optional[Tensor]):
-        self.value = value
-        self.cache: dict[torch.device, Tensor] = {}
-
-    def on(self, device: torch.device) -> Optional[Tensor]:
-        if self.value is None:
-            return None
-        if device not in self.cache:
-            self.cache[device] = self.value.to(device=device, non_blocking=True)
-        return self.cache[device]
 
 
 def _where_kept(keep: Optional[Tensor], old: Tensor, new: Tensor) -> Tensor:
@@ -69,9 +55,9 @@ def fused_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> None:
-    found_inf_on = _PerDevice(found_inf)
-    grad_scale_on = _PerDevice(grad_scale)
-    lr_on = _PerDevice(lr) if isinstance(lr, Tensor) else None
+    found_inf_on = ScalarOnDevice(found_inf)
+    grad_scale_on = ScalarOnDevice(grad_scale)
+    lr_on = ScalarOnDevice(lr) if isinstance(lr, Tensor) else None
     uses_fisher = len(fishers) > 0
 
     for i, param in enumerate(params):
@@ -174,7 +160,7 @@ def fisher_accumulate(
     beta: float,
     grad_scale: Optional[Tensor] = None,
 ) -> None:
-    scale_on = _PerDevice(grad_scale)
+    scale_on = ScalarOnDevice(grad_scale)
     for fisher, grad in zip(fishers, grads):
         cdt = _compute_dtype(fisher)
         g = grad.to(cdt)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from fisherforget import ops
+from fisherforget.backends.staging import ContiguousStaging, ScalarOnDevice
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_DTYPE_SET = set(_KERNEL_DTYPES)
@@ -209,60 +210,6 @@ def _check_all_scalars(name: str, tensors: Sequence, devices: list) -> None:
         _check_scalar_tensor(t, f"{name}[{i}]", devices[i])
 
 
-def _check_lengths(n: int, **lists: Sequence) -> None:
-    for name, values in lists.items():
-        if len(values) != n:
-            raise ValueError(f"{name} has {len(values)} entries, params {n}: they must match")
-
-
-# ------------------------------------------------------------------------------ contiguity
-
-
-class _Contiguous:
-    """Contiguous stand-ins for non-contiguous tensors; in-place ones are copied back after."""
-
-    def __init__(self):
-        self._write_back: list[tuple[Tensor, Tensor]] = []
-
-    def read(self, tensors: list) -> list:
-        present = [t for t in tensors if t is not None]
-        if all(map(Tensor.is_contiguous, present)):
-            return tensors
-        return [t if t is None or t.is_contiguous() else t.contiguous() for t in tensors]
-
-    def inplace(self, tensors: list) -> list:
-        if all(map(Tensor.is_contiguous, tensors)):
-            return tensors
-        out = []
-        for t in tensors:
-            if not t.is_contiguous():
-                copy = t.contiguous()
-                self._write_back.append((t, copy))
-                t = copy
-            out.append(t)
-        return out
-
-    def finish(self) -> None:
-        for original, copy in self._write_back:
-            original.copy_(copy)
-        self._write_back.clear()
-
-
-class _PerDevice:
-    """A scalar tensor (lr, grad_scale, found_inf) on each device, moved without a sync."""
-
-    def __init__(self, value: Optional[Tensor]):
-        self.value = value
-        self.cache: dict[torch.device, Tensor] = {}
-
-    def on(self, device: torch.device) -> Optional[Tensor]:
-        if self.value is None:
-            return None
-        if device not in self.cache:
-            self.cache[device] = self.value.reshape(()).to(device=device, non_blocking=True)
-        return self.cache[device]
-
-
 # ------------------------------------------------------------------------------------ ops
 
 
@@ -316,10 +263,10 @@ def fused_step(
     columns = [[p.device for p in params]] + [[t.dtype for t in lst] for lst in keyed]
     buckets = _group(list(zip(*columns)))
 
-    lr_on = _PerDevice(lr) if isinstance(lr, Tensor) else None
-    scale_on = _PerDevice(grad_scale)
-    found_inf_on = _PerDevice(found_inf)
-    contiguous = _Contiguous()
+    lr_on = ScalarOnDevice(lr) if isinstance(lr, Tensor) else None
+    scale_on = ScalarOnDevice(grad_scale)
+    found_inf_on = ScalarOnDevice(found_inf)
+    contiguous = ContiguousStaging()
     for key, index in buckets.items():
         device = key[0]
 
@@ -361,33 +308,12 @@ def _check_fused_step(
     fisher_counts, *, lr, amsgrad, fisher_mode, fisher_scale, freeze_above, freeze_below,
     grad_scale, found_inf,
 ) -> None:
-    n = len(params)
-    _check_lengths(n, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, masks=masks,
-                   steps=steps)
-    if amsgrad:
-        _check_lengths(n, max_exp_avg_sqs=max_exp_avg_sqs)
-    elif len(max_exp_avg_sqs) not in (0, n):
-        raise ValueError(
-            f"max_exp_avg_sqs has {len(max_exp_avg_sqs)} entries; it must be empty or match "
-            f"params ({n})"
-        )
-    if fisher_mode not in ops.FISHER_MODES:
-        raise ValueError(f"fisher_mode must be one of {ops.FISHER_MODES}, got {fisher_mode!r}")
-    uses_fisher = (
-        fisher_mode is not None or fisher_scale != 0
-        or freeze_above is not None or freeze_below is not None
+    # Which lists must be present and of equal length: the op contract, checked in one place.
+    ops.check_fused_step_lists(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+        fisher_counts, amsgrad=amsgrad, fisher_mode=fisher_mode, fisher_scale=fisher_scale,
+        freeze_above=freeze_above, freeze_below=freeze_below,
     )
-    if len(fishers) not in (0, n):
-        raise ValueError(f"fishers has {len(fishers)} entries, params {n}: they must match")
-    if uses_fisher and n and not fishers:
-        raise ValueError(
-            "fishers is empty, but fisher_mode, fisher_scale or a freeze threshold uses the "
-            f"Fisher (fisher_mode={fisher_mode!r}, fisher_scale={fisher_scale!r}, "
-            f"freeze_above={freeze_above!r}, freeze_below={freeze_below!r}): pass one Fisher "
-            "tensor per param"
-        )
-    if fishers and fisher_mode is not None:
-        _check_lengths(n, fisher_counts=fisher_counts)
     for name, value in (("fisher_scale", fisher_scale), ("freeze_above", freeze_above),
                         ("freeze_below", freeze_below)):
         if value is not None and (not isinstance(value, (int, float)) or math.isnan(value)):
@@ -435,8 +361,8 @@ def fisher_accumulate(
     shapes, devices = _check_params_named(fishers, "fishers")
     _check_all_like("grads", grads, fishers, shapes, devices)
     buckets = _group(list(zip(devices, [f.dtype for f in fishers], [g.dtype for g in grads])))
-    scale_on = _PerDevice(grad_scale)
-    contiguous = _Contiguous()
+    scale_on = ScalarOnDevice(grad_scale)
+    contiguous = ContiguousStaging()
     for (device, _, _), index in buckets.items():
         kernels.fisher_accumulate(
             contiguous.inplace(_pick(fishers, index)), contiguous.read(_pick(grads, index)),
@@ -468,7 +394,7 @@ def fisher_score(
     _check_all_like("fishers", fishers, grads, shapes, devices)
     buckets = _group(list(zip([d.dtype for d in directions], [g.dtype for g in grads],
                               [f.dtype for f in fishers])))
-    contiguous = _Contiguous()
+    contiguous = ContiguousStaging()
     work = []
     for index in buckets.values():
         work.append((contiguous.read(_pick(directions, index)),
