@@ -20,14 +20,13 @@ true or batch).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from fisherforget import backends, ops
+from fisherforget.distributed import fisher_score_global
 from fisherforget.fisher import ParamSpec, batch_gradient, per_sample_gradients, resolve_params
 
 __all__ = [
@@ -182,21 +181,14 @@ def score_terms(
     backend: str = "auto",
 ) -> Tensor:
     """``[sum <d, g>, sum F g^2]`` (float64, shape ``(2,)``) over every tensor, through the
-    ``fisher_score`` op: one call per (device, grad dtype) bucket, summed."""
-    buckets: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
-    for d, g, f in zip(directions, grads, fishers):
-        bucket = buckets[(g.device, g.dtype)]
-        bucket[0].append(d)
-        bucket[1].append(g)
-        bucket[2].append(f)
-    total = None
-    for (device, dtype), (ds, gs, fs) in buckets.items():
-        terms = ops.fisher_score(ds, gs, fs, backend=backends.resolve(backend, device, dtype))
-        terms = terms.to(device=directions[0].device)
-        total = terms if total is None else total + terms
-    if total is None:
+    ``fisher_score`` op: one call per (device, grad dtype) bucket, summed. DTensor gradients
+    (FSDP2) are scored shard by shard and reduced across ranks
+    (:func:`fisherforget.distributed.fisher_score_global`, which this is)."""
+    if not grads:
         raise ValueError("score_terms: no tensors")
-    return total
+    return fisher_score_global(directions, grads, fishers, backend=backend).to(
+        device=directions[0].device
+    )
 
 
 def forgetting_confidence(
