@@ -21,7 +21,8 @@ unit-normed). It stays the default scorer; two other named scorers use the Fishe
 
 Every term comes from one pass over the per-sample gradients. ``method="vmap"`` takes the
 gradients of a whole batch at once (``torch.func.vmap(grad(...))``) and reduces all of them in one
-multi-sample contraction per parameter (float64), not one call per sample; ``method="loop"``
+multi-sample contraction per parameter (fp32 products summed in float64), not one call per
+sample; ``method="loop"``
 takes them one sample at a time and reduces each through the :func:`fisherforget.ops.fisher_score`
 op (the path that also handles DTensor gradients under FSDP2).
 
@@ -308,7 +309,19 @@ def _stacked_gradients(model: nn.Module, batch: Mapping[str, Tensor],
 
     _check_batch(batch)
     labels = labels_of(batch)
-    inputs = model_inputs(batch)
+    inputs = dict(model_inputs(batch))
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        width = mask.shape[1]
+        lengths = mask.sum(dim=1, keepdim=True)
+        right_padded = torch.equal(mask.bool(), torch.arange(width, device=mask.device) < lengths)
+        if not right_padded:
+            raise ValueError("method='vmap' needs right-padded batches (as collate makes); use "
+                             "method='loop' for left padding")
+        # Under causal attention a right-padded row's real tokens never see its padding, and
+        # the padding carries no labels, so the mask changes no loss; dropping it keeps
+        # transformers' mask code (which reads the mask's values) out of vmap.
+        del inputs["attention_mask"]
     keys = list(inputs)
 
     def loss_of(theta: dict[str, Tensor], row_labels: Tensor, *row_inputs: Tensor) -> Tensor:
@@ -326,20 +339,24 @@ def batched_terms(directions: Sequence[Tensor], weighted: Sequence[Tensor],
                   fishers: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
     """For a batch of per-sample gradients (``grads[j]`` shaped ``(B, *param_j.shape)``), the
     ``(B, 4)`` float64 matrix of ``[<d, g_s>, sum F g_s^2, <w, g_s>, ||g_s||^2]`` summed over
-    params (``w`` is ``F * d``, passed in so that callers compute it once): one contraction per
-    param for all ``B`` samples."""
+    params (``w`` is ``F * d``, passed in so that callers compute it once): two matrix products
+    per param for all ``B`` samples, in the gradients' precision (fp32, or fp64 for fp64
+    gradients), summed over params in float64."""
     if not grads:
         raise ValueError("batched_terms: no tensors")
     total = None
     for d, w, f, g in zip(directions, weighted, fishers, grads, strict=True):
-        g = g.reshape(g.shape[0], -1).to(torch.float64)
+        # Contract in the gradient's precision (fp32 matmuls are several times faster than fp64
+        # ones on (B, n) matrices); sum the per-param results in float64.
+        dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        g = g.reshape(g.shape[0], -1).to(dtype)
         square = g * g
-        cols = torch.stack([
-            g @ d.reshape(-1).to(device=g.device, dtype=torch.float64),
-            square @ f.reshape(-1).to(device=g.device, dtype=torch.float64),
-            g @ w.reshape(-1).to(device=g.device),
-            square.sum(dim=1),
-        ], dim=1)
+        vectors = torch.stack([d.reshape(-1), w.reshape(-1)]).to(device=g.device, dtype=dtype)
+        cols = torch.cat([
+            g @ vectors.T,
+            square @ torch.stack([f.reshape(-1).to(device=g.device, dtype=dtype),
+                                  torch.ones_like(vectors[0])]).T,
+        ], dim=1)[:, [0, 2, 1, 3]].to(torch.float64)
         total = cols if total is None else total + cols.to(total.device)
     return total
 

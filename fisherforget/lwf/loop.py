@@ -83,8 +83,9 @@ class LWFConfig:
     ``direction`` (``"optimizer"``: bias-corrected ``exp_avg``; ``"fresh"``: mean gradient over
     ``learn_batches``), ``fisher_source`` (``"optimizer"``: the optimizer's online Fisher; or an
     :func:`~fisherforget.fisher.estimate_fisher` estimator on ``learn_batches``), ``score_params``
-    (parameter subset), ``score_method`` (``"loop"``/``"vmap"``), ``score_batches`` (learning
-    batches used for a fresh direction or Fisher).
+    (parameter subset), ``score_method`` (``"loop"``/``"vmap"``: ``"vmap"`` scores a whole batch of
+    ``D_self`` per reduction), ``score_batch_size`` (samples per scoring batch; default
+    ``batch_size``), ``score_batches`` (learning batches used for a fresh direction or Fisher).
 
     Unlearning: ``lr``; ``fisher_scale`` in units of ``1 / mean(F)`` (the group's ``fisher_scale``
     is set to ``fisher_scale / optimizer.fisher_mean()``, so 1.0 halves the step of an element with
@@ -121,6 +122,7 @@ class LWFConfig:
     score_params: ParamSpec = None
     score_method: str = "loop"
     score_batches: int = 8
+    score_batch_size: Optional[int] = None
     lr: float = 1e-4
     fisher_scale: float = 0.0
     freeze_quantile: Optional[float] = None
@@ -168,6 +170,10 @@ class LWFConfig:
             raise ValueError(
                 f"Invalid freeze_quantile: {self.freeze_quantile!r} (must be in [0, 1])"
             )
+        if self.score_batch_size is not None and (
+                not isinstance(self.score_batch_size, int) or self.score_batch_size < 1):
+            raise ValueError(
+                f"Invalid score_batch_size: {self.score_batch_size!r} (must be None or >= 1)")
         for name in ("batch_size", "score_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -346,7 +352,8 @@ class LearningWithForgetting:
             with self.autocast():
                 scores = forgetting_confidence(
                     model,
-                    batches_of(samples, cfg.batch_size, pad_id=self.pad_id, device=self.device),
+                    batches_of(samples, cfg.score_batch_size or cfg.batch_size, pad_id=self.pad_id,
+                               device=self.device),
                     direction, fisher, eta=cfg.score_eta, params=list(chosen.values()),
                     normalize=cfg.normalize, method=cfg.score_method, backend=cfg.backend,
                 )

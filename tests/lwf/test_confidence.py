@@ -289,3 +289,22 @@ def test_batched_reduction_is_one_call_per_batch(monkeypatch):
                                    optimizer_direction(opt, params), optimizer_fisher(opt, params),
                                    eta=0.1, method="vmap")
     assert len(scores) == 12 and calls == {"batched": 3, "op": 0}
+
+
+def test_vmap_scoring_of_padded_batches_under_sdpa_attention():
+    """transformers' SDPA mask code reads the mask's values, which vmap cannot; the batched path
+    drops a right-padding mask (it changes no loss under causal attention) and gives the
+    one-sample-at-a-time result."""
+    model, opt, _, _ = trained_setup()
+    model.set_attn_implementation("sdpa")
+    samples = make_samples(6, seed=5)  # ragged lengths: padded batches
+    params = list(model.parameters())
+    args = (optimizer_direction(opt, params), optimizer_fisher(opt, params))
+    loop = forgetting_confidence(model, batches_of(samples, 3), *args, eta=0.2, method="loop")
+    vmap = forgetting_confidence(model, batches_of(samples, 3), *args, eta=0.2, method="vmap")
+    torch.testing.assert_close(vmap.fc, loop.fc, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(vmap.overlap, loop.overlap, rtol=1e-4, atol=0.0)
+    left = next(batches_of(samples, 3))
+    left["attention_mask"] = left["attention_mask"].flip(1)
+    with pytest.raises(ValueError, match="right-padded"):
+        forgetting_confidence(model, [left], *args, eta=0.2, method="vmap")
