@@ -46,7 +46,7 @@ SETTINGS = {
                         lwf=_CONFLICT_LWF),
     "rule": Setting("rule", entities=256, values=32, hidden=32, layers=2, heads=4,
                     pretrain_steps=1500, pretrain_batch=128, pretrain_lr=3e-3, steps=150,
-                    batch_size=32, eval_every=15, lrs=[3e-4, 1e-3, 3e-3, 6e-3], lwf=_RULE_LWF),
+                    batch_size=32, eval_every=15, lrs=[1e-3, 3e-3, 1e-2], lwf=_RULE_LWF),
 }
 QUICK = Setting("conflict", entities=240, values=16, hidden=64, layers=2, heads=4,
                 pretrain_steps=400, pretrain_batch=64, pretrain_lr=3e-3, steps=80,
@@ -65,7 +65,10 @@ def make_world(setting: Setting):
 
 
 def run_setting(name: str, setting: Setting, methods: list[str], seeds: list[int],
-                tune_seeds: list[int], device, backend: str, cache: Optional[str]) -> dict:
+                tune_seeds: list[int], device, backend: str, cache: Optional[str],
+                partial: Optional[str] = None) -> dict:
+    """Tune, then run the reported seeds; after each seed the results so far are written to
+    ``partial`` (when given), so that a run cut short still records what finished."""
     world = make_world(setting)
     bench = Bench(setting, world, device, backend=backend, cache=cache)
     print(f"[{name}] {world.n_entities} entities ({len(world.learn_train)} learning, "
@@ -109,8 +112,16 @@ def run_setting(name: str, setting: Setting, methods: list[str], seeds: list[int
                                                chosen[method], "test"))
         line = "  ".join(f"{m} {runs[m][-1]['final']['learn']:.2f}/"
                          f"{runs[m][-1]['final']['kept_outside']:.2f}" for m in methods)
-        print(f"  seed {seed} ({time.perf_counter() - t:.0f}s) learn/kept outside: {line}")
+        print(f"  [{name}] seed {seed} ({time.perf_counter() - t:.0f}s) learn/kept outside: "
+              f"{line}")
         sys.stdout.flush()
+        if partial:
+            with open(partial + ".tmp", "w") as f:
+                json.dump({"setting": name, "tuning": tuning, "chosen_lr": chosen,
+                           "seeds_done": seeds[:len(pretraining)],
+                           "paired": report.paired_list(name, runs, "adamw"),
+                           "summary": report.summarize(runs)}, f, indent=1)
+            os.replace(partial + ".tmp", partial)
     summary = report.summarize(runs)
     pairs = report.paired_list(name, runs, "adamw")
     selection = report.selection_summary(runs.get("lwf", []))
@@ -171,7 +182,10 @@ def run_builtin(args) -> int:
     print(f"fisherforget demo: settings {', '.join(settings)}; {torch.get_num_threads()} "
           f"thread(s) on {device}; FisherAdamW backend {args.backend!r}")
     start = time.perf_counter()
-    jobs = [(name, s, methods, seeds, tune_seeds, device, args.backend, cache)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    jobs = [(name, s, methods, seeds, tune_seeds, device, args.backend, cache,
+             os.path.join(args.out, f".partial_{name}.json") if args.out else None)
             for name, s in settings.items()]
     if args.jobs > 1 and len(jobs) > 1:
         # One process per setting (each single-threaded): the settings share nothing.
