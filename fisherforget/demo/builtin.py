@@ -131,7 +131,8 @@ def run_setting(name: str, setting: Setting, methods: list[str], seeds: list[int
     return {
         "setting": {k: v for k, v in vars(setting).items()},
         "world": {"entities": world.n_entities, "values": world.n_values,
-                  "learn_train": len(world.learn_train), "d_self_entities": len(world.self_entities),
+                  "learn_train": len(world.learn_train),
+                  "d_self_entities": len(world.self_entities),
                   "val": len(world.learn_val), "test": len(world.learn_test),
                   "learn_relations": world.learn_relations,
                   "forget_relations": world.forget_relations,

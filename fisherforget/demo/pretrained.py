@@ -1,4 +1,4 @@
-"""``fisherforget demo --model ... --learn ... --forget ...``: the same protocol on a real causal LM.
+"""``fisherforget demo --model M --learn L --forget F``: the same protocol on a real causal LM.
 
 The learning JSONL is split 60/20/20 (fixed split) into train, validation and test; ``D_self``
 is the model's own sampled answers to the forgetting JSONL's prompts (generated once). Methods:

@@ -78,7 +78,8 @@ class Setting:
         text = json.dumps({k: v for k, v in asdict(self).items()
                            if k not in ("steps", "batch_size", "eval_every", "lrs", "lwf")},
                           sort_keys=True)
-        return hashlib.sha1(f"{text}|{PRETRAIN_VERSION}|{torch.__version__}".encode()).hexdigest()[:12]
+        text = f"{text}|{PRETRAIN_VERSION}|{torch.__version__}"
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 class Bench:
@@ -105,7 +106,8 @@ class Bench:
             "val": {"learn": w.learn_data(w.learn_val), "forget": w.forget_data(w.learn_val)},
             "test": {"learn": w.learn_data(w.learn_test), "forget": w.forget_data(w.learn_test)},
         }
-        self.kept_sets = {"kept": w.kept_data(everyone), "kept_outside": w.kept_data(w.outside_self)}
+        self.kept_sets = {"kept": w.kept_data(everyone),
+                          "kept_outside": w.kept_data(w.outside_self)}
 
     @property
     def n_params(self) -> int:

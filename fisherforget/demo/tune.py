@@ -33,7 +33,8 @@ def tune(bench: Bench, methods: Sequence[str], seeds: Sequence[int],
                 result = bench.finetune(method, pre, d_self, relations, seed, lr, split="val")
                 scores[method][str(lr)].append(
                     {"seed": seed, **{k: result["final"][k] for k in ("learn", "kept_outside")}})
-        log(f"  [{bench.setting.world}] tuning seed {seed} done ({time.perf_counter() - start:.0f}s)")
+        log(f"  [{bench.setting.world}] tuning seed {seed} done "
+            f"({time.perf_counter() - start:.0f}s)")
     table: dict[str, dict[str, dict]] = {}
     chosen: dict[str, float] = {}
     for method in methods:

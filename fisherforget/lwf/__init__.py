@@ -36,7 +36,8 @@ from fisherforget.lwf.self_knowledge import (
 )
 
 __all__ = [
-    "SCORE_KINDS", "RETAIN_SETS", "ForgettingScores", "batched_terms", "control_scores", "forgetting_confidence", "mean_gradient",
+    "SCORE_KINDS", "RETAIN_SETS", "ForgettingScores", "batched_terms", "control_scores",
+    "forgetting_confidence", "mean_gradient",
     "optimizer_direction", "optimizer_fisher", "score_terms", "LearningWithForgetting",
     "LWFConfig", "UnlearningSchedule", "select", "batches_of", "collate", "encode_pairs",
     "fingerprint", "generate_self_knowledge", "LWFCallback", "LWFTrainer",

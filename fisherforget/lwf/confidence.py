@@ -276,7 +276,8 @@ def forgetting_confidence(
 
         iterator = tqdm(batches, desc="forgetting confidence", leave=False)
     if method == "vmap":
-        weighted = [(f.to(torch.float64) * d.to(torch.float64)) for d, f in zip(directions, fishers)]
+        weighted = [f.to(torch.float64) * d.to(torch.float64)
+                    for d, f in zip(directions, fishers)]
         rows = [batched_terms(directions, weighted, fishers, stacked)
                 for stacked in (_stacked_gradients(model, batch, chosen) for batch in iterator)]
     else:

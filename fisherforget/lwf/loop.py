@@ -604,7 +604,8 @@ class LearningWithForgetting:
 
     def _fingerprints(self) -> dict[str, Any]:
         retain = (None if self.retain_samples is None else
-                  {"count": len(self.retain_samples), "fingerprint": fingerprint(self.retain_samples)})
+                  {"count": len(self.retain_samples),
+                   "fingerprint": fingerprint(self.retain_samples)})
         return {"count": len(self.samples), "fingerprint": fingerprint(self.samples),
                 "retain": retain}
 

@@ -258,7 +258,8 @@ def test_named_scorers_match_brute_force(method, normalize):
     for kind in ("fisher_alignment", "fisher_overlap"):
         torch.testing.assert_close(control_scores(scores, kind), scores.ranking(kind))
     # The scorers are different rankings, not relabelled copies of FC.
-    assert not torch.equal(torch.argsort(scores.fc), torch.argsort(scores.ranking("fisher_overlap")))
+    assert not torch.equal(torch.argsort(scores.fc),
+                           torch.argsort(scores.ranking("fisher_overlap")))
     with pytest.raises(TypeError, match="ForgettingScores"):
         control_scores(scores.fc, "fisher_overlap")
     with pytest.raises(ValueError, match="scorer"):
