@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) of the ops over random shapes, dtypes and settings.
 
-* the reference backend against the float64 oracle of DESIGN section 2 (``tests/oracle.py``),
+* the reference backend against the float64 oracle of docs/design.md (``tests/oracle.py``),
   starting from random optimizer state (moments, Fisher, step counts), 1-3 chained steps;
 * ``fisher_accumulate`` and ``fisher_score`` against float64 formulas;
 * the Triton backend (interpreted on CPU, ``TRITON_INTERPRET=1``) against the reference, with few,
@@ -154,14 +154,10 @@ def _clone(data):
 
 def _run(data, grads, case, found_inf, backend):
     ops.fused_step(
-        data["params"], grads, data["exp_avgs"], data["exp_avg_sqs"], data["max_exp_avg_sqs"],
-        data["fishers"], data["masks"], data["steps"], data["fisher_counts"],
-        lr=case.hyper["lr"], beta1=case.hyper["beta1"], beta2=case.hyper["beta2"],
-        eps=case.hyper["eps"], weight_decay=case.hyper["weight_decay"],
-        amsgrad=case.hyper["amsgrad"], maximize=case.hyper["maximize"],
-        fisher_mode=case.hyper["fisher_mode"], fisher_beta=case.hyper["fisher_beta"],
-        fisher_scale=case.hyper["fisher_scale"], freeze_above=case.hyper["freeze_above"],
-        freeze_below=case.hyper["freeze_below"],
+        ops.StepTensors(data["params"], grads, data["exp_avgs"], data["exp_avg_sqs"],
+                        data["max_exp_avg_sqs"], data["fishers"], data["masks"], data["steps"],
+                        data["fisher_counts"]),
+        ops.StepHyper(**case.hyper),
         grad_scale=None if case.grad_scale is None else torch.tensor(case.grad_scale),
         found_inf=torch.tensor(float(found_inf)), backend=backend,
     )
