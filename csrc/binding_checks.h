@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <ostream>
+#include <utility>
 #include <vector>
 
 #include "cpu/ff_cpu.h"
@@ -51,6 +52,26 @@ struct Checker {
   const char* op;
   Target target;
   at::Device device = at::Device(at::kCPU);
+  // Whether a non-contiguous tensor is accepted: the kernels then work on a contiguous copy,
+  // written back by finish() where the op writes it. Otherwise contiguity is required (the CUDA
+  // glue stages in Python).
+  bool stage_noncontiguous = false;
+  std::vector<at::Tensor> copies;                            // kept alive during the kernels
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, copy)
+
+  // The data of a checked tensor, or of its contiguous copy.
+  void* data(const at::Tensor& t, bool written) {
+    if (t.is_contiguous()) return t.data_ptr();
+    at::Tensor copy = t.contiguous();
+    if (written) write_back.emplace_back(t, copy);
+    copies.push_back(copy);
+    return copy.data_ptr();
+  }
+
+  // After the kernels: the results computed in copies go to their original tensors.
+  void finish() {
+    for (auto& [original, copy] : write_back) original.copy_(copy);
+  }
 
   bool on_cuda() const { return target == Target::kCuda; }
 
@@ -68,7 +89,7 @@ struct Checker {
     TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor");
     TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(),
                 " but the tensors must all be on ", device);
-    TORCH_CHECK(!contiguous || t.is_contiguous(), op, ": ", name,
+    TORCH_CHECK(!contiguous || stage_noncontiguous || t.is_contiguous(), op, ": ", name,
                 " must be contiguous (the Python backend passes contiguous copies)");
   }
 
@@ -188,7 +209,7 @@ inline std::vector<cpu::StepEntry> check_fused_step(
     e.max_exp_avg_sq = nullptr;
     if (amsgrad) {
       same_state(max_exp_avg_sqs[i], item("max_exp_avg_sqs", i));
-      e.max_exp_avg_sq = max_exp_avg_sqs[i].data_ptr();
+      e.max_exp_avg_sq = check.data(max_exp_avg_sqs[i], true);
     }
     e.fisher = nullptr;
     e.fisher_dtype = DType::kFloat32;
@@ -197,7 +218,7 @@ inline std::vector<cpu::StepEntry> check_fused_step(
       check.tensor(fishers[i], f_name);
       check.same_shape(fishers[i], f_name, p, p_name);
       e.fisher_dtype = check.dtype(fishers[i], f_name, false);
-      e.fisher = fishers[i].data_ptr();
+      e.fisher = check.data(fishers[i], accumulates);
     }
     e.fisher_count = nullptr;
     if (accumulates) {
@@ -212,15 +233,15 @@ inline std::vector<cpu::StepEntry> check_fused_step(
       check.same_shape(*mask, k_name, p, p_name);
       TORCH_CHECK(mask->scalar_type() == at::kBool, check.op, ": ", k_name,
                   " must be a bool tensor, got ", mask->scalar_type());
-      e.mask = mask->data_ptr<bool>();
+      e.mask = static_cast<const bool*>(check.data(*mask, false));
     }
     check.scalar_f32(steps[i], item("steps", i));
     e.step = steps[i].data_ptr<float>();
     e.numel = p.numel();
-    e.param = p.data_ptr();
-    e.grad = grads[i].data_ptr();
-    e.exp_avg = exp_avgs[i].data_ptr();
-    e.exp_avg_sq = exp_avg_sqs[i].data_ptr();
+    e.param = check.data(p, true);
+    e.grad = check.data(grads[i], false);
+    e.exp_avg = check.data(exp_avgs[i], true);
+    e.exp_avg_sq = check.data(exp_avg_sqs[i], true);
   }
 
   if (lr_tensor.has_value() && lr_tensor->defined()) {
@@ -277,8 +298,8 @@ inline std::vector<cpu::AccumulateEntry> check_fisher_accumulate(
     cpu::AccumulateEntry& e = table[i];
     e.fisher_dtype = check.dtype(fishers[i], f_name, false);
     e.grad_dtype = check.dtype(grads[i], g_name, true);
-    e.fisher = fishers[i].data_ptr();
-    e.grad = grads[i].data_ptr();
+    e.fisher = check.data(fishers[i], true);
+    e.grad = check.data(grads[i], false);
     e.numel = fishers[i].numel();
   }
   if (grad_scale.has_value() && grad_scale->defined()) {
@@ -312,9 +333,9 @@ inline std::vector<cpu::ScoreEntry> check_fisher_score(Checker& check, at::Tenso
     e.direction_dtype = check.dtype(directions[i], d_name, true);
     e.grad_dtype = check.dtype(grads[i], g_name, true);
     e.fisher_dtype = check.dtype(fishers[i], f_name, false);
-    e.direction = directions[i].data_ptr();
-    e.grad = grads[i].data_ptr();
-    e.fisher = fishers[i].data_ptr();
+    e.direction = check.data(directions[i], false);
+    e.grad = check.data(grads[i], false);
+    e.fisher = check.data(fishers[i], false);
     e.numel = grads[i].numel();
   }
   return table;

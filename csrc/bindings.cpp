@@ -4,7 +4,8 @@
 // headers, so a CPU-only build (no nvcc, or torch without CUDA) compiles it alone.
 //
 // Each op is one kernel call over all its tensors: the checks (binding_checks.h) fill a table of
-// pointers, which the kernels split between threads by element count.
+// pointers, which the kernels split between threads by element count. A non-contiguous tensor is
+// stepped through a contiguous copy here (the Python glue does no per-tensor work).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -35,6 +36,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
   Checker check{"fisherforget_C::fused_step", Target::kCpu};
+  check.stage_noncontiguous = true;
   ff::cpu::StepSettings settings;
   const std::vector<ff::cpu::StepEntry> table = ff::binding::check_fused_step(
       check, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
@@ -42,21 +44,25 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale, found_inf,
       settings);
   ff::cpu::fused_step(table.data(), static_cast<int64_t>(table.size()), settings);
+  check.finish();
 }
 
 void fisher_accumulate_cpu(at::TensorList fishers, at::TensorList grads, double alpha,
                            double beta, const std::optional<at::Tensor>& grad_scale) {
   Checker check{"fisherforget_C::fisher_accumulate", Target::kCpu};
+  check.stage_noncontiguous = true;
   const float* scale = nullptr;
   const std::vector<ff::cpu::AccumulateEntry> table =
       ff::binding::check_fisher_accumulate(check, fishers, grads, grad_scale, &scale);
   ff::cpu::fisher_accumulate(table.data(), static_cast<int64_t>(table.size()), alpha, beta,
                              scale);
+  check.finish();
 }
 
 at::Tensor fisher_score_cpu(at::TensorList directions, at::TensorList grads,
                             at::TensorList fishers) {
   Checker check{"fisherforget_C::fisher_score", Target::kCpu};
+  check.stage_noncontiguous = true;
   const std::vector<ff::cpu::ScoreEntry> table =
       ff::binding::check_fisher_score(check, directions, grads, fishers);
   at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kDouble));

@@ -59,12 +59,6 @@ std::vector<std::vector<size_t>> group_by(const std::vector<Key>& keys) {
   return groups;
 }
 
-std::optional<c10::cuda::CUDAGuard> device_guard(const Checker& check) {
-  std::optional<c10::cuda::CUDAGuard> guard;
-  if (check.on_cuda()) guard.emplace(check.device);
-  return guard;
-}
-
 // ------------------------------------------------------------------------------------ fused_step
 
 template <Target kTarget>
@@ -116,7 +110,8 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   for (size_t i = 0; i < n; ++i) {
     keys[i] = std::make_tuple(table[i].param_dtype, table[i].state_dtype, table[i].fisher_dtype);
   }
-  const auto guard = device_guard(check);
+  std::optional<c10::cuda::CUDAGuard> guard;  // the CUDA tensors' device, for the launches
+  if (check.on_cuda()) guard.emplace(check.device);
   const ff::ExecTarget target = exec_target(check);
   for (const std::vector<size_t>& group : group_by(keys)) {
     // Gather this dtype group's pointers into contiguous arrays.
@@ -170,7 +165,8 @@ void fisher_accumulate_cuda(at::TensorList fishers, at::TensorList grads, double
   if (table.empty()) return;
   std::vector<std::pair<ff::DType, ff::DType>> keys(table.size());
   for (size_t i = 0; i < table.size(); ++i) keys[i] = {table[i].fisher_dtype, table[i].grad_dtype};
-  const auto guard = device_guard(check);
+  std::optional<c10::cuda::CUDAGuard> guard;  // the CUDA tensors' device, for the launches
+  if (check.on_cuda()) guard.emplace(check.device);
   const ff::ExecTarget target = exec_target(check);
   for (const std::vector<size_t>& group : group_by(keys)) {
     std::vector<int64_t> numels;
@@ -210,7 +206,8 @@ at::Tensor fisher_score_cuda(at::TensorList directions, at::TensorList grads,
     keys[i] = std::make_tuple(table[i].direction_dtype, table[i].grad_dtype,
                               table[i].fisher_dtype);
   }
-  const auto guard = device_guard(check);
+  std::optional<c10::cuda::CUDAGuard> guard;  // the CUDA tensors' device, for the launches
+  if (check.on_cuda()) guard.emplace(check.device);
   const ff::ExecTarget target = exec_target(check);
   const auto groups = group_by(keys);
   std::vector<std::vector<int64_t>> numels(groups.size());
