@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <ostream>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -35,19 +36,6 @@ inline Name arg(const char* name) { return Name{name, -1}; }
 // Which kernels a call runs: native CPU, CUDA, or the host emulation of the CUDA kernels.
 enum class Target { kCpu, kCuda, kEmulation };
 
-inline std::optional<DType> kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kHalf:
-      return DType::kFloat16;
-    default:
-      return std::nullopt;
-  }
-}
-
 struct Checker {
   const char* op;
   Target target;
@@ -60,8 +48,15 @@ struct Checker {
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, copy)
 
   // The data of a checked tensor, or of its contiguous copy.
-  void* data(const at::Tensor& t, bool written) {
-    if (t.is_contiguous()) return t.data_ptr();
+  C10_ALWAYS_INLINE void* data(const at::Tensor& t, bool written) {
+    if (C10_LIKELY(t.is_contiguous())) {
+      // const_data_ptr skips the copy-on-write bookkeeping of a mutable access where the op
+      // only reads.
+      return written ? t.data_ptr() : const_cast<void*>(t.const_data_ptr());
+    }
+    return staged_data(t, written);
+  }
+  C10_NOINLINE void* staged_data(const at::Tensor& t, bool written) {
     at::Tensor copy = t.contiguous();
     if (written) write_back.emplace_back(t, copy);
     copies.push_back(copy);
@@ -84,7 +79,16 @@ struct Checker {
                 " kernel needs ", on_cuda() ? "CUDA" : "CPU", " tensors");
   }
 
-  void tensor(const at::Tensor& t, Name name, bool contiguous = true) const {
+  // Each check is a cheap test inlined on the success path (it runs for every tensor of a call:
+  // thousands), and an out-of-line failure path that raises naming the tensor and the problem.
+  C10_ALWAYS_INLINE void tensor(const at::Tensor& t, Name name, bool contiguous = true) const {
+    if (C10_LIKELY(t.defined() && t.layout() == at::kStrided && t.device() == device &&
+                   (!contiguous || stage_noncontiguous || t.is_contiguous()))) {
+      return;
+    }
+    tensor_failed(t, name, contiguous);
+  }
+  C10_NOINLINE void tensor_failed(const at::Tensor& t, Name name, bool contiguous) const {
     TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
     TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor");
     TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(),
@@ -93,27 +97,59 @@ struct Checker {
                 " must be contiguous (the Python backend passes contiguous copies)");
   }
 
-  void same_shape(const at::Tensor& t, Name name, const at::Tensor& like, Name like_name) const {
-    TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " has shape ", t.sizes(), " but ",
-                like_name, " has shape ", like.sizes());
+  C10_ALWAYS_INLINE void same_shape(const at::Tensor& t, Name name, const at::Tensor& like,
+                                    Name like_name) const {
+    if (C10_UNLIKELY(!t.sizes().equals(like.sizes()))) {
+      shape_failed(t, name, like, like_name);
+    }
+  }
+  C10_NOINLINE void shape_failed(const at::Tensor& t, Name name, const at::Tensor& like,
+                                 Name like_name) const {
+    TORCH_CHECK(false, op, ": ", name, " has shape ", t.sizes(), " but ", like_name,
+                " has shape ", like.sizes());
   }
 
-  DType dtype(const at::Tensor& t, Name name, bool allow_half) const {
-    const auto kind = kernel_dtype(t.scalar_type());
-    TORCH_CHECK(kind.has_value() && (allow_half || *kind != DType::kFloat16), op, ": ", name,
-                " has dtype ", t.scalar_type(), "; supported: float32, bfloat16",
-                allow_half ? ", float16" : "", " (use backend='reference' for others)");
-    return *kind;
+  C10_ALWAYS_INLINE DType dtype(const at::Tensor& t, Name name, bool allow_half) const {
+    switch (t.scalar_type()) {
+      case at::kFloat:
+        return DType::kFloat32;
+      case at::kBFloat16:
+        return DType::kBFloat16;
+      case at::kHalf:
+        if (allow_half) return DType::kFloat16;
+        break;
+      default:
+        break;
+    }
+    dtype_failed(t, name, allow_half);
+  }
+  [[noreturn]] C10_NOINLINE void dtype_failed(const at::Tensor& t, Name name,
+                                              bool allow_half) const {
+    TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
+                "; supported: float32, bfloat16", allow_half ? ", float16" : "",
+                " (use backend='reference' for others)");
+    throw std::logic_error("unreachable");  // TORCH_CHECK(false) throws
   }
 
-  void same_dtype(const at::Tensor& t, Name name, const at::Tensor& like, Name like_name) const {
-    TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ",
-                t.scalar_type(), " but ", like_name, " has ", like.scalar_type());
+  C10_ALWAYS_INLINE void same_dtype(const at::Tensor& t, Name name, const at::Tensor& like,
+                                    Name like_name) const {
+    if (C10_UNLIKELY(t.scalar_type() != like.scalar_type())) {
+      dtype_mismatch(t, name, like, like_name);
+    }
+  }
+  C10_NOINLINE void dtype_mismatch(const at::Tensor& t, Name name, const at::Tensor& like,
+                                   Name like_name) const {
+    TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(), " but ", like_name,
+                " has ", like.scalar_type());
   }
 
   // A one-element float32 tensor on the device, e.g. a step count or found_inf.
-  void scalar_f32(const at::Tensor& t, Name name) const {
+  C10_ALWAYS_INLINE void scalar_f32(const at::Tensor& t, Name name) const {
     tensor(t, name, false);
+    if (C10_LIKELY(t.numel() == 1 && t.scalar_type() == at::kFloat)) return;
+    scalar_failed(t, name);
+  }
+  C10_NOINLINE void scalar_failed(const at::Tensor& t, Name name) const {
     TORCH_CHECK(t.numel() == 1, op, ": ", name, " must hold one element, got shape ", t.sizes());
     TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
                 t.scalar_type());
@@ -133,15 +169,31 @@ inline FisherMode parse_fisher_mode(const char* op, std::optional<c10::string_vi
   TORCH_CHECK(false, op, ": fisher_mode must be 'ema', 'mean', 'sum' or None, got '", *mode, "'");
 }
 
+// ---------------------------------------------------------------------------------- list views
+// The checks read tensor lists through views, so that the Python entry points (bindings_python.cpp)
+// check the tensors inside Python lists without copying them into at::Tensor lists (a copy of a
+// tensor referenced only by its Python object costs a reference-count round trip through the
+// Python object). A tensor list view has size() and operator[] -> const at::Tensor& (at::TensorList
+// is one); a mask list view has size() and at(i) -> const at::Tensor*, null for None.
+struct OptionalTensorsView {
+  const std::vector<std::optional<at::Tensor>>& values;
+  size_t size() const { return values.size(); }
+  const at::Tensor* at(size_t i) const {
+    const std::optional<at::Tensor>& v = values[i];
+    return v.has_value() && v->defined() ? &*v : nullptr;
+  }
+};
+
 // ------------------------------------------------------------------------------------ fused_step
 
 // Checks every argument of fused_step and returns the table and the settings; throws (changing
 // nothing) on the first problem. `settings.found_inf` etc. point into the argument tensors.
-inline std::vector<cpu::StepEntry> check_fused_step(
-    Checker& check, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList fishers,
-    const c10::List<std::optional<at::Tensor>>& masks, at::TensorList steps,
-    at::TensorList fisher_counts, double lr, const std::optional<at::Tensor>& lr_tensor,
+template <typename Tensors, typename Masks>
+std::vector<cpu::StepEntry> check_fused_step(
+    Checker& check, const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
+    const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs, const Tensors& fishers,
+    const Masks& masks, const Tensors& steps,
+    const Tensors& fisher_counts, double lr, const std::optional<at::Tensor>& lr_tensor,
     double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
     std::optional<c10::string_view> fisher_mode, double fisher_beta, double fisher_scale,
     std::optional<double> freeze_above, std::optional<double> freeze_below,
@@ -223,11 +275,10 @@ inline std::vector<cpu::StepEntry> check_fused_step(
     e.fisher_count = nullptr;
     if (accumulates) {
       check.scalar_f32(fisher_counts[i], item("fisher_counts", i));
-      e.fisher_count = fisher_counts[i].data_ptr<float>();
+      e.fisher_count = static_cast<float*>(fisher_counts[i].data_ptr());
     }
     e.mask = nullptr;
-    const std::optional<at::Tensor> mask = masks.get(i);
-    if (mask.has_value() && mask->defined()) {
+    if (const at::Tensor* mask = masks.at(i)) {
       const Name k_name = item("masks", i);
       check.tensor(*mask, k_name);
       check.same_shape(*mask, k_name, p, p_name);
@@ -236,7 +287,7 @@ inline std::vector<cpu::StepEntry> check_fused_step(
       e.mask = static_cast<const bool*>(check.data(*mask, false));
     }
     check.scalar_f32(steps[i], item("steps", i));
-    e.step = steps[i].data_ptr<float>();
+    e.step = static_cast<float*>(steps[i].data_ptr());
     e.numel = p.numel();
     e.param = check.data(p, true);
     e.grad = check.data(grads[i], false);
@@ -280,8 +331,9 @@ inline std::vector<cpu::StepEntry> check_fused_step(
 
 // ----------------------------------------------------------------------------- fisher_accumulate
 
-inline std::vector<cpu::AccumulateEntry> check_fisher_accumulate(
-    Checker& check, at::TensorList fishers, at::TensorList grads,
+template <typename Tensors>
+std::vector<cpu::AccumulateEntry> check_fisher_accumulate(
+    Checker& check, const Tensors& fishers, const Tensors& grads,
     const std::optional<at::Tensor>& grad_scale, const float** scale) {
   const size_t n = fishers.size();
   check.list_length(grads.size(), n, "grads", "one per fisher");
@@ -311,9 +363,9 @@ inline std::vector<cpu::AccumulateEntry> check_fisher_accumulate(
 
 // ---------------------------------------------------------------------------------- fisher_score
 
-inline std::vector<cpu::ScoreEntry> check_fisher_score(Checker& check, at::TensorList directions,
-                                                       at::TensorList grads,
-                                                       at::TensorList fishers) {
+template <typename Tensors>
+std::vector<cpu::ScoreEntry> check_fisher_score(Checker& check, const Tensors& directions,
+                                                const Tensors& grads, const Tensors& fishers) {
   const size_t n = grads.size();
   check.list_length(directions.size(), n, "directions", "one per grad");
   check.list_length(fishers.size(), n, "fishers", "one per grad");

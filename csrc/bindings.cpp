@@ -5,9 +5,8 @@
 //
 // Each op is one kernel call over all its tensors: the checks (binding_checks.h) fill a table of
 // pointers, which the kernels split between threads by element count. A non-contiguous tensor is
-// stepped through a contiguous copy here (the Python glue does no per-tensor work).
-#include <Python.h>
-
+// stepped through a contiguous copy here (the Python glue does no per-tensor work). The Python
+// module itself, with faster entry points to the same CPU kernels, is bindings_python.cpp.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -38,8 +37,10 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   Checker check{"fisherforget_C::fused_step", Target::kCpu};
   check.stage_noncontiguous = true;
   ff::cpu::StepSettings settings;
+  const std::vector<std::optional<at::Tensor>> mask_values = masks.vec();
   const std::vector<ff::cpu::StepEntry> table = ff::binding::check_fused_step(
-      check, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+      check, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers,
+      ff::binding::OptionalTensorsView{mask_values}, steps,
       fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
       fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale, found_inf,
       settings);
@@ -119,13 +120,4 @@ TORCH_LIBRARY_IMPL(fisherforget_C, CPU, m) {
   m.impl("fused_step", &fused_step_cpu);
   m.impl("fisher_accumulate", &fisher_accumulate_cpu);
   m.impl("fisher_score", &fisher_score_cpu);
-}
-
-// `import fisherforget._C` loads this library (registering the ops above); it has no Python API.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C",
-      "fisherforget kernels (CPU, and CUDA where built); the ops live in torch.ops.fisherforget_C",
-      -1, nullptr};
-  return PyModule_Create(&module_def);
 }

@@ -77,8 +77,10 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                                          : "fisherforget_C::emulated_fused_step",
                 kTarget};
   ff::cpu::StepSettings s;
+  const std::vector<std::optional<at::Tensor>> mask_values = masks.vec();
   const std::vector<ff::cpu::StepEntry> table = ff::binding::check_fused_step(
-      check, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+      check, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers,
+      ff::binding::OptionalTensorsView{mask_values}, steps,
       fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
       fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale, found_inf,
       s);

@@ -1,7 +1,6 @@
 """CPU backend: the native CPU kernels of the compiled extension ``fisherforget._C`` (``csrc/cpu/``).
 
-Each op is one call of a ``torch.ops.fisherforget_C`` op over all of its tensors: the extension
-checks every tensor (dtype, shape, device) before writing anything, steps non-contiguous ones
+Each op is one call into the extension over all of its tensors: the extension checks every tensor (dtype, shape, device) before writing anything, steps non-contiguous ones
 through contiguous copies, and splits the elements of all tensors between ATen's threads
 (``torch.set_num_threads``). The inner loops run 8 fp32 lanes with AVX2/FMA/F16C where the CPU has
 them, else a scalar loop with identical results (``torch.ops.fisherforget_C.cpu_isa()`` says
@@ -28,15 +27,16 @@ _CPU = torch.device("cpu")
 
 _load_error: Optional[str] = None
 _loaded = False
+_kernels = None  # the module fisherforget._C, once loaded
 
 
 def _load() -> Optional[str]:
     """Import ``fisherforget._C``; None when its CPU kernels are registered, else why not."""
-    global _load_error, _loaded
+    global _load_error, _loaded, _kernels
     if _loaded or _load_error is not None:
         return _load_error
     try:
-        import fisherforget._C  # noqa: F401  (registers torch.ops.fisherforget_C)
+        import fisherforget._C as kernels  # also registers torch.ops.fisherforget_C
     except ImportError as exc:
         _load_error = (f"fisherforget._C is not built ({type(exc).__name__}: {exc}); reinstall "
                        "with `pip install --no-build-isolation .` and a C++ compiler")
@@ -46,6 +46,7 @@ def _load() -> Optional[str]:
         _load_error = (f"fisherforget._C was built without the CPU kernels ({info}); rebuild it "
                        "from this version's csrc/")
         return _load_error
+    _kernels = kernels
     _loaded = True
     return None
 
@@ -102,6 +103,17 @@ def check_fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper) -> None:
 
 
 # ---------------------------------------------------------------------------------------- glue
+# The ops are the extension's Python functions fisherforget._C.{fused_step, fisher_accumulate,
+# fisher_score}: the same checks and kernels as torch.ops.fisherforget_C on CPU tensors, without
+# the conversion of every tensor list that a torch.ops call costs (milliseconds for 2,000 params).
+
+
+def _require():
+    """The extension module, or a RuntimeError saying why it is not there."""
+    error = _load()
+    if error is not None:
+        raise RuntimeError(f"backend 'cpu' is not available: {error}")
+    return _kernels
 
 
 def _scalar(value: Optional[Tensor]) -> Optional[Tensor]:
@@ -111,32 +123,32 @@ def _scalar(value: Optional[Tensor]) -> Optional[Tensor]:
     return value.to(device=_CPU, dtype=torch.float32)
 
 
+def hyper_args(hyper: ops.StepHyper) -> tuple:
+    """The StepHyper fields in the order of the fused_step schema (``lr`` then ``lr_tensor``, as
+    ``StepHyper.op_kwargs``), read directly: this runs once per bucket and step."""
+    lr = hyper.lr
+    lr_tensor = None
+    if isinstance(lr, Tensor):
+        # Its own dtype is kept: a float64 lr keeps float64 math for 1 - lr * weight_decay.
+        lr, lr_tensor = 0.0, (lr if lr.device == _CPU else lr.to(_CPU))
+    return (lr, lr_tensor, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+            hyper.amsgrad, hyper.maximize, hyper.fisher_mode, hyper.fisher_beta,
+            hyper.fisher_scale, hyper.freeze_above, hyper.freeze_below)
+
+
 @ops.register("fused_step", "cpu")
 def fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper,
                grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    if not tensors.params:
-        return  # no tensor to dispatch on (the step counts are per tensor: none to advance)
-    kwargs = hyper.op_kwargs()
-    lr_tensor = kwargs["lr_tensor"]
-    if lr_tensor is not None and lr_tensor.device != _CPU:
-        # Its own dtype is kept: a float64 lr keeps float64 math for 1 - lr * weight_decay.
-        kwargs["lr_tensor"] = lr_tensor.to(_CPU)
-    torch.ops.fisherforget_C.fused_step(*tensors, **kwargs, grad_scale=_scalar(grad_scale),
-                                        found_inf=_scalar(found_inf))
+    (_kernels or _require()).fused_step(*tensors, *hyper_args(hyper), _scalar(grad_scale), _scalar(found_inf))
 
 
 @ops.register("fisher_accumulate", "cpu")
 def fisher_accumulate(fishers: Sequence[Tensor], grads: Sequence[Tensor], *, alpha: float,
                       beta: float, grad_scale: Optional[Tensor] = None) -> None:
-    if not fishers:
-        return
-    torch.ops.fisherforget_C.fisher_accumulate(fishers, grads, alpha=float(alpha),
-                                               beta=float(beta), grad_scale=_scalar(grad_scale))
+    (_kernels or _require()).fisher_accumulate(fishers, grads, alpha, beta, _scalar(grad_scale))
 
 
 @ops.register("fisher_score", "cpu")
 def fisher_score(directions: Sequence[Tensor], grads: Sequence[Tensor],
                  fishers: Sequence[Tensor]) -> Tensor:
-    if not grads:
-        return torch.zeros(2, dtype=torch.float64)  # as the reference: no tensors, no device
-    return torch.ops.fisherforget_C.fisher_score(directions, grads, fishers)
+    return (_kernels or _require()).fisher_score(directions, grads, fishers)

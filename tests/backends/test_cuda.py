@@ -2,13 +2,15 @@
 
 Without a GPU (CI):
 * the extension is built by ``make test`` (``pip install -e .``) against the CUDA build of torch;
-  it imports and registers the ops with the schemas the Python side expects;
+  it imports and registers the ops with the schemas the Python side expects (its native CPU
+  kernels are tested in test_cpu.py);
 * each torch-free ``.cu`` compiles with plain ``nvcc -c`` for sm_80 and sm_90;
 * the launch planner (chunked address tables) is checked by a small C++ program;
-* the kernels' own code runs on the host: the extension registers, for CPU tensors, an emulation
-  that executes the same per-thread code one simulated thread at a time. It is compared with the
-  reference backend on fresh random inputs, so the math, the vector/scalar paths, the tables and
-  the relaunches are tested here too.
+* the kernels' own code runs on the host: the extension registers test-only ops
+  (``fisherforget_C::emulated_*``) that execute the same per-thread code on CPU tensors one
+  simulated thread at a time; the tests on device "cpu" route the CUDA glue to them. They are
+  compared with the reference backend on fresh random inputs, so the math, the vector/scalar
+  paths, the tables and the relaunches are tested here too.
 
 With a GPU (``-m cuda``, the same comparisons on the device plus sizes up to 2^28 and 1,000
 tensors, poisoned outputs, run-to-run determinism, CUDA-graph capture, the optimizer end to end and
@@ -51,8 +53,11 @@ def _build_expected() -> Optional[str]:
     return cuda_jit.version_problem(home)
 
 
-# Importing fisherforget._C registers torch.ops.fisherforget_C (the CPU emulation included).
+# Importing fisherforget._C registers torch.ops.fisherforget_C (with the CUDA kernels, the
+# test-only fisherforget_C::emulated_* ops too).
 _PREBUILT_ERROR = cuda_backend.load_prebuilt()
+_KERNELS = (torch.ops.fisherforget_C.build_info().split("kernels=")[-1].split(";")[0].split(",")
+            if _PREBUILT_ERROR is None else [])
 
 
 def _prebuilt_error() -> Optional[str]:
@@ -63,6 +68,23 @@ def _prebuilt_error() -> Optional[str]:
 needs_extension = pytest.mark.skipif(
     _PREBUILT_ERROR is not None, reason=f"fisherforget._C does not import: {_PREBUILT_ERROR}"
 )
+# A CPU-only build (no nvcc at build time) has neither the CUDA kernels nor their emulation.
+needs_cuda_kernels = pytest.mark.skipif(
+    "cuda" not in _KERNELS,
+    reason=f"fisherforget._C has no CUDA kernels ({_PREBUILT_ERROR or 'a CPU-only build'})")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_tensors_run_the_emulation(request, monkeypatch):
+    """On CPU tensors, torch.ops.fisherforget_C runs the native CPU kernels; a test of the CUDA
+    kernels on device "cpu" makes the CUDA glue call the host emulation of their per-thread code
+    (fisherforget_C::emulated_*) instead."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("device") != "cpu" or "cuda" not in _KERNELS:
+        return
+    for op in ("fused_step", "fisher_accumulate", "fisher_score"):
+        monkeypatch.setattr(torch.ops.fisherforget_C, op,
+                            getattr(torch.ops.fisherforget_C, f"emulated_{op}"))
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -73,11 +95,13 @@ STATE_DTYPES = [torch.float32, torch.bfloat16]
 
 
 def test_extension_is_built_where_it_can_be():
-    """`make test` builds _C whenever torch has CUDA and nvcc exists: a missing _C is a failure."""
+    """`make test` builds _C with the CUDA kernels whenever torch has CUDA and nvcc exists: a
+    missing _C, or a CPU-only one, is a failure."""
     why_not = _build_expected()
     if why_not is not None:
         pytest.skip(f"no CUDA build expected: {why_not}")
     assert _prebuilt_error() is None, f"fisherforget._C does not import: {_prebuilt_error()}"
+    assert "cuda" in _KERNELS, torch.ops.fisherforget_C.build_info()
 
 
 @needs_extension
@@ -85,6 +109,11 @@ def test_ops_are_registered_with_the_expected_schemas():
     assert _prebuilt_error() is None
     for op, schema in cuda_backend.SCHEMAS.items():
         assert str(getattr(torch.ops.fisherforget_C, op).default._schema) == schema
+        if "cuda" in _KERNELS:  # the emulation takes the same arguments
+            emulated = getattr(torch.ops.fisherforget_C, f"emulated_{op}").default._schema
+            assert str(emulated) == schema.replace(f"::{op}(", f"::emulated_{op}(")
+    if "cuda" not in _KERNELS:
+        return
     info = cuda_backend.build_info()
     assert info["archs"].startswith("sm_"), info
     major = torch.version.cuda.split(".")[0]
@@ -251,7 +280,7 @@ def test_gpu_architecture_check(capability, runs, monkeypatch):
         assert "TORCH_CUDA_ARCH_LIST=7.5" in error
 
 
-@needs_extension
+@needs_cuda_kernels
 def test_compiled_archs_come_from_the_binary():
     assert _prebuilt_error() is None
     assert cuda_backend._compiled_archs()  # e.g. [(8, 0), (9, 0)] from __CUDA_ARCH_LIST__
@@ -273,8 +302,10 @@ def test_doctor_reports_the_extension():
 
     report = doctor.report()["cuda_extension"]
     assert set(report) == {"prebuilt _C", "loaded", "JIT cache"}
-    if _prebuilt_error() is None:
+    if "cuda" in _KERNELS:
         assert report["prebuilt _C"].startswith("built for sm_")
+    elif _prebuilt_error() is None:
+        assert report["prebuilt _C"].startswith("built with the CPU kernels only")
     else:
         assert report["prebuilt _C"].startswith("not built")
 
@@ -422,7 +453,7 @@ def _sizes(device):
 # ------------------------------------------------------------------------------- fused_step tests
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", list(STEP_CONFIGS))
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
@@ -441,7 +472,7 @@ def test_fused_step_matches_reference(device, config, param_dtype, state_dtype):
         got = want.clone()
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_step_fp32_state_bf16_fisher(device):
     conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
@@ -453,7 +484,7 @@ def test_fused_step_fp32_state_bf16_fisher(device):
     assert_step_matches(got, want)
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_found_inf_changes_nothing(device):
     conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
@@ -467,7 +498,7 @@ def test_found_inf_changes_nothing(device):
             assert (a is None and b is None) or torch.equal(a, b), name
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
 def test_frozen_elements_keep_their_bits(device, param_dtype):
@@ -495,7 +526,7 @@ def test_frozen_elements_keep_their_bits(device, param_dtype):
         assert torch.equal(getattr(got, name)[1], getattr(before, name)[1]), name
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_many_tensors_in_one_call(device):
     """More tensors than one kernel argument table holds (24), zero-size ones included: their
@@ -514,7 +545,7 @@ def test_many_tensors_in_one_call(device):
     assert_step_matches(got, want)
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_misaligned_and_noncontiguous_params(device):
     """A view at an odd storage offset takes the scalar path; a transposed param is stepped
@@ -539,7 +570,7 @@ def test_misaligned_and_noncontiguous_params(device):
 # ------------------------------------------------------------------------- fisher_accumulate/score
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fisher_dtype", STATE_DTYPES, ids=str)
 @pytest.mark.parametrize("grad_dtype", PARAM_DTYPES, ids=str)
@@ -572,7 +603,7 @@ def _score_scale(directions, grads, fishers) -> torch.Tensor:
     return torch.stack([dot, weighted]).cpu()
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtypes", [
     (torch.float32, torch.float32, torch.float32),
@@ -592,7 +623,7 @@ def test_fisher_score_matches_reference_and_is_deterministic(device, dtypes):
     assert torch.equal(got, again)  # fixed-order reduction: bit for bit
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_fisher_score_mixed_dtypes_and_empty(device):
     directions, grads, fishers = _score_inputs(device, [5, 100], torch.float32, torch.float32,
@@ -618,7 +649,7 @@ def _direct_step_args(device="cpu"):
     return inputs, kwargs
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("mutate, message", [
     (lambda i: i.grads.__setitem__(0, i.grads[0].double()),
      r"grads\[0\] has dtype Double but params\[0\] has Float"),
@@ -642,30 +673,33 @@ def _direct_step_args(device="cpu"):
      r"params\[0\] has dtype Double; supported: float32, bfloat16, float16"),
 ])
 def test_fused_step_errors_name_the_tensor(mutate, message):
+    # The CUDA binding's checks, on CPU tensors through the emulation (the native CPU op shares
+    # them but steps non-contiguous tensors itself: tests/backends/test_cpu.py).
     inputs, kwargs = _direct_step_args()
     mutate(inputs)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.fisherforget_C.fused_step(*inputs.lists(), **kwargs)
+        torch.ops.fisherforget_C.emulated_fused_step(*inputs.lists(), **kwargs)
 
 
-@needs_extension
+@needs_cuda_kernels
 def test_other_errors_name_the_problem():
     inputs, kwargs = _direct_step_args()
     with pytest.raises(RuntimeError, match="fisher_mode must be 'ema', 'mean', 'sum' or None"):
-        torch.ops.fisherforget_C.fused_step(*inputs.lists(), **dict(kwargs, fisher_mode="max"))
+        torch.ops.fisherforget_C.emulated_fused_step(*inputs.lists(),
+                                                     **dict(kwargs, fisher_mode="max"))
     with pytest.raises(RuntimeError, match="freeze_above needs the fishers list"):
         lists = inputs.lists()
         lists[5], lists[8] = [], []
-        torch.ops.fisherforget_C.fused_step(*lists, **dict(kwargs, freeze_above=1.0))
+        torch.ops.fisherforget_C.emulated_fused_step(*lists, **dict(kwargs, freeze_above=1.0))
     with pytest.raises(RuntimeError, match="lr_tensor must be a floating-point tensor"):
-        torch.ops.fisherforget_C.fused_step(
+        torch.ops.fisherforget_C.emulated_fused_step(
             *inputs.lists(), **dict(kwargs, lr_tensor=torch.tensor(1)))
     with pytest.raises(RuntimeError, match=r"grads has 1 tensors, expected 2 \(one per fisher\)"):
-        torch.ops.fisherforget_C.fisher_accumulate(
+        torch.ops.fisherforget_C.emulated_fisher_accumulate(
             [torch.ones(3), torch.ones(3)], [torch.ones(3)], alpha=1.0, beta=1.0, grad_scale=None)
     with pytest.raises(RuntimeError, match=r"fishers\[0\] has dtype Half"):
-        torch.ops.fisherforget_C.fisher_score([torch.ones(3)], [torch.ones(3)],
-                                              [torch.ones(3, dtype=torch.half)])
+        torch.ops.fisherforget_C.emulated_fisher_score([torch.ones(3)], [torch.ones(3)],
+                                                       [torch.ones(3, dtype=torch.half)])
     if HAS_GPU:
         with pytest.raises(RuntimeError, match=r"grads\[0\] is on cpu but the tensors must all"):
             torch.ops.fisherforget_C.fisher_accumulate(

@@ -44,6 +44,7 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 # (no nvcc, or torch without CUDA) compiles CPU_SOURCES; a CUDA build (and the JIT) compiles all.
 CPU_SOURCES = (
     "bindings.cpp",
+    "bindings_python.cpp",
     "cpu/kernels.cpp",
     "cpu/kernels_avx2.cpp",
 )
