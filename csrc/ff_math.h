@@ -102,6 +102,22 @@ struct StepFlags {
   bool lerp_small;    // |1 - beta1| < 0.5: which of torch's two lerp formulas applies
 };
 
+// The same switches fixed at compile time for the most common step: AdamW, with the Fisher
+// accumulated or not, nothing else (a loop instantiated with these has no branches on the
+// switches; the general one tests them per group, which costs instruction issue slots).
+template <bool kAccumulate>
+struct PlainStepFlags {
+  static constexpr bool scaled_grad = false, maximize = false, accumulate = kAccumulate,
+                        freeze_above = false, freeze_below = false, amsgrad = false,
+                        fisher_scale = false, lerp_small = true;
+};
+
+// Whether a call with switches `f` is the plain step (PlainStepFlags<f.accumulate>).
+FF_MATH_FN bool is_plain(const StepFlags& f) {
+  return !f.scaled_grad && !f.maximize && !f.freeze_above && !f.freeze_below && !f.amsgrad &&
+         !f.fisher_scale && f.lerp_small;
+}
+
 // Per-call constants, as lanes (a vector path broadcasts them once per call).
 template <typename V>
 struct StepCallConsts {
@@ -125,12 +141,13 @@ struct StepTensorConsts {
   V grad_scale;
 };
 
-// One step of one lane. `may_update` is the mask (true: the element may change); `may_freeze`
-// says whether anything can freeze here (a mask or a threshold), else the selects are skipped.
+// One step of one lane. `f` is a StepFlags or a PlainStepFlags. `may_update` is the mask (true:
+// the element may change); `may_freeze` says whether anything can freeze here (a mask or a
+// threshold), else the selects are skipped.
 // On return p, m, v, vmax hold the new values (the old ones where frozen) and fisher the new
 // Fisher (every element accumulates, frozen or not).
-template <typename V, typename M>
-FF_MATH_FN void step_lane(const StepFlags& f, const StepCallConsts<V>& k,
+template <typename V, typename M, typename Flags>
+FF_MATH_FN void step_lane(const Flags& f, const StepCallConsts<V>& k,
                           const StepTensorConsts<V>& c, bool may_freeze, M may_update, V grad,
                           V& p, V& m, V& v, V& vmax, V& fisher) {
   V g = grad;

@@ -127,16 +127,19 @@ struct Loops {
     const bool* mask;
   };
 
-  template <typename P, typename S, typename F>
-  FF_AVX2 static void step_group(const math::StepFlags& f, const math::StepCallConsts<Vf8>& k,
+  template <typename P, typename S, typename F, typename Flags>
+  FF_AVX2 static void step_group(const Flags& f, const math::StepCallConsts<Vf8>& k,
                                  const math::StepTensorConsts<Vf8>& c, bool may_freeze,
                                  const StepPointers<P, S, F>& at) {
     const Vf8 grad = load(at.grad);
     Vf8 p = load(at.param), m = load(at.exp_avg), v = load(at.exp_avg_sq);
     Vf8 vmax = f.amsgrad ? load(at.max_exp_avg_sq) : Vf8{_mm256_setzero_ps()};
-    Vf8 fisher = at.fisher != nullptr ? load(at.fisher) : Vf8{_mm256_setzero_ps()};
-    const Mf8 may_update =
-        at.mask != nullptr ? load_mask(at.mask) : Mf8{_mm256_castsi256_ps(_mm256_set1_epi32(-1))};
+    // Tested on the switches, not the pointers: with compile-time switches these fold away.
+    const bool reads_fisher = f.accumulate || f.fisher_scale || f.freeze_above || f.freeze_below;
+    Vf8 fisher = reads_fisher ? load(at.fisher) : Vf8{_mm256_setzero_ps()};
+    const Mf8 may_update = may_freeze && at.mask != nullptr
+                               ? load_mask(at.mask)
+                               : Mf8{_mm256_castsi256_ps(_mm256_set1_epi32(-1))};
     math::step_lane(f, k, c, may_freeze, may_update, grad, p, m, v, vmax, fisher);
     store(at.param, p);
     store(at.exp_avg, m);
@@ -148,7 +151,6 @@ struct Loops {
   template <typename P, typename S, typename F>
   static void step(const StepCall& call, const StepEntry& e, const TensorConsts& tc,
                    int64_t begin, int64_t end) {
-    const math::StepFlags f = call.flags;
     math::StepCallConsts<Vf8> k;
     k.lerp_weight = broadcast(call.lerp_weight);
     k.lerp_weight_minus_1 = broadcast(call.lerp_weight_minus_1);
@@ -166,17 +168,33 @@ struct Loops {
     c.fisher_a = broadcast(tc.fisher_a);
     c.fisher_b = broadcast(tc.fisher_b);
     c.grad_scale = broadcast(call.grad_scale);
-    const bool may_freeze = e.mask != nullptr || f.freeze_above || f.freeze_below;
 
     StepPointers<P, S, F> at;
     at.param = static_cast<P*>(e.param) + begin;
     at.grad = static_cast<const P*>(e.grad) + begin;
     at.exp_avg = static_cast<S*>(e.exp_avg) + begin;
     at.exp_avg_sq = static_cast<S*>(e.exp_avg_sq) + begin;
-    at.max_exp_avg_sq = f.amsgrad ? static_cast<S*>(e.max_exp_avg_sq) + begin : nullptr;
+    at.max_exp_avg_sq = call.flags.amsgrad ? static_cast<S*>(e.max_exp_avg_sq) + begin : nullptr;
     at.fisher = e.fisher != nullptr ? static_cast<F*>(e.fisher) + begin : nullptr;
     at.mask = e.mask != nullptr ? e.mask + begin : nullptr;
     const int64_t n = end - begin;
+    if (e.mask == nullptr && math::is_plain(call.flags)) {
+      if (call.flags.accumulate) {
+        run_step(math::PlainStepFlags<true>{}, k, c, false, at, n);
+      } else {
+        at.fisher = nullptr;  // unused by the plain step without accumulation
+        run_step(math::PlainStepFlags<false>{}, k, c, false, at, n);
+      }
+    } else {
+      run_step(call.flags, k, c, e.mask != nullptr || call.flags.freeze_above ||
+                                     call.flags.freeze_below, at, n);
+    }
+  }
+
+  template <typename P, typename S, typename F, typename Flags>
+  FF_AVX2 static void run_step(const Flags& f, const math::StepCallConsts<Vf8>& k,
+                               const math::StepTensorConsts<Vf8>& c, bool may_freeze,
+                               StepPointers<P, S, F> at, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
       step_group(f, k, c, may_freeze, at);
@@ -184,7 +202,7 @@ struct Loops {
       at.grad += 8;
       at.exp_avg += 8;
       at.exp_avg_sq += 8;
-      if (at.max_exp_avg_sq != nullptr) at.max_exp_avg_sq += 8;
+      if (f.amsgrad) at.max_exp_avg_sq += 8;
       if (at.fisher != nullptr) at.fisher += 8;
       if (at.mask != nullptr) at.mask += 8;
     }
