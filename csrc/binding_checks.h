@@ -393,5 +393,44 @@ std::vector<cpu::ScoreEntry> check_fisher_score(Checker& check, const Tensors& d
   return table;
 }
 
+// ------------------------------------------------------------------------------ CPU op bodies
+// The CPU ops, shared by their two entry points (the torch.ops impls in bindings.cpp and the Python
+// functions in bindings_python.cpp): check everything, run the kernel over the whole table, write
+// back staged copies. The arguments are those of the matching check_* function, minus the checker.
+
+template <typename... Args>
+void fused_step_on_cpu(const Args&... args) {
+  Checker check{"fisherforget_C::fused_step", Target::kCpu};
+  check.stage_noncontiguous = true;
+  cpu::StepSettings settings;
+  const std::vector<cpu::StepEntry> table = check_fused_step(check, args..., settings);
+  cpu::fused_step(table.data(), static_cast<int64_t>(table.size()), settings);
+  check.finish();
+}
+
+template <typename Tensors>
+void fisher_accumulate_on_cpu(const Tensors& fishers, const Tensors& grads, double alpha,
+                              double beta, const std::optional<at::Tensor>& grad_scale) {
+  Checker check{"fisherforget_C::fisher_accumulate", Target::kCpu};
+  check.stage_noncontiguous = true;
+  const float* scale = nullptr;
+  const std::vector<cpu::AccumulateEntry> table =
+      check_fisher_accumulate(check, fishers, grads, grad_scale, &scale);
+  cpu::fisher_accumulate(table.data(), static_cast<int64_t>(table.size()), alpha, beta, scale);
+  check.finish();
+}
+
+template <typename Tensors>
+at::Tensor fisher_score_on_cpu(const Tensors& directions, const Tensors& grads,
+                               const Tensors& fishers) {
+  Checker check{"fisherforget_C::fisher_score", Target::kCpu};
+  check.stage_noncontiguous = true;
+  const std::vector<cpu::ScoreEntry> table =
+      check_fisher_score(check, directions, grads, fishers);
+  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
+  cpu::fisher_score(table.data(), static_cast<int64_t>(table.size()), out.data_ptr<double>());
+  return out;
+}
+
 }  // namespace binding
 }  // namespace fisherforget

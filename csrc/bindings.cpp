@@ -20,8 +20,6 @@
 namespace {
 
 namespace ff = fisherforget;
-using ff::binding::Checker;
-using ff::binding::Target;
 
 void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
@@ -34,42 +32,22 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     std::optional<double> freeze_below,
                     const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
-  Checker check{"fisherforget_C::fused_step", Target::kCpu};
-  check.stage_noncontiguous = true;
-  ff::cpu::StepSettings settings;
   const std::vector<std::optional<at::Tensor>> mask_values = masks.vec();
-  const std::vector<ff::cpu::StepEntry> table = ff::binding::check_fused_step(
-      check, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers,
-      ff::binding::OptionalTensorsView{mask_values}, steps,
-      fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-      fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale, found_inf,
-      settings);
-  ff::cpu::fused_step(table.data(), static_cast<int64_t>(table.size()), settings);
-  check.finish();
+  ff::binding::fused_step_on_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers,
+                                 ff::binding::OptionalTensorsView{mask_values}, steps,
+                                 fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay,
+                                 amsgrad, maximize, fisher_mode, fisher_beta, fisher_scale,
+                                 freeze_above, freeze_below, grad_scale, found_inf);
 }
 
 void fisher_accumulate_cpu(at::TensorList fishers, at::TensorList grads, double alpha,
                            double beta, const std::optional<at::Tensor>& grad_scale) {
-  Checker check{"fisherforget_C::fisher_accumulate", Target::kCpu};
-  check.stage_noncontiguous = true;
-  const float* scale = nullptr;
-  const std::vector<ff::cpu::AccumulateEntry> table =
-      ff::binding::check_fisher_accumulate(check, fishers, grads, grad_scale, &scale);
-  ff::cpu::fisher_accumulate(table.data(), static_cast<int64_t>(table.size()), alpha, beta,
-                             scale);
-  check.finish();
+  ff::binding::fisher_accumulate_on_cpu(fishers, grads, alpha, beta, grad_scale);
 }
 
 at::Tensor fisher_score_cpu(at::TensorList directions, at::TensorList grads,
                             at::TensorList fishers) {
-  Checker check{"fisherforget_C::fisher_score", Target::kCpu};
-  check.stage_noncontiguous = true;
-  const std::vector<ff::cpu::ScoreEntry> table =
-      ff::binding::check_fisher_score(check, directions, grads, fishers);
-  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
-  ff::cpu::fisher_score(table.data(), static_cast<int64_t>(table.size()),
-                        out.data_ptr<double>());
-  return out;
+  return ff::binding::fisher_score_on_cpu(directions, grads, fishers);
 }
 
 // "kernels=cpu,cuda;archs=800,900;cuda=13000;cpu_isa=avx2": what this build holds. archs and cuda

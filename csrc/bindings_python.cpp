@@ -24,8 +24,6 @@
 namespace {
 
 namespace ff = fisherforget;
-using ff::binding::Checker;
-using ff::binding::Target;
 
 // A Python list or tuple of tensors, read in place (the views binding_checks.h expects).
 class PyTensors {
@@ -122,11 +120,8 @@ PyObject* py_fused_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       max_exp_avg_sqs(args[4], op, "max_exp_avg_sqs"), fishers(args[5], op, "fishers"),
       masks(args[6], op, "masks", /*allow_none=*/true), steps(args[7], op, "steps"),
       fisher_counts(args[8], op, "fisher_counts");
-  Checker check{"fisherforget_C::fused_step", Target::kCpu};
-  check.stage_noncontiguous = true;
-  ff::cpu::StepSettings settings;
-  const std::vector<ff::cpu::StepEntry> table = ff::binding::check_fused_step(
-      check, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+  ff::binding::fused_step_on_cpu(
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
       fisher_counts, to_double(args[9], op, "lr"), to_optional_tensor(args[10], op, "lr_tensor"),
       to_double(args[11], op, "beta1"), to_double(args[12], op, "beta2"),
       to_double(args[13], op, "eps"), to_double(args[14], op, "weight_decay"),
@@ -134,10 +129,7 @@ PyObject* py_fused_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       to_optional_str(args[17], op, "fisher_mode"), to_double(args[18], op, "fisher_beta"),
       to_double(args[19], op, "fisher_scale"), to_optional_double(args[20], op, "freeze_above"),
       to_optional_double(args[21], op, "freeze_below"),
-      to_optional_tensor(args[22], op, "grad_scale"), to_optional_tensor(args[23], op, "found_inf"),
-      settings);
-  ff::cpu::fused_step(table.data(), static_cast<int64_t>(table.size()), settings);
-  check.finish();
+      to_optional_tensor(args[22], op, "grad_scale"), to_optional_tensor(args[23], op, "found_inf"));
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
@@ -148,15 +140,9 @@ PyObject* py_fisher_accumulate(PyObject*, PyObject* const* args, Py_ssize_t narg
   const char* op = "fisherforget._C.fisher_accumulate";
   check_nargs(nargs, 5, op, "fishers, grads, alpha, beta, grad_scale");
   const PyTensors fishers(args[0], op, "fishers"), grads(args[1], op, "grads");
-  const double alpha = to_double(args[2], op, "alpha"), beta = to_double(args[3], op, "beta");
-  Checker check{"fisherforget_C::fisher_accumulate", Target::kCpu};
-  check.stage_noncontiguous = true;
-  const float* scale = nullptr;
-  const std::vector<ff::cpu::AccumulateEntry> table = ff::binding::check_fisher_accumulate(
-      check, fishers, grads, to_optional_tensor(args[4], op, "grad_scale"), &scale);
-  ff::cpu::fisher_accumulate(table.data(), static_cast<int64_t>(table.size()), alpha, beta,
-                             scale);
-  check.finish();
+  ff::binding::fisher_accumulate_on_cpu(fishers, grads, to_double(args[2], op, "alpha"),
+                                        to_double(args[3], op, "beta"),
+                                        to_optional_tensor(args[4], op, "grad_scale"));
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
@@ -168,14 +154,7 @@ PyObject* py_fisher_score(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   check_nargs(nargs, 3, op, "directions, grads, fishers");
   const PyTensors directions(args[0], op, "directions"), grads(args[1], op, "grads"),
       fishers(args[2], op, "fishers");
-  Checker check{"fisherforget_C::fisher_score", Target::kCpu};
-  check.stage_noncontiguous = true;
-  const std::vector<ff::cpu::ScoreEntry> table =
-      ff::binding::check_fisher_score(check, directions, grads, fishers);
-  at::Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kDouble));
-  ff::cpu::fisher_score(table.data(), static_cast<int64_t>(table.size()),
-                        out.data_ptr<double>());
-  return THPVariable_Wrap(std::move(out));
+  return THPVariable_Wrap(ff::binding::fisher_score_on_cpu(directions, grads, fishers));
   END_HANDLE_TH_ERRORS
 }
 

@@ -297,6 +297,34 @@ def test_setup_rejects_a_bad_switch_and_skips_when_told():
     assert skipped.returncode == 0 and skipped.stdout.strip().endswith("fisherforget")
 
 
+@pytest.mark.parametrize("listed, requested, expected", [
+    # CUDA 11.7 knows no sm_90: the default keeps sm_80 and puts the PTX there.
+    ("compute_50 compute_80 compute_86", "8.0;9.0+PTX", "8.0+PTX"),
+    ("compute_75 compute_80 compute_90 compute_100", "8.0;9.0+PTX", "8.0;9.0+PTX"),
+    # Nothing requested is supported: the newest below the lowest request, else the oldest.
+    ("compute_52 compute_61", "8.0;9.0+PTX", "6.1+PTX"),
+    ("compute_100 compute_120", "8.0;9.0+PTX", "10.0+PTX"),
+])
+def test_default_arch_list_is_limited_to_what_nvcc_supports(tmp_path, monkeypatch, listed,
+                                                              requested, expected):
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\n" + "".join(f"echo {a}\n" for a in listed.split()))
+    nvcc.chmod(0o755)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(cuda_jit, "DEFAULT_ARCH_LIST", requested)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    archs, source = cuda_jit.arch_list(str(tmp_path))
+    assert archs == expected
+    assert ("limited to what nvcc supports" in source) == (expected != requested)
+    # An explicit list is used as given; an nvcc that cannot list leaves the default alone.
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert cuda_jit.arch_list(str(tmp_path)) == ("9.0", "$TORCH_CUDA_ARCH_LIST")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    nvcc.write_text("#!/bin/sh\nexit 1\n")
+    assert cuda_jit.arch_list(str(tmp_path))[0] == requested
+
+
 def test_doctor_reports_the_extension():
     from fisherforget import doctor
 
