@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
+    EXACT_FP32,
     program_chunk,
     all_aligned,
     build_tables,
@@ -191,7 +192,7 @@ def fisher_accumulate(
             F_DTYPE=triton_dtype(fishers[0].dtype), G_DTYPE=triton_dtype(grads[0].dtype),
             HAS_GRAD_SCALE=grad_scale is not None, ALIGNED=tables.aligned,
             VEC=vector_elems([fishers[0], grads[0]]),
-            BLOCK=config.block, num_warps=config.num_warps,
+            BLOCK=config.block, num_warps=config.num_warps, **EXACT_FP32,
         )
 
 

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
+    EXACT_FP32,
     program_chunk,
     all_aligned,
     build_tables,
@@ -354,7 +355,7 @@ def fused_step(
                 VEC=vector_elems([params[0], grads[0], exp_avgs[0], exp_avg_sqs[0]]
                                  + ([max_exp_avg_sqs[0]] if amsgrad else [])
                                  + ([fishers[0]] if has_fisher else [])),
-                BLOCK=config.block, num_warps=config.num_warps,
+                BLOCK=config.block, num_warps=config.num_warps, **EXACT_FP32,
             )
         _advance_counters_kernel[(triton.cdiv(n_tensors, _COUNTERS_BLOCK),)](
             tables.tensors, found_inf if found_inf is not None else placeholder,

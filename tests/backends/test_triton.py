@@ -625,7 +625,8 @@ def test_hyperparameters_are_runtime_arguments(kernel):
 
 def test_compiles_for_hopper_with_16_byte_accesses():
     """Compile the kernels for sm_90 without a GPU (Triton ships ptxas) and check the fused
-    step uses 16-byte loads and stores, spills nothing, and has no float atomics anywhere."""
+    step uses 16-byte loads and stores, spills nothing, contracts no fp32 multiply-add, and has
+    no float atomics anywhere."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(
         [str(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))]
@@ -647,6 +648,10 @@ def test_compiles_for_hopper_with_16_byte_accesses():
         assert variant["float_atomics"] == 0, variant
         if variant["kernel"] in ("_fused_step_kernel", "_fisher_accumulate_kernel"):
             assert variant["shared_bytes"] == 0, variant  # no layout conversions
+            # Each fp32 operation rounded on its own, as in the reference and the interpreter:
+            # a contracted a*F + b*g^2 moves F by 1 ulp and can flip a freeze threshold.
+            # (Compiled with fusion on, the fp32 Fisher step has 112 of these.)
+            assert variant["fp32_fma"] == 0, variant
         # (The score kernels' block reductions use a few bytes of shared memory.)
         # Every wide operand is read with vector accesses (16 bytes, 8 for 16-bit operands
         # beside fp32 ones), and written so unless per-element freezing masks the stores.
