@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _cuda_tools():
-    """fisherforget/backends/cuda_jit.py, loaded by path (the package itself is not imported)."""
-    path = ROOT / "fisherforget" / "backends" / "cuda_jit.py"
+    """fisherforget/backends/cuda/jit.py, loaded by path (the package itself is not imported)."""
+    path = ROOT / "fisherforget" / "backends" / "cuda" / "jit.py"
     spec = importlib.util.spec_from_file_location("_fisherforget_cuda_tools", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

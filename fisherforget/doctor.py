@@ -22,7 +22,8 @@ def _version(module: str) -> str:
 def _cuda_extension() -> dict[str, str]:
     """Whether the prebuilt ``fisherforget._C`` is there (and for which GPUs), what the ``cuda``
     backend loaded, and where a JIT build is cached."""
-    from fisherforget.backends import cuda, cuda_jit
+    from fisherforget.backends import cuda
+    from fisherforget.backends.cuda import jit as cuda_jit
 
     error = cuda.load_prebuilt()
     if error is None:

@@ -1,7 +1,8 @@
 """``FisherAdamW``: AdamW with a diagonal Fisher estimate, masks and Fisher-scaled steps.
 
-The optimizer validates input, keeps state, groups tensors by (device, dtype) and calls the ops of
-:mod:`fisherforget.ops`; it never touches kernels. DESIGN section 2 is the math.
+The optimizer validates input at the edges, keeps state, plans launches by (device, dtype) and calls
+the ops of :mod:`fisherforget.ops`; it never touches kernels. The math is stated in
+:mod:`fisherforget.ops` and ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -55,49 +56,20 @@ def _check_nonneg(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
 
 
-def _validate_group(group: dict[str, Any]) -> None:
-    """Raise a ``ValueError``/``TypeError`` naming the bad hyperparameter; change nothing."""
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1 or lr.dim() != 0:
-            raise ValueError(f"Invalid lr: a tensor lr must be 0-dim, got shape {tuple(lr.shape)}")
-        if not lr.is_floating_point():
-            raise TypeError(f"Invalid lr: a tensor lr must be floating point, got {lr.dtype}")
-        # Reading a device tensor would synchronise, and inside torch.compile it would break
-        # the graph; check the value only where it is free.
-        if (
-            lr.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-            and not bool(lr >= 0)
-        ):
-            raise ValueError(f"Invalid lr: {lr.item()} (must be >= 0)")
-    else:
-        _check_nonneg("lr", lr)
+def _group_hyper(group: dict[str, Any]) -> ops.StepHyper:
+    """Validate a param group's hyperparameters and return them as the op's :class:`StepHyper`.
+
+    Raises a ``ValueError``/``TypeError`` naming the bad group key; changes nothing."""
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, Tensor):
-            raise TypeError(f"Invalid betas[{i}]: tensor betas are not supported, pass floats")
-        if not _is_number(beta) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid betas[{i}]: {beta!r} (must be in [0, 1))")
-    _check_nonneg("eps", group["eps"])
-    _check_nonneg("weight_decay", group["weight_decay"])
-    for name in ("amsgrad", "maximize"):
-        if not isinstance(group[name], bool):
-            raise TypeError(f"Invalid {name}: {group[name]!r} (must be a bool)")
-    if group["fisher"] not in ops.FISHER_MODES:
-        raise ValueError(
-            f"Invalid fisher: {group['fisher']!r} (must be one of 'ema', 'mean', 'sum', None)"
-        )
-    fisher_beta = group["fisher_beta"]
-    if not _is_number(fisher_beta) or not 0.0 <= fisher_beta < 1.0:
-        raise ValueError(f"Invalid fisher_beta: {fisher_beta!r} (must be in [0, 1))")
-    _check_nonneg("fisher_scale", group["fisher_scale"])
-    for name in ("freeze_above", "freeze_below"):
-        value = group[name]
-        if value is not None and (not _is_number(value) or math.isnan(value)):
-            raise ValueError(f"Invalid {name}: {value!r} (must be None or a number)")
+    hyper = ops.StepHyper(
+        lr=group["lr"], beta1=betas[0], beta2=betas[1], eps=group["eps"],
+        weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+        maximize=group["maximize"], fisher_mode=group["fisher"],
+        fisher_beta=group["fisher_beta"], fisher_scale=group["fisher_scale"],
+        freeze_above=group["freeze_above"], freeze_below=group["freeze_below"],
+    )
     for name in ("state_dtype", "fisher_dtype"):
         if group[name] not in _STATE_DTYPES:
             raise ValueError(
@@ -107,6 +79,11 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ValueError(
             f"Invalid backend: {group['backend']!r} (must be one of {backends.BACKEND_CHOICES})"
         )
+    return hyper
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    _group_hyper(group)
 
 
 def _needs_fisher(group: dict[str, Any]) -> bool:
@@ -118,24 +95,76 @@ def _needs_fisher(group: dict[str, Any]) -> bool:
     )
 
 
+def _group_values(group: dict[str, Any]) -> tuple:
+    """What a group's StepHyper is built from, cheap to compare: a tensor lr by identity and
+    version counter (an in-place change bumps it), never by value (that would read the device)."""
+    lr = group["lr"]
+    lr_key = (id(lr), lr._version) if isinstance(lr, Tensor) else lr
+    return (lr_key,) + tuple(group[k] for k in _GROUP_KEYS[1:])
+
+
+class _HyperCache:
+    """The StepHyper of one group, rebuilt (and so validated) only when a value changed."""
+
+    __slots__ = ("values", "hyper")
+
+    def __init__(self, values: tuple, hyper: ops.StepHyper):
+        self.values = values
+        self.hyper = hyper  # holds a tensor lr, so its id in ``values`` cannot be reused
+
+
+class _Bucket:
+    """One launch: a (device, dtype) slice of a group's params with gradients."""
+
+    __slots__ = ("index", "tensors", "backend")
+
+    def __init__(self, index: Optional[list[int]], tensors: ops.StepTensors, backend: str):
+        self.index = index  # positions in the group's params-with-grad list; None: all
+        self.tensors = tensors  # grads is a placeholder, filled per step
+        self.backend = backend
+
+    def with_grads(self, grads: list[Tensor]) -> ops.StepTensors:
+        picked = grads if self.index is None else [grads[i] for i in self.index]
+        return self.tensors._replace(grads=picked)
+
+
+class _Plan:
+    """A group's launches, built once and reused while its params-with-grad, state layout and
+    settings stay the same (the key). Per step only the gradients are gathered and checked."""
+
+    __slots__ = ("key", "buckets", "shapes", "dtypes", "devices", "distributed")
+
+    def __init__(self, key: tuple, buckets: list[_Bucket], params: list[Tensor]):
+        self.key = key
+        self.buckets = buckets
+        self.shapes = [p.shape for p in params]
+        self.dtypes = [p.dtype for p in params]
+        self.devices = [p.device for p in params]
+        self.distributed = any(map(_dist.is_dtensor, params))
+
+    def grads_match(self, grads: list[Tensor]) -> bool:
+        """One pass per property over the gradients; no strings are built."""
+        return (not self.distributed
+                and [g.shape for g in grads] == self.shapes
+                and [g.dtype for g in grads] == self.dtypes
+                and [g.device for g in grads] == self.devices
+                and {g.layout for g in grads} == _STRIDED
+                and {type(g) for g in grads} <= _PLAIN_TENSOR_TYPES)
+
+
+_STRIDED = {torch.strided}
+_PLAIN_TENSOR_TYPES = {Tensor, torch.nn.Parameter}
+
+
 class FisherAdamW(Optimizer):
     r"""AdamW whose step also accumulates a diagonal Fisher estimate and can freeze or damp
     elements by it.
 
-    Per element, with ``t`` the step count (incremented before use)::
-
-        g = grad / grad_scale;  g = -g if maximize
-        F = a*F + b*g^2                     fisher="ema": a = fisher_beta, b = 1 - fisher_beta
-                                            fisher="mean": a = (n-1)/n, b = 1/n (n accumulations)
-                                            fisher="sum": a = b = 1;  fisher=None: F unchanged
-        frozen = mask is False | F > freeze_above | F < freeze_below     (each only when set)
-        unfrozen elements: p = p*(1 - lr*weight_decay)
-                           m = beta1*m + (1-beta1)*g;  v = beta2*v + (1-beta2)*g^2
-                           p = p - lr/(1-beta1^t) * m / (sqrt(v/(1-beta2^t)) + eps)
-                                 / (1 + fisher_scale*F)
-
-    With ``fisher=None``, no mask, no thresholds and ``fisher_scale=0`` this is
-    ``torch.optim.AdamW``.
+    Per element (the full statement is :mod:`fisherforget.ops`): the Fisher accumulates
+    ``F = a*F + b*g^2`` (``fisher`` = ``"ema"``, ``"mean"``, ``"sum"`` or ``None``); an element is
+    frozen where its mask is False or ``F`` is above ``freeze_above`` / below ``freeze_below``;
+    the others take an AdamW step divided by ``1 + fisher_scale * F``. With ``fisher=None``, no
+    mask, no thresholds and ``fisher_scale=0`` this is ``torch.optim.AdamW`` to rounding.
 
     **Estimator.** The in-step accumulation squares the *mini-batch* gradient (the statistic Adam's
     ``v`` tracks, un-bias-corrected). It is neither the empirical Fisher (mean of squared
@@ -193,6 +222,9 @@ class FisherAdamW(Optimizer):
             backend=backend,
         )
         _validate_group(defaults)
+        self._hyper_cache: dict[int, _HyperCache] = {}
+        self._plans: dict[int, _Plan] = {}
+        self._state_epoch = 0  # bumped whenever state entries are added, removed or swapped
         if backend not in ("auto", "reference") and not backends.is_available(backend):
             raise RuntimeError(
                 f"backend={backend!r} was requested but is not available: "
@@ -204,6 +236,7 @@ class FisherAdamW(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._state_epoch += 1
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -219,44 +252,117 @@ class FisherAdamW(Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    def _check_grads(self) -> None:
-        """Check every gradient before anything is changed (nothing is half-updated)."""
-        for gi, group in enumerate(self.param_groups):
-            _validate_group(group)
-            for pi, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                where = f"param {pi} of group {gi} (shape {tuple(p.shape)})"
-                if grad.is_sparse or grad.layout != torch.strided:
-                    raise RuntimeError(f"FisherAdamW does not support sparse gradients: {where}")
-                if torch.is_complex(grad) or torch.is_complex(p):
-                    raise RuntimeError(f"FisherAdamW does not support complex tensors: {where}")
-                if grad.shape != p.shape:
+    def _check_grads_one_by_one(self, gi: int, group: dict[str, Any]) -> None:
+        """Name the first param whose gradient (or mask) does not fit it; the slow path, run only
+        when the set-level check of a step failed or its plan is rebuilt."""
+        for pi, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None:
+                continue
+            where = f"param {pi} of group {gi} (shape {tuple(p.shape)})"
+            if grad.is_sparse or grad.layout != torch.strided:
+                raise RuntimeError(f"FisherAdamW does not support sparse gradients: {where}")
+            if torch.is_complex(grad) or torch.is_complex(p):
+                raise RuntimeError(f"FisherAdamW does not support complex tensors: {where}")
+            if grad.shape != p.shape:
+                raise RuntimeError(
+                    f"gradient shape {tuple(grad.shape)} does not match {where}"
+                )
+            if grad.device != p.device:
+                raise RuntimeError(
+                    f"gradient is on {grad.device} but {where} is on {p.device}"
+                )
+            if grad.dtype != p.dtype:
+                raise RuntimeError(
+                    f"gradient dtype {grad.dtype} does not match {where} of dtype {p.dtype}"
+                )
+            _dist.check_grad_layout(p, grad, where)
+            state = self.state.get(p)
+            if not state:
+                continue
+            mask = state.get("mask")
+            if mask is not None and (
+                mask.shape != p.shape
+                or mask.device != p.device
+                or not _dist.same_layout(mask, p)
+            ):
+                raise RuntimeError(f"the mask of {where} no longer matches it; set_mask again")
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "fisher"):
+                value = state.get(key)
+                if value is not None and (value.shape != p.shape or value.device != p.device):
                     raise RuntimeError(
-                        f"gradient shape {tuple(grad.shape)} does not match {where}"
-                    )
-                if grad.device != p.device:
-                    raise RuntimeError(
-                        f"gradient is on {grad.device} but {where} is on {p.device}"
-                    )
-                if grad.dtype != p.dtype:
-                    raise RuntimeError(
-                        f"gradient dtype {grad.dtype} does not match {where} of dtype {p.dtype}"
-                    )
-                _dist.check_grad_layout(p, grad, where)
-                mask = self.state[p].get("mask") if p in self.state else None
-                if mask is not None and (
-                    mask.shape != p.shape
-                    or mask.device != p.device
-                    or not _dist.same_layout(mask, p)
-                ):
-                    raise RuntimeError(f"the mask of {where} no longer matches it; set_mask again")
+                        f"the {key} state of {where} has shape {tuple(value.shape)} on "
+                        f"{value.device}: the param changed shape or device since its state was "
+                        "made; reset the optimizer state for it")
+
+    def _hyper(self, gi: int, group: dict[str, Any]) -> ops.StepHyper:
+        if torch.compiler.is_compiling():  # a compiled step is traced once: nothing to cache
+            return _group_hyper(group)
+        values = _group_values(group)
+        cached = self._hyper_cache.get(gi)
+        if cached is None or cached.values != values:
+            cached = _HyperCache(values, _group_hyper(group))
+            self._hyper_cache[gi] = cached
+        return cached.hyper
+
+    def _plan(self, gi: int, group: dict[str, Any], hyper: ops.StepHyper,
+              params: list[Tensor]) -> _Plan:
+        key = (self._state_epoch, id(self.state), group["backend"], hyper.amsgrad,
+               hyper.uses_fisher, group["state_dtype"], group["fisher_dtype"],
+               tuple(map(id, params)))
+        plan = None if torch.compiler.is_compiling() else self._plans.get(gi)
+        if plan is not None and plan.key == key:
+            return plan
+        self._check_grads_one_by_one(gi, group)
+        # Resolve every bucket's backend before creating any state, so that a backend that
+        # cannot run here fails with nothing changed.
+        grouped: dict[tuple, list[int]] = defaultdict(list)
+        wide = {torch.float64}
+        for i, p in enumerate(params):
+            state = self.state.get(p, {})
+            state_dtype = torch.float64 if p.dtype in wide else (
+                state["exp_avg"].dtype if "exp_avg" in state else group["state_dtype"])
+            fisher_dtype = None
+            if hyper.uses_fisher:
+                fisher_dtype = torch.float64 if p.dtype in wide else (
+                    state["fisher"].dtype if "fisher" in state else group["fisher_dtype"])
+            grouped[(p.device, p.dtype, state_dtype, fisher_dtype)].append(i)
+        resolved = {key_: backends.resolve(group["backend"], key_[0], key_[1])
+                    for key_ in grouped}
+        buckets = []
+        local = _dist.local
+        for bucket_key, index in grouped.items():
+            members = [params[i] for i in index]
+            states = [self._init_state(p, group) for p in members]
+            tensors = ops.StepTensors(
+                params=[local(p) for p in members],
+                grads=[],
+                exp_avgs=[local(st["exp_avg"]) for st in states],
+                exp_avg_sqs=[local(st["exp_avg_sq"]) for st in states],
+                max_exp_avg_sqs=([local(st["max_exp_avg_sq"]) for st in states]
+                                 if hyper.amsgrad else []),
+                fishers=[local(st["fisher"]) for st in states] if hyper.uses_fisher else [],
+                masks=[None if st.get("mask") is None else local(st["mask"]) for st in states],
+                steps=[st["step"] for st in states],
+                fisher_counts=([st["fisher_count"] for st in states]
+                               if hyper.uses_fisher else []),
+            )
+            whole = len(grouped) == 1
+            buckets.append(_Bucket(None if whole else index, tensors, resolved[bucket_key]))
+        # _init_state may have added entries; the key records the epoch after it.
+        key = (self._state_epoch,) + key[1:]
+        plan = _Plan(key, buckets, params)
+        if not torch.compiler.is_compiling():
+            self._plans[gi] = plan
+        return plan
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         wide = p.dtype == torch.float64
         state_dtype = torch.float64 if wide else group["state_dtype"]
+        if ("step" not in state or (group["amsgrad"] and "max_exp_avg_sq" not in state)
+                or (_needs_fisher(group) and "fisher" not in state)):
+            self._state_epoch += 1
         if "step" not in state:
             # 0-dim fp32 on the param's device, as torch's fused/capturable AdamW: no host sync.
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -289,51 +395,28 @@ class FisherAdamW(Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
-        self._check_grads()
+        ops.check_scalar_arg("grad_scale", grad_scale)
+        ops.check_scalar_arg("found_inf", found_inf)
 
-        # Plan every launch (state, buckets, backends) before running any, so a failure
-        # (e.g. an explicit backend that cannot run here) leaves everything unchanged.
+        # Everything is checked and planned (state, buckets, backends) before any launch, so a
+        # failure leaves params and state unchanged.
         launches = []
-        for group in self.param_groups:
-            uses_fisher = _needs_fisher(group)
-            buckets: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._init_state(p, group)
-                key = (p.device, p.dtype, state["exp_avg"].dtype,
-                       state["fisher"].dtype if uses_fisher else None)
-                bucket = buckets[key]
-                # Every rule is elementwise: DTensors (FSDP2) are stepped shard by shard.
-                local = _dist.local
-                bucket["params"].append(local(p))
-                bucket["grads"].append(local(p.grad))
-                bucket["exp_avgs"].append(local(state["exp_avg"]))
-                bucket["exp_avg_sqs"].append(local(state["exp_avg_sq"]))
-                if group["amsgrad"]:
-                    bucket["max_exp_avg_sqs"].append(local(state["max_exp_avg_sq"]))
-                if uses_fisher:
-                    bucket["fishers"].append(local(state["fisher"]))
-                    bucket["fisher_counts"].append(state["fisher_count"])
-                mask = state.get("mask")
-                bucket["masks"].append(None if mask is None else local(mask))
-                bucket["steps"].append(state["step"])
-            for (device, dtype, _, _), bucket in buckets.items():
-                launches.append((group, bucket, backends.resolve(group["backend"], device, dtype)))
-
-        for group, bucket, backend in launches:
-            beta1, beta2 = group["betas"]
-            ops.fused_step(
-                bucket["params"], bucket["grads"], bucket["exp_avgs"], bucket["exp_avg_sqs"],
-                bucket["max_exp_avg_sqs"], bucket["fishers"], bucket["masks"], bucket["steps"],
-                bucket["fisher_counts"],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-                maximize=group["maximize"], fisher_mode=group["fisher"],
-                fisher_beta=group["fisher_beta"], fisher_scale=group["fisher_scale"],
-                freeze_above=group["freeze_above"], freeze_below=group["freeze_below"],
-                grad_scale=grad_scale, found_inf=found_inf, backend=backend,
-            )
+        for gi, group in enumerate(self.param_groups):
+            hyper = self._hyper(gi, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            plan = self._plan(gi, group, hyper, params)
+            grads = [p.grad for p in params]
+            if not plan.grads_match(grads):
+                self._check_grads_one_by_one(gi, group)
+                grads = [_dist.local(g) for g in grads]
+            for bucket in plan.buckets:
+                launches.append((bucket.with_grads(grads), hyper, bucket.backend))
+        for tensors, hyper, backend in launches:
+            ops.preflight_fused_step(tensors, hyper, backend)
+        for tensors, hyper, backend in launches:
+            ops.dispatch_fused_step(tensors, hyper, grad_scale, found_inf, backend)
         return loss
 
     # ------------------------------------------------------------ Fisher API
@@ -414,6 +497,7 @@ class FisherAdamW(Optimizer):
         if mask is None:
             if p in self.state:
                 self.state[p].pop("mask", None)
+                self._state_epoch += 1
             return
         if not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask)}")
@@ -423,6 +507,7 @@ class FisherAdamW(Optimizer):
             raise ValueError(
                 f"mask shape {tuple(mask.shape)} does not match the param's {tuple(p.shape)}"
             )
+        self._state_epoch += 1
         if _dist.is_dtensor(p) or _dist.is_dtensor(mask):
             self.state[p]["mask"] = _dist.to_param_layout(p, mask, "mask")
             return
@@ -461,6 +546,7 @@ class FisherAdamW(Optimizer):
                 group.update(old)
 
     def _swap_unlearning_moments(self) -> None:
+        self._state_epoch += 1
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
@@ -552,6 +638,7 @@ class FisherAdamW(Optimizer):
                 )
                 for key, value in values.items()
             }
+        self._state_epoch += 1
         super().load_state_dict(stripped)
         for pid, values in converted.items():
             self.state[id_map[pid]].update(values)

@@ -23,7 +23,7 @@ so that every program of the main kernel reads the old count and uses ``t = step
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import triton
@@ -270,39 +270,26 @@ _COUNTERS_BLOCK = 128
 
 
 def fused_step(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    max_exp_avg_sqs: Sequence[torch.Tensor],
-    fishers: Sequence[torch.Tensor],
-    masks: Sequence[Optional[torch.Tensor]],
-    steps: Sequence[torch.Tensor],
-    fisher_counts: Sequence[torch.Tensor],
-    *,
-    lr: Union[float, torch.Tensor],
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    fisher_mode: Optional[str],
-    fisher_beta: float,
-    fisher_scale: float,
-    freeze_above: Optional[float],
-    freeze_below: Optional[float],
+    tensors,
+    hyper,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
     """One launch of the fused step (plus the counter kernel) over one bucket.
 
-    The caller (``fisherforget.backends.triton``) has validated the arguments: every tensor is
-    contiguous and on one device, each list has one dtype, masks are bool, ``steps`` and
-    ``fisher_counts`` are 0-dim fp32, ``lr``/``grad_scale``/``found_inf`` tensors are on the
-    device. ``fishers`` is empty when no Fisher is used; ``fisher_counts`` may be empty when the
-    Fisher does not accumulate.
+    ``tensors`` holds the nine lists of ``fisherforget.ops.StepTensors`` and ``hyper`` is a
+    ``fisherforget.ops.StepHyper``. The caller (``fisherforget.backends.triton``) has validated
+    the arguments: every tensor is contiguous and on one device, each list has one dtype, masks
+    are bool, ``steps`` and ``fisher_counts`` are 0-dim fp32, ``lr``/``grad_scale``/``found_inf``
+    tensors are on the device. ``fishers`` is empty when no Fisher is used; ``fisher_counts`` may
+    be empty when the Fisher does not accumulate.
     """
+    (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+     fisher_counts) = tensors
+    lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
+    weight_decay, amsgrad, maximize = hyper.weight_decay, hyper.amsgrad, hyper.maximize
+    fisher_mode, fisher_beta, fisher_scale = hyper.fisher_mode, hyper.fisher_beta, hyper.fisher_scale
+    freeze_above, freeze_below = hyper.freeze_above, hyper.freeze_below
     n_tensors = len(params)
     if n_tensors == 0:
         return

@@ -3,7 +3,7 @@
 1. :func:`generate_self_knowledge`: the model answers the forgetting task's prompts (``D_self``);
    :func:`encode_pairs` makes training samples of the answers.
 2. :func:`forgetting_confidence`: FC of each sample from the learning task's gradient and Fisher
-   (DESIGN section 2); :func:`control_scores` gives the random / reversed controls.
+   (``docs/design.md``); :func:`control_scores` gives the random / reversed controls.
 3. :class:`UnlearningSchedule` and :func:`select`: every ``every`` learning steps, ``steps`` ascent
    steps on the top ``fraction`` of ``D_self`` by FC, through ``FisherAdamW.unlearning``.
 

@@ -30,8 +30,9 @@ import pytest
 import torch
 
 from fisherforget import FisherAdamW, ops
-from fisherforget.backends import cuda as cuda_backend
-from fisherforget.backends import cuda_jit
+from step_cases import run_step
+from fisherforget.backends.cuda import ops as cuda_backend
+from fisherforget.backends.cuda import jit as cuda_jit
 
 REPO = Path(__file__).resolve().parents[2]
 CSRC = REPO / "csrc"
@@ -395,7 +396,10 @@ def _make(config: dict, sizes, device, param_dtype, state_dtype, fisher_dtype=No
 
 def _run_cuda_step(inputs: StepInputs, kw: dict) -> None:
     # On CPU tensors this runs the host emulation of the kernels through the same glue.
-    cuda_backend.fused_step(*inputs.lists(), **kw)
+    kw = dict(kw)
+    grad_scale, found_inf = kw.pop("grad_scale", None), kw.pop("found_inf", None)
+    cuda_backend.fused_step(ops.StepTensors(*inputs.lists()), ops.StepHyper(**kw), grad_scale,
+                            found_inf)
 
 
 def _sizes(device):
@@ -417,7 +421,7 @@ def test_fused_step_matches_reference(device, config, param_dtype, state_dtype):
     want = _make(conf, _sizes(device), device, param_dtype, state_dtype)
     got = want.clone()
     for _ in range(2):  # two steps: the counts advance and the second step reads them
-        ops.fused_step(*want.lists(), **kw, backend="reference")
+        run_step(want.lists(), kw, backend="reference")
         _run_cuda_step(got, kw)
         assert_step_matches(got, want)
         # Start the next step from identical state: a 1-ulp rounding difference in a bf16 moment
@@ -432,7 +436,7 @@ def test_fused_step_fp32_state_bf16_fisher(device):
     kw = _step_kwargs(conf, device)
     want = _make(conf, [5, 4099], device, torch.bfloat16, torch.float32, torch.bfloat16)
     got = want.clone()
-    ops.fused_step(*want.lists(), **kw, backend="reference")
+    run_step(want.lists(), kw, backend="reference")
     _run_cuda_step(got, kw)
     assert_step_matches(got, want)
 
@@ -468,7 +472,7 @@ def test_frozen_elements_keep_their_bits(device, param_dtype):
     want.masks[1] = torch.zeros_like(want.params[1], dtype=torch.bool)
     got = want.clone()
     before = want.clone()
-    ops.fused_step(*want.lists(), **kw, backend="reference")
+    run_step(want.lists(), kw, backend="reference")
     _run_cuda_step(got, kw)
     assert_step_matches(got, want)
     for i in poisoned:
@@ -493,7 +497,7 @@ def test_many_tensors_in_one_call(device):
     kw = _step_kwargs(conf, device)
     want = _make(conf, sizes, device, torch.float32, torch.float32)
     got = want.clone()
-    ops.fused_step(*want.lists(), **kw, backend="reference")
+    run_step(want.lists(), kw, backend="reference")
     _run_cuda_step(got, kw)
     assert_step_matches(got, want)
 
@@ -515,7 +519,7 @@ def test_misaligned_and_noncontiguous_params(device):
     got.params[0] = base.clone()[1:]
     got.params[1] = want.params[1].t().clone().t()
     assert not got.params[1].is_contiguous()
-    ops.fused_step(*want.lists(), **kw, backend="reference")
+    run_step(want.lists(), kw, backend="reference")
     _run_cuda_step(got, kw)
     assert_step_matches(got, want)
 
@@ -681,7 +685,7 @@ def test_torch_compile_traces_the_ops():
     got = want.clone()
 
     def step_and_score(inputs):
-        cuda_backend.fused_step(*inputs.lists(), **kw)
+        _run_cuda_step(inputs, kw)
         return cuda_backend.fisher_score(inputs.exp_avgs, inputs.grads, inputs.fishers)
 
     expected = step_and_score(want)
@@ -702,8 +706,8 @@ def test_gpu_fused_step_2_pow_28_elements():
     want = StepInputs([2**28], "cuda", torch.bfloat16, torch.float32, amsgrad=False, masks=True)
     got = want.clone()
     kw["amsgrad"] = False
-    ops.fused_step(*want.lists(), **kw, backend="reference")
-    ops.fused_step(*got.lists(), **kw, backend="cuda")
+    run_step(want.lists(), kw, backend="reference")
+    run_step(got.lists(), kw, backend="cuda")
     assert_step_matches(got, want)
     del want, got
     torch.cuda.empty_cache()
@@ -739,8 +743,8 @@ def test_gpu_results_identical_run_to_run():
     kw = _step_kwargs(conf, "cuda")
     first = _make(conf, [7, 4097, 2**20 + 3], "cuda", torch.bfloat16, torch.bfloat16)
     second = first.clone()
-    ops.fused_step(*first.lists(), **kw, backend="cuda")
-    ops.fused_step(*second.lists(), **kw, backend="cuda")
+    run_step(first.lists(), kw, backend="cuda")
+    run_step(second.lists(), kw, backend="cuda")
     for name in StepInputs.LISTS:
         for a, b in zip(getattr(first, name), getattr(second, name)):
             assert (a is None and b is None) or torch.equal(a, b), name
@@ -760,16 +764,16 @@ def test_gpu_cuda_graph_capture_of_a_step():
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the graph, as for any capture
         scratch = want.clone()
-        ops.fused_step(*scratch.lists(), **kw, backend="cuda")
+        run_step(scratch.lists(), kw, backend="cuda")
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ops.fused_step(*got.lists(), **kw, backend="cuda")
+        run_step(got.lists(), kw, backend="cuda")
     for replay, (lr, skip) in enumerate([(3e-2, 0.0), (1e-2, 0.0), (1e-2, 1.0), (5e-3, 0.0)]):
         kw["lr"].fill_(lr)
         kw["found_inf"].fill_(skip)
         graph.replay()
-        ops.fused_step(*want.lists(), **kw, backend="reference")
+        run_step(want.lists(), kw, backend="reference")
         torch.cuda.synchronize()
         assert_step_matches(got, want)
     assert got.steps[0].item() == want.steps[0].item()
@@ -815,7 +819,7 @@ def test_gpu_jit_build_on_a_clean_cache(tmp_path):
     script = textwrap.dedent("""
         import torch
         from fisherforget import ops
-        from fisherforget.backends import cuda_jit
+        from fisherforget.backends.cuda import jit as cuda_jit
         build_dir = cuda_jit.load()
         print("built in", build_dir)
         info = torch.ops.fisherforget_C.build_info()

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from fisherforget import FisherAdamW, backends, ops
+from step_cases import run_step
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -37,7 +38,7 @@ if not backends.runs_on("triton", DEVICE):  # pragma: no cover
     pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)",
                 allow_module_level=True)
 
-from fisherforget.backends import triton as triton_backend  # noqa: E402
+from fisherforget.backends.triton import ops as triton_backend  # noqa: E402
 
 kernels = triton_backend.load_kernels()
 from fisherforget.kernels import fisher as fisher_kernels  # noqa: E402
@@ -151,8 +152,8 @@ def run_both(bucket, **overrides):
     """Run reference and triton on clones of ``bucket``; return (reference, triton) buckets."""
     hyper = dict(HYPER, **overrides)
     expected, actual = clone_bucket(bucket), clone_bucket(bucket)
-    ops.fused_step(*expected.values(), **hyper, backend="reference")
-    ops.fused_step(*actual.values(), **hyper, backend="triton")
+    run_step(expected.values(), hyper, backend="reference")
+    run_step(actual.values(), hyper, backend="triton")
     return expected, actual
 
 
@@ -308,8 +309,8 @@ def test_fused_step_non_contiguous_tensors():
     untouched = base_params[1][:, 1::3].clone()
 
     expected = clone_bucket(bucket)
-    ops.fused_step(*expected.values(), **dict(HYPER, amsgrad=True), backend="reference")
-    ops.fused_step(*bucket.values(), **dict(HYPER, amsgrad=True), backend="triton")
+    run_step(expected.values(), dict(HYPER, amsgrad=True), backend="reference")
+    run_step(bucket.values(), dict(HYPER, amsgrad=True), backend="triton")
     assert_buckets_match(expected, bucket)
     # The views were updated in place, their neighbours in the storage were not.
     assert views[0].data_ptr() == base_params[0].data_ptr()
@@ -353,8 +354,8 @@ def test_writes_stay_inside_each_tensor(aligned):
         gaps[name] = gap
     expected = clone_bucket(bucket)
     hyper = dict(HYPER, amsgrad=True, freeze_above=100.0)  # (a gap's F = 7 must not freeze)
-    ops.fused_step(*expected.values(), **hyper, backend="reference")
-    ops.fused_step(*bucket.values(), **hyper, backend="triton")
+    run_step(expected.values(), hyper, backend="reference")
+    run_step(bucket.values(), hyper, backend="triton")
     assert_buckets_match(expected, bucket)
     for name, buffer in buffers.items():
         assert bool((buffer[gaps[name]] == POISON).all()), f"{name}: a gap was written"
@@ -409,15 +410,15 @@ def _error_cases():
     case("grad_shape", lambda b: b["grads"].__setitem__(1, b["grads"][1][:3]),
          r"grads\[1\] has shape")
     case("mask_dtype", lambda b: b["masks"].__setitem__(0, torch.ones(7, device=DEVICE)),
-         r"masks\[0\] has dtype")
+         r"masks\[0\] must be a bool tensor")
     case("step_dtype", lambda b: b["steps"].__setitem__(1, b["steps"][1].double()),
-         r"steps\[1\] must be float32")
+         r"steps\[1\] must be a 0-dim float32 tensor, got shape \(\) and dtype torch.float64")
     case("step_shape", lambda b: b["steps"].__setitem__(0, torch.zeros(1, device=DEVICE)),
-         r"steps\[0\] must be a 0-dim tensor")
+         r"steps\[0\] must be a 0-dim float32 tensor, got shape \(1,\)")
     case("missing_fishers", lambda b: b["fishers"].clear(), "fishers is empty")
     case("missing_max_exp_avg_sqs", lambda b: b["max_exp_avg_sqs"].pop(),
          "max_exp_avg_sqs has 1 entries", amsgrad=True)
-    case("bad_mode", lambda b: None, "fisher_mode must be one of", fisher_mode="median")
+    case("bad_mode", lambda b: None, "Invalid fisher: 'median'", fisher_mode="median")
     case("grad_scale_shape", lambda b: None, "grad_scale must hold one value",
          grad_scale=torch.ones(2, device=DEVICE))
     return bucket, cases
@@ -432,7 +433,7 @@ def test_fused_step_rejects_bad_input_and_changes_nothing(change, match, hyper):
     change(bucket)
     before = clone_bucket(bucket)
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
-        ops.fused_step(*bucket.values(), **dict(HYPER, **hyper), backend="triton")
+        run_step(bucket.values(), dict(HYPER, **hyper), backend="triton")
     for name, values in before.items():
         for i, t in enumerate(values):
             if isinstance(t, torch.Tensor):
@@ -444,7 +445,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     bucket = random_bucket([3])
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="cannot run on cpu tensors"):
-        ops.fused_step(*bucket.values(), **HYPER, backend="triton")
+        run_step(bucket.values(), HYPER, backend="triton")
 
 
 def test_fisher_ops_reject_bad_input():
@@ -454,7 +455,7 @@ def test_fisher_ops_reject_bad_input():
     with pytest.raises(ValueError, match=r"grads\[0\] has shape"):
         ops.fisher_accumulate(f, [torch.rand(4, device=DEVICE)], alpha=1.0, beta=1.0,
                               backend="triton")
-    with pytest.raises(ValueError, match="one entry per tensor"):
+    with pytest.raises(ValueError, match="fishers has 0 entries, grads 1"):
         ops.fisher_score(f, f, [], backend="triton")
     with pytest.raises(TypeError, match=r"grads\[0\] has dtype torch.float64"):
         ops.fisher_score(f, [f[0].double()], f, backend="triton")

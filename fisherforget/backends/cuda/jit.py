@@ -220,8 +220,8 @@ def arch_list() -> tuple[str, str]:
 def source_dir() -> Optional[Path]:
     """Where the kernel sources are: shipped in the package (``fisherforget/_csrc``, wheels) or
     the repository's ``csrc/`` (editable installs and source checkouts)."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parent.parent / "_csrc", here.parent.parent.parent / "csrc"):
+    package = Path(__file__).resolve().parents[2]  # fisherforget/backends/cuda/jit.py
+    for candidate in (package / "_csrc", package.parent / "csrc"):
         if all((candidate / name).is_file() for name in SOURCES):
             return candidate
     return None
@@ -306,7 +306,7 @@ def load(verbose: bool = False) -> Path:
     except Exception as exc:
         raise JitBuildError(
             f"building csrc/ with nvcc from {home} into {build_dir} failed: {exc} "
-            "(rerun with fisherforget.backends.cuda_jit.load(verbose=True) for the compiler log)"
+            "(rerun with fisherforget.backends.cuda.jit.load(verbose=True) for the compiler log)"
         ) from exc
     finally:
         if previous_archs is None:
