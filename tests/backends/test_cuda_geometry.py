@@ -25,7 +25,7 @@ import torch
 
 from fisherforget import ops
 from fisherforget.backends import cuda as cuda_backend
-from fisherforget.backends import cuda_jit
+from fisherforget.backends.cuda import jit as cuda_jit
 
 REPO = Path(__file__).resolve().parents[2]
 CSRC = REPO / "csrc"
@@ -189,9 +189,17 @@ def _clone(lists):
     return out
 
 
-STEP_KW = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, amsgrad=True,
-               maximize=False, fisher_mode="mean", fisher_beta=0.0, fisher_scale=0.5,
-               freeze_above=0.9, freeze_below=None, grad_scale=None, found_inf=None)
+HYPER = ops.StepHyper(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, amsgrad=True,
+                      fisher_mode="mean", fisher_scale=0.5, freeze_above=0.9)
+
+
+def _reference_step(lists, found_inf=None):
+    ops.fused_step(ops.StepTensors(*lists), HYPER, found_inf=found_inf, backend="reference")
+
+
+def _kernel_step(lists, found_inf=None):
+    # On CPU tensors the extension runs the kernels' code in its host emulation.
+    cuda_backend.fused_step(ops.StepTensors(*lists), HYPER, None, found_inf)
 
 
 @needs_extension
@@ -206,8 +214,8 @@ def test_blocks_stride_over_chunks_of_many_tensors(param_dtype, state_dtype):
     for _ in range(2):  # the second step reads the counts the first one advanced
         # From identical state: a 1-ulp difference in a bf16 moment would grow in the next step.
         got = _clone(want)
-        ops.fused_step(*want, **STEP_KW, backend="reference")
-        cuda_backend.fused_step(*got, **STEP_KW)
+        _reference_step(want)
+        _kernel_step(got)
         for name, g_list, w_list in zip(names, got, want):
             for i, (g, w) in enumerate(zip(g_list, w_list)):
                 _close(g, w, f"{name}[{i}]")
@@ -222,7 +230,7 @@ def test_blocks_stride_over_chunks_of_many_tensors(param_dtype, state_dtype):
 def test_a_skipped_step_advances_no_count():
     lists = _step_lists(torch.float32, torch.float32)
     before = _clone(lists)
-    cuda_backend.fused_step(*lists, **dict(STEP_KW, found_inf=torch.tensor(1.0)))
+    _kernel_step(lists, found_inf=torch.tensor(1.0))
     for values, old in zip(lists, before):
         for t, o in zip(values, old):
             assert (t is None and o is None) or torch.equal(t, o)
