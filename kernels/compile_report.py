@@ -98,9 +98,6 @@ def _variants(block: int):
                pointers=dict(partials_ptr="*fp64", out_ptr="*fp64"),
                constexprs=dict(BLOCK=1024), operands_loaded=0, operands_stored=0,
                freezes=False)
-    yield dict(kernel=multi_tensor._write_values_kernel, label="table writer (graph capture)",
-               pointers=dict(out_ptr="*i64"), constexprs={}, operands_loaded=0,
-               operands_stored=0, freezes=False, num_warps=1)
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:

@@ -37,6 +37,7 @@ from .multi_tensor import (
     launch_config,
     on_device,
     optional_ptr,
+    split_by_alignment,
     triton_dtype,
     vector_elems,
 )
@@ -308,6 +309,13 @@ def fused_step(
         list(map(address, fishers)) if has_fisher else absent,
         list(map(optional_ptr, masks)) if any_mask else absent,
     ]
+    split = split_by_alignment(addresses, n_tensors)
+    if split is not None:
+        for index in split:
+            fused_step(type(tensors)(*[[values[i] for i in index] if values else values
+                                       for values in tensors]),
+                       hyper, grad_scale=grad_scale, found_inf=found_inf)
+        return
     numels = list(map(torch.Tensor.numel, params))
     counters = [
         list(map(address, steps)),
