@@ -20,6 +20,7 @@ node of the graph (the pinned source is kept alive for the graph's replays), ins
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import itertools
@@ -177,29 +178,34 @@ def build_tables(
     n_chunks = sum(counts)
     # Row-major [n_tensors, n_fields], padded to an even length so that the chunk table starts
     # 16-byte aligned.
-    flat = [value for row in zip(*columns) for value in row]
-    table_len = len(flat) + len(flat) % 2
-    flat.extend([0] * (table_len - len(flat)))
+    # An int64 array: C-speed appends, and torch reads it without a per-element conversion
+    # (torch.tensor(list) costs ~0.1 us per int, 2 ms for a 2,000-param step's table).
+    flat = array.array("q", itertools.chain.from_iterable(zip(*columns)))
+    if len(flat) % 2:
+        flat.append(0)
+    table_len = len(flat)
     flat.extend(_chunk_table_on_host(counts))
-    # (torch.tensor from a list is fast; CPU ops such as repeat_interleave cost milliseconds
-    # per call, more than a step's whole table.)
+    values = torch.frombuffer(flat, dtype=torch.int64)
     if device.type == "cuda":
-        host = torch.tensor(flat, dtype=torch.int64, pin_memory=True)
+        host = torch.empty(len(flat), dtype=torch.int64, pin_memory=True).copy_(values)
         if torch.cuda.is_current_stream_capturing():
             _CAPTURED_HOST_TABLES.append(host)
         buffer = host.to(device, non_blocking=True)
     else:
-        buffer = torch.tensor(flat, dtype=torch.int64)
+        buffer = values.clone()  # owns its memory (frombuffer shares the array's)
     return Tables(
         tensors=buffer[:table_len], chunks=buffer[table_len:], n_tensors=n_tensors,
         n_chunks=n_chunks, aligned=aligned,
     )
 
 
-def _chunk_table_on_host(counts: Sequence[int]) -> list[int]:
-    firsts = [tensor_index << _CHUNK_INDEX_BITS for tensor_index in range(len(counts))]
-    ends = list(map(operator.add, firsts, counts))
-    return list(itertools.chain.from_iterable(map(range, firsts, ends)))
+def _chunk_table_on_host(counts: Sequence[int]) -> array.array:
+    step = 1 << _CHUNK_INDEX_BITS
+    firsts = range(0, len(counts) * step, step)
+    if counts and min(counts) == max(counts) == 1:  # the common case: one chunk per tensor
+        return array.array("q", firsts)
+    return array.array("q", itertools.chain.from_iterable(
+        map(range, firsts, map(operator.add, firsts, counts))))
 
 
 @triton.jit

@@ -103,6 +103,7 @@ def _no_launch(backend: str) -> Iterator[None]:
         setattr(obj, name, value)
         undo.append(lambda: setattr(obj, name, old))
 
+    backends.load(backend)
     module = backends._modules.get(backend)
     if backend in ("reference", "cpu"):
         impls = ops._IMPLS["fused_step"]
