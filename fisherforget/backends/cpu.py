@@ -1,0 +1,142 @@
+"""CPU backend: the native CPU kernels of the compiled extension ``fisherforget._C`` (``csrc/cpu/``).
+
+Each op is one call of a ``torch.ops.fisherforget_C`` op over all of its tensors: the extension
+checks every tensor (dtype, shape, device) before writing anything, steps non-contiguous ones
+through contiguous copies, and splits the elements of all tensors between ATen's threads
+(``torch.set_num_threads``). The inner loops run 8 fp32 lanes with AVX2/FMA/F16C where the CPU has
+them, else a scalar loop with identical results (``torch.ops.fisherforget_C.cpu_isa()`` says
+which). Params fp32/bf16/fp16; optimizer state and the Fisher fp32/bf16.
+
+This glue does no per-tensor work: the optimizer and :mod:`fisherforget.ops` have checked the
+lists, and the extension checks the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fisherforget import ops
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+_KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
+_STATE_DTYPE_SET = frozenset(STATE_DTYPES)
+_CPU = torch.device("cpu")
+
+_load_error: Optional[str] = None
+_loaded = False
+
+
+def _load() -> Optional[str]:
+    """Import ``fisherforget._C``; None when its CPU kernels are registered, else why not."""
+    global _load_error, _loaded
+    if _loaded or _load_error is not None:
+        return _load_error
+    try:
+        import fisherforget._C  # noqa: F401  (registers torch.ops.fisherforget_C)
+    except ImportError as exc:
+        _load_error = (f"fisherforget._C is not built ({type(exc).__name__}: {exc}); reinstall "
+                       "with `pip install --no-build-isolation .` and a C++ compiler")
+        return _load_error
+    info = build_info()
+    if "cpu" not in info.get("kernels", "").split(","):
+        _load_error = (f"fisherforget._C was built without the CPU kernels ({info}); rebuild it "
+                       "from this version's csrc/")
+        return _load_error
+    _loaded = True
+    return None
+
+
+def availability_error() -> Optional[str]:
+    return _load()
+
+
+def supports_device(device: Union[str, torch.device]) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def build_info() -> dict[str, str]:
+    """The extension's build facts, e.g. ``{"kernels": "cpu,cuda", "cpu_isa": "avx2", ...}``."""
+    try:
+        text = torch.ops.fisherforget_C.build_info()
+    except (AttributeError, RuntimeError):
+        return {}
+    return dict(item.split("=", 1) for item in text.split(";") if "=" in item)
+
+
+def isa() -> str:
+    """The CPU inner loops in use: ``"avx2"`` or ``"scalar"``."""
+    return torch.ops.fisherforget_C.cpu_isa()
+
+
+# ------------------------------------------------------------------------------- preflight
+
+
+def _first_bad_dtype(name: str, tensors: Sequence[Tensor], allowed: frozenset,
+                     backend_supports: tuple) -> None:
+    if not {t.dtype for t in tensors} <= allowed:
+        i = next(i for i, t in enumerate(tensors) if t.dtype not in allowed)
+        raise TypeError(f"{name}[{i}] has dtype {tensors[i].dtype}; backend 'cpu' supports "
+                        f"{backend_supports} (use backend='reference' for others)")
+
+
+@ops.register_check("fused_step", "cpu")
+def check_fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper) -> None:
+    """What only this backend requires beyond the op contract: CPU tensors of the kernel dtypes
+    (so that an optimizer step with several buckets fails before its first bucket runs)."""
+    t = tensors
+    if {p.device.type for p in t.params} - {"cpu"}:
+        i = next(i for i, p in enumerate(t.params) if p.device.type != "cpu")
+        raise RuntimeError(f"params[{i}] is on {t.params[i].device}; backend 'cpu' runs on CPU "
+                           "tensors")
+    _first_bad_dtype("params", t.params, _KERNEL_DTYPE_SET, KERNEL_DTYPES)
+    if [g.dtype for g in t.grads] != [p.dtype for p in t.params]:
+        i = next(i for i, (g, p) in enumerate(zip(t.grads, t.params)) if g.dtype != p.dtype)
+        raise TypeError(f"grads[{i}] has dtype {t.grads[i].dtype}, its param {t.params[i].dtype}:"
+                        " backend 'cpu' needs them equal")
+    for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "fishers"):
+        _first_bad_dtype(name, getattr(t, name), _STATE_DTYPE_SET, STATE_DTYPES)
+
+
+# ---------------------------------------------------------------------------------------- glue
+
+
+def _scalar(value: Optional[Tensor]) -> Optional[Tensor]:
+    """A grad_scale/found_inf as the extension reads it: fp32 on the CPU (no copy when it is)."""
+    if value is None or (value.dtype == torch.float32 and value.device == _CPU):
+        return value
+    return value.to(device=_CPU, dtype=torch.float32)
+
+
+@ops.register("fused_step", "cpu")
+def fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper,
+               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    if not tensors.params:
+        return  # no tensor to dispatch on (the step counts are per tensor: none to advance)
+    kwargs = hyper.op_kwargs()
+    lr_tensor = kwargs["lr_tensor"]
+    if lr_tensor is not None and lr_tensor.device != _CPU:
+        # Its own dtype is kept: a float64 lr keeps float64 math for 1 - lr * weight_decay.
+        kwargs["lr_tensor"] = lr_tensor.to(_CPU)
+    torch.ops.fisherforget_C.fused_step(*tensors, **kwargs, grad_scale=_scalar(grad_scale),
+                                        found_inf=_scalar(found_inf))
+
+
+@ops.register("fisher_accumulate", "cpu")
+def fisher_accumulate(fishers: Sequence[Tensor], grads: Sequence[Tensor], *, alpha: float,
+                      beta: float, grad_scale: Optional[Tensor] = None) -> None:
+    if not fishers:
+        return
+    torch.ops.fisherforget_C.fisher_accumulate(fishers, grads, alpha=float(alpha),
+                                               beta=float(beta), grad_scale=_scalar(grad_scale))
+
+
+@ops.register("fisher_score", "cpu")
+def fisher_score(directions: Sequence[Tensor], grads: Sequence[Tensor],
+                 fishers: Sequence[Tensor]) -> Tensor:
+    if not grads:
+        return torch.zeros(2, dtype=torch.float64)  # as the reference: no tensors, no device
+    return torch.ops.fisherforget_C.fisher_score(directions, grads, fishers)
