@@ -47,6 +47,18 @@ def _dtypes_from_names(saved_group: Any) -> Any:
     return group
 
 
+def _swapped_moments(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy of one param's state with the learning and the ``unlearn_*`` moments exchanged."""
+    out = dict(state)
+    for key in _UNLEARN_MOMENT_KEYS:
+        own, other = out.pop(key, None), out.pop("unlearn_" + key, None)
+        if other is not None:
+            out[key] = other
+        if own is not None:
+            out["unlearn_" + key] = own
+    return out
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
@@ -82,8 +94,20 @@ def _group_hyper(group: dict[str, Any]) -> ops.StepHyper:
     return hyper
 
 
-def _validate_group(group: dict[str, Any]) -> None:
-    _group_hyper(group)
+def _normalize_group(group: dict[str, Any]) -> ops.StepHyper:
+    """Validate ``group`` and write back its values as plain Python numbers and strings (the
+    StepHyper's conversions: numpy scalars become floats), so that a state dict holding them
+    loads with ``torch.load(weights_only=True)``. Changes nothing when it raises."""
+    hyper = _group_hyper(group)
+    if not isinstance(group["lr"], Tensor):
+        group["lr"] = hyper.lr
+    group["betas"] = (hyper.beta1, hyper.beta2)
+    for key in ("eps", "weight_decay", "fisher_beta", "fisher_scale", "freeze_above",
+                "freeze_below"):
+        group[key] = getattr(hyper, key)
+    group["fisher"] = None if hyper.fisher_mode is None else str(hyper.fisher_mode)
+    group["backend"] = str(group["backend"])
+    return hyper
 
 
 def _needs_fisher(group: dict[str, Any]) -> bool:
@@ -221,10 +245,12 @@ class FisherAdamW(Optimizer):
             freeze_below=freeze_below, state_dtype=state_dtype, fisher_dtype=fisher_dtype,
             backend=backend,
         )
-        _validate_group(defaults)
+        _normalize_group(defaults)
         self._hyper_cache: dict[int, _HyperCache] = {}
         self._plans: dict[int, _Plan] = {}
         self._state_epoch = 0  # bumped whenever state entries are added, removed or swapped
+        # The learning settings of each group while inside unlearning(), else None.
+        self._phase: Optional[dict[str, Any]] = None
         if backend not in ("auto", "reference") and not backends.is_available(backend):
             raise RuntimeError(
                 f"backend={backend!r} was requested but is not available: "
@@ -236,11 +262,14 @@ class FisherAdamW(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Inside a phase the new group would take the phase's direction with nothing to restore
+        # on exit (and no learning moments with moments="separate").
+        self._refuse_in_phase("add_param_group()", "add the group before or after the phase")
         self._state_epoch += 1
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _validate_group(group)
+            _normalize_group(group)
             for p in group["params"]:
                 if p.dtype not in _PARAM_DTYPES:
                     raise TypeError(
@@ -517,47 +546,61 @@ class FisherAdamW(Optimizer):
     def unlearning(self, moments: str = "shared", **overrides: Any) -> Iterator["FisherAdamW"]:
         """Temporarily switch every group to unlearning: ``maximize=True``, Fisher accumulation
         off (``fisher=None``) and the given group overrides (e.g. ``lr``, ``fisher_scale``,
-        ``freeze_above``). Everything is restored on exit, also after an exception.
+        ``freeze_above``; ``maximize``/``fisher`` override those two defaults too). Everything is
+        restored on exit, also after an exception.
 
         ``moments="separate"`` gives unlearning its own AdamW moments and step counts (kept in
         the state across unlearning phases) so ascent steps do not disturb the learning task's;
         ``"shared"`` (default) uses the same moments.
+
+        Inside a phase: another ``unlearning()`` (nesting), ``add_param_group()`` and
+        ``load_state_dict()`` raise ``RuntimeError`` with nothing changed; ``state_dict()`` saves
+        the learning settings and the learning moments (and the unlearning moments as
+        ``unlearn_*``, as outside a phase), nothing of the phase: resuming from it continues as
+        if the phase had just ended.
         """
+        self._refuse_in_phase("unlearning()", "nested phases are not supported; exit the first")
         if moments not in ("shared", "separate"):
             raise ValueError(f"Invalid moments: {moments!r} (must be 'shared' or 'separate')")
         unknown = set(overrides) - set(_GROUP_KEYS)
         if unknown:
             raise ValueError(f"unlearning() got unknown group settings: {sorted(unknown)}")
+        settings = dict(maximize=True, fisher=None)
+        settings.update(overrides)
         saved = [{k: g[k] for k in _GROUP_KEYS} for g in self.param_groups]
+        candidates = []
         for group in self.param_groups:
             candidate = dict(group)
-            candidate.update(maximize=True, fisher=None, **overrides)
-            _validate_group(candidate)  # all checked before any group changes
-        for group in self.param_groups:
-            group.update(maximize=True, fisher=None, **overrides)
+            candidate.update(settings)
+            _normalize_group(candidate)  # all checked before any group changes
+            candidates.append(candidate)
+        for group, candidate in zip(self.param_groups, candidates):
+            group.update({k: candidate[k] for k in _GROUP_KEYS})
         if moments == "separate":
             self._swap_unlearning_moments()
+        self._phase = dict(saved=saved, moments=moments)
         try:
             yield self
         finally:
+            self._phase = None
             if moments == "separate":
                 self._swap_unlearning_moments()
             for group, old in zip(self.param_groups, saved):
                 group.update(old)
+
+    def _refuse_in_phase(self, what: str, advice: str) -> None:
+        if self._phase is not None:
+            raise RuntimeError(f"{what} inside opt.unlearning(): {advice}")
 
     def _swap_unlearning_moments(self) -> None:
         self._state_epoch += 1
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if state is None:
-                    continue
-                for key in _UNLEARN_MOMENT_KEYS:
-                    own, other = state.pop(key, None), state.pop("unlearn_" + key, None)
-                    if other is not None:
-                        state[key] = other
-                    if own is not None:
-                        state["unlearn_" + key] = own
+                if state is not None:
+                    swapped = _swapped_moments(state)
+                    state.clear()
+                    state.update(swapped)
 
     # ------------------------------------------------------------ state dict
 
@@ -567,7 +610,17 @@ class FisherAdamW(Optimizer):
         strings only, which ``torch.distributed.checkpoint``'s full-state-dict gathering requires
         (it rejects ``torch.dtype`` values). :meth:`load_state_dict` reads names and dtypes."""
         state_dict = super().state_dict()
+        if self._phase is not None:
+            # Inside unlearning(): save what the phase's exit restores, so a resumed run
+            # continues as if the phase had just ended (never stays in unlearning mode).
+            for group, learning in zip(state_dict["param_groups"], self._phase["saved"]):
+                group.update(learning)
+            if self._phase["moments"] == "separate":
+                state_dict["state"] = {pid: _swapped_moments(pstate)
+                                       for pid, pstate in state_dict["state"].items()}
         for group in state_dict["param_groups"]:
+            # A value set later (e.g. a numpy scalar from a schedule) is saved as a plain number.
+            _normalize_group(group)
             for key in _DTYPE_KEYS:
                 if isinstance(group.get(key), torch.dtype):
                     group[key] = str(group[key]).removeprefix("torch.")
@@ -582,6 +635,7 @@ class FisherAdamW(Optimizer):
         DTensor is redistributed when placed differently, a full plain tensor is cut into this
         rank's shard (as ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict``
         and ``torch.distributed.checkpoint.load`` use it)."""
+        self._refuse_in_phase("load_state_dict()", "load outside the phase")
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
         saved_groups = [_dtypes_from_names(g) for g in state_dict["param_groups"]]
@@ -605,7 +659,7 @@ class FisherAdamW(Optimizer):
                     f"optimizer's {len(group['params'])}: a different parameter layout"
                 )
             id_map.update(zip(saved["params"], group["params"]))
-            _validate_group({k: saved[k] for k in _GROUP_KEYS})
+            _normalize_group(saved)  # a copy: written back as plain numbers
         tensors: dict[int, dict[str, Tensor]] = {}
         for pid, pstate in state_dict["state"].items():
             if pid not in id_map:
