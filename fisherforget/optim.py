@@ -275,9 +275,31 @@ class FisherAdamW(Optimizer):
                     raise TypeError(
                         f"FisherAdamW supports params of dtypes {_PARAM_DTYPES}, got {p.dtype}"
                     )
+            below = group["freeze_below"]
+            if group["fisher"] is None and below is not None and below > 0:
+                # A new group has no Fisher, and fisher=None never accumulates one: F stays 0
+                # and every element is frozen for good. (unlearning() may set fisher=None with
+                # freeze_below: there the learning Fisher exists.)
+                raise ValueError(
+                    f"Invalid freeze_below: {below!r} with fisher=None: the Fisher is never "
+                    "accumulated, stays 0 and every element would be frozen for good; set "
+                    "fisher='ema'/'mean'/'sum', or use freeze_below in unlearning() only")
+            self._check_backend_runs(len(self.param_groups) - 1, group, group["params"])
         except Exception:
             self.param_groups.pop()  # nothing half-added
             raise
+
+    @staticmethod
+    def _check_backend_runs(gi: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        """An explicit kernel backend must run every param of its group (device and dtype), as
+        ``torch.optim.AdamW(fused=True)`` refuses at construction rather than at the first step."""
+        if group["backend"] in ("auto", "reference"):
+            return
+        for pi, p in enumerate(params):
+            try:
+                backends.resolve(group["backend"], p.device, p.dtype)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc} (param {pi} of group {gi})") from None
 
     # ------------------------------------------------------------------ step
 
@@ -644,7 +666,8 @@ class FisherAdamW(Optimizer):
             if missing:
                 raise ValueError(
                     f"state_dict was not produced by FisherAdamW: param group {gi} lacks "
-                    f"{missing}"
+                    f"{missing} (a torch.optim.AdamW/Adam state dict: load "
+                    "FisherAdamW.from_torch_state_dict(state_dict))"
                 )
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -652,6 +675,7 @@ class FisherAdamW(Optimizer):
                 f"{len(self.param_groups)}"
             )
         id_map: dict[int, Tensor] = {}
+        where_of: dict[int, tuple[str, dict[str, Any]]] = {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -659,28 +683,19 @@ class FisherAdamW(Optimizer):
                     f"optimizer's {len(group['params'])}: a different parameter layout"
                 )
             id_map.update(zip(saved["params"], group["params"]))
+            for pi, pid in enumerate(saved["params"]):
+                where_of[pid] = (f"param {pi} of group {gi} (state id {pid})", saved)
             _normalize_group(saved)  # a copy: written back as plain numbers
+            self._check_backend_runs(gi, saved, group["params"])
         tensors: dict[int, dict[str, Tensor]] = {}
         for pid, pstate in state_dict["state"].items():
             if pid not in id_map:
                 raise ValueError(f"state_dict holds state for unknown param id {pid}")
-            p = id_map[pid]
-            for key, value in pstate.items():
-                if not isinstance(value, Tensor):
-                    continue
-                if value.dim() > 0 and value.shape != p.shape:
-                    raise ValueError(
-                        f"state_dict state {key!r} of param id {pid} has shape "
-                        f"{tuple(value.shape)}, the param {tuple(p.shape)}: a different "
-                        "parameter layout"
-                    )
-                tensors.setdefault(pid, {})[key] = value
+            where, saved = where_of[pid]
+            tensors[pid] = _checked_param_state(pstate, id_map[pid], saved, where)
         stripped = dict(state_dict)
         stripped["param_groups"] = saved_groups
-        stripped["state"] = {
-            pid: {k: v for k, v in pstate.items() if not isinstance(v, Tensor)}
-            for pid, pstate in state_dict["state"].items()
-        }
+        stripped["state"] = {pid: {} for pid in state_dict["state"]}  # every entry is a tensor
         converted: dict[int, dict[str, Tensor]] = {}
         for pid, values in tensors.items():
             p = id_map[pid]
@@ -699,6 +714,144 @@ class FisherAdamW(Optimizer):
         for group in self.param_groups:
             if isinstance(group["betas"], list):
                 group["betas"] = tuple(group["betas"])
+
+    @classmethod
+    def from_torch_state_dict(cls, state_dict: dict[str, Any], **settings: Any) -> dict[str, Any]:
+        """Migrate a ``torch.optim.AdamW`` (or ``Adam`` without L2 weight decay) state dict into
+        a ``FisherAdamW`` one, for :meth:`load_state_dict`::
+
+            opt = FisherAdamW(model.parameters(), fisher=None)
+            opt.load_state_dict(FisherAdamW.from_torch_state_dict(torch_sd, fisher=None))
+
+        Kept: ``step``/``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` and the group keys ``lr``,
+        ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize`` (and any other key, e.g.
+        a scheduler's ``initial_lr``); dropped: torch's implementation switches (``foreach``,
+        ``fused``, ``capturable``, ``differentiable``, ``decoupled_weight_decay``). The
+        FisherAdamW settings (``fisher``, ``fisher_scale``, ...) are ``settings``, else the
+        constructor's defaults: a loaded state dict sets the groups, so pass the ones you
+        construct with. fp16 moments become fp32 (the state dtypes are fp32/bf16). Integer
+        step counts (older torch) become fp32 tensors. ``Adam`` with ``weight_decay != 0`` (L2,
+        coupled) is refused: no FisherAdamW setting reproduces it.
+        """
+        defaults = dict(fisher="ema", fisher_beta=0.99, fisher_scale=0.0, freeze_above=None,
+                        freeze_below=None, state_dtype="float32", fisher_dtype="float32",
+                        backend="auto")
+        unknown = set(settings) - set(defaults)
+        if unknown:
+            raise ValueError(f"from_torch_state_dict: unknown FisherAdamW settings "
+                             f"{sorted(unknown)} (the others come from the state dict)")
+        defaults.update(settings)
+        for key, value in list(defaults.items()):
+            if isinstance(value, torch.dtype):
+                defaults[key] = str(value).removeprefix("torch.")
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
+        groups = []
+        for gi, saved in enumerate(state_dict["param_groups"]):
+            torch_keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+            missing = [k for k in torch_keys + ("params",) if k not in saved]
+            if missing:
+                raise ValueError(f"from_torch_state_dict: param group {gi} lacks {missing} "
+                                 "(not an AdamW/Adam state dict)")
+            if saved.get("decoupled_weight_decay") is False and saved["weight_decay"] != 0:
+                raise ValueError(
+                    f"from_torch_state_dict: param group {gi} is torch.optim.Adam with "
+                    f"weight_decay={saved['weight_decay']} (L2, added to the gradient); "
+                    "FisherAdamW decays decoupled, as AdamW, and cannot continue it")
+            group = {k: v for k, v in saved.items() if k not in _TORCH_ONLY_GROUP_KEYS}
+            group.update(defaults)
+            groups.append(group)
+        state = {}
+        for pid, pstate in state_dict["state"].items():
+            moved = {}
+            for key, value in pstate.items():
+                if (isinstance(value, Tensor) and key != "step"
+                        and value.dtype == torch.float16):
+                    value = value.float()
+                moved[key] = value
+            state[pid] = moved
+        return {"state": state, "param_groups": groups}
+
+
+_TORCH_ONLY_GROUP_KEYS = ("foreach", "fused", "capturable", "differentiable",
+                          "decoupled_weight_decay")
+_COUNT_KEYS = ("step", "fisher_count", "unlearn_step")
+_SHAPED_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "fisher", "unlearn_exp_avg",
+                "unlearn_exp_avg_sq", "unlearn_max_exp_avg_sq", "mask")
+# Entries that are >= 0 by construction; a negative (or NaN) one would give NaN params.
+_NONNEG_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "fisher", "unlearn_exp_avg_sq",
+                "unlearn_max_exp_avg_sq")
+# Entries that come together: the first needs every other (what one step creates).
+_TOGETHER = (
+    ("step", "exp_avg", "exp_avg_sq"),
+    ("fisher", "fisher_count"),
+    ("fisher_count", "fisher"),
+    ("unlearn_step", "unlearn_exp_avg", "unlearn_exp_avg_sq"),
+)
+
+
+def _checked_param_state(pstate: Any, p: Tensor, group: dict[str, Any],
+                         where: str) -> dict[str, Tensor]:
+    """One param's saved state, validated against ``p`` and its (saved) group: keys, types,
+    dtypes, shapes and the value ranges that cost nothing to check (plain CPU tensors). Counts
+    given as numbers or integer tensors (older torch checkpoints) become 0-dim fp32 tensors.
+    Returns the entries to load; raises naming ``where`` and the key; changes nothing."""
+
+    def bad(key: str, problem: str) -> ValueError:
+        return ValueError(f"state_dict: {key!r} of {where} {problem}")
+
+    if not isinstance(pstate, dict):
+        raise ValueError(f"state_dict: the state of {where} is a {type(pstate).__name__}, "
+                         "not a dict")
+    unknown = sorted(set(pstate) - set(_COUNT_KEYS) - set(_SHAPED_KEYS), key=str)
+    if unknown:
+        raise ValueError(f"state_dict: the state of {where} has unknown entries {unknown} "
+                         "(not a FisherAdamW state)")
+    needs = list(_TOGETHER)
+    if group["amsgrad"]:
+        needs.append(("step", "max_exp_avg_sq"))
+    for first, *others in needs:
+        for other in others:
+            if first in pstate and other not in pstate:
+                raise bad(other, f"is missing (the state has {first!r})")
+    if set(pstate) - {"mask"} and "step" not in pstate:
+        raise bad("step", "is missing")
+    wide = p.dtype == torch.float64
+    out: dict[str, Tensor] = {}
+    for key, value in pstate.items():
+        if key in _COUNT_KEYS:
+            if _is_number(value):
+                value = torch.tensor(float(value), dtype=torch.float32)
+            elif not isinstance(value, Tensor) or value.numel() != 1 or value.dim() != 0:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise bad(key, f"must be a number or a 0-dim tensor, got {shape}")
+            elif value.dtype == torch.bool or value.is_complex():
+                raise bad(key, f"must be a real count, got dtype {value.dtype}")
+            else:
+                value = value.to(torch.float32) if value.dtype != torch.float32 else value
+            if value.device.type == "cpu":
+                count = float(value)
+                if not math.isfinite(count) or count < 0 or count != int(count):
+                    raise bad(key, f"is {count}: must be a whole number >= 0")
+            out[key] = value
+            continue
+        if not isinstance(value, Tensor):
+            raise bad(key, f"must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(p.shape):
+            raise bad(key, f"has shape {tuple(value.shape)}, the param {tuple(p.shape)}: a "
+                      "different parameter layout")
+        if key == "mask":
+            if value.dtype != torch.bool:
+                raise bad(key, f"must have dtype torch.bool, got {value.dtype}")
+        elif value.dtype not in ((torch.float64,) if wide else _STATE_DTYPES):
+            allowed = "torch.float64 (a float64 param)" if wide else \
+                "torch.float32 or torch.bfloat16"
+            raise bad(key, f"has dtype {value.dtype}; must be {allowed}")
+        elif (key in _NONNEG_KEYS and value.device.type == "cpu" and not _dist.is_dtensor(value)
+              and not bool((value >= 0).all())):
+            raise bad(key, "has negative or NaN entries (it is a sum of squares)")
+        out[key] = value
+    return out
 
 
 def _kth_smallest(counter: _dist.GlobalCounter, k: int, device: torch.device) -> float:

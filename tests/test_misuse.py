@@ -190,3 +190,135 @@ def test_unlearning_overrides_with_numpy_scalars_are_plain_too():
     opt, a, b = stepped()
     with opt.unlearning(lr=np.float64(0.05)):
         assert type(opt.param_groups[0]["lr"]) is float
+
+
+# ----------------------------------------------------------------------------- 3. load_state_dict
+
+
+def _tamper(pstate, key, value):
+    if value is _DROP:
+        del pstate[key]
+    else:
+        pstate[key] = value(pstate[key]) if callable(value) else value
+
+
+_DROP = object()
+# (param id, key, new value or function of the old one or _DROP, message regex)
+BAD_PARAM_STATE = [
+    (0, "step", _DROP, r"'step' of param 0 of group 0 \(state id 0\) is missing"),
+    (1, "exp_avg_sq", _DROP, r"'exp_avg_sq' of param 1 of group 0 \(state id 1\) is missing"),
+    (0, "exp_avg", _DROP, r"'exp_avg' of param 0 .* is missing"),
+    (0, "fisher_count", _DROP, r"'fisher_count' of param 0 .* is missing \(the state has "
+     r"'fisher'\)"),
+    (0, "fisher", _DROP, r"'fisher' of param 0 .* is missing \(the state has 'fisher_count'\)"),
+    (0, "exp_avg", lambda v: v.to(torch.int64), r"'exp_avg' of param 0 .* has dtype torch.int64"),
+    (0, "fisher", lambda v: v.double(), r"'fisher' of param 0 .* has dtype torch.float64"),
+    (1, "mask", lambda v: v.float(), r"'mask' of param 1 .* must have dtype torch.bool"),
+    (0, "step", torch.tensor(-1.0), r"'step' of param 0 .* is -1.0: must be a whole number"),
+    (0, "step", torch.tensor(float("nan")), r"'step' of param 0 .* is nan"),
+    (0, "step", torch.tensor(1.5), r"'step' of param 0 .* is 1.5"),
+    (0, "step", torch.ones(3), r"'step' of param 0 .* must be a number or a 0-dim tensor, "
+     r"got \(3,\)"),
+    (0, "fisher_count", torch.tensor(float("inf")), r"'fisher_count' of param 0 .* is inf"),
+    (1, "exp_avg_sq", lambda v: -v, r"'exp_avg_sq' of param 1 .* has negative or NaN entries"),
+    (1, "exp_avg_sq", lambda v: v.index_fill(0, torch.tensor([0]), float("nan")),
+     r"'exp_avg_sq' of param 1 .* negative or NaN"),
+    (1, "exp_avg", lambda v: v.reshape(-1), r"'exp_avg' of param 1 .* has shape \(12,\), the "
+     r"param \(4, 3\)"),
+    (0, "momentum_buffer", torch.zeros(5), r"param 0 .* unknown entries \['momentum_buffer'\]"),
+    (0, "exp_avg", [0.0] * 5, r"'exp_avg' of param 0 .* must be a tensor, got list"),
+]
+
+
+@pytest.mark.parametrize("pid, key, value, message", BAD_PARAM_STATE,
+                         ids=[f"{k}-{i}" for i, (_, k, _, _) in enumerate(BAD_PARAM_STATE)])
+def test_bad_per_param_state_is_refused_and_changes_nothing(pid, key, value, message):
+    source, _, _ = stepped()
+    saved = source.state_dict()
+    saved["state"] = _copy(saved["state"])
+    _tamper(saved["state"][pid], key, value)
+    target, _, _ = stepped(n_steps=3)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(saved)
+    assert_unchanged(target, before)
+
+
+def test_amsgrad_state_needs_max_exp_avg_sq_and_unlearning_moments_come_together():
+    source, _, _ = stepped(amsgrad=True)
+    with source.unlearning(moments="separate"):
+        source.step()
+    saved = source.state_dict()
+    for key, message in (("max_exp_avg_sq", r"'max_exp_avg_sq' of param 1 .* is missing"),
+                         ("unlearn_exp_avg_sq", r"'unlearn_exp_avg_sq' of param 1 .* missing")):
+        broken = dict(saved, state=_copy(saved["state"]))
+        del broken["state"][1][key]
+        target, _, _ = stepped(amsgrad=True)
+        before = snapshot(target)
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(broken)
+        assert_unchanged(target, before)
+
+
+def test_integer_step_of_older_checkpoints_becomes_a_float_tensor():
+    source, a, b = stepped()
+    saved = source.state_dict()
+    saved["state"] = _copy(saved["state"])
+    saved["state"][0]["step"] = 2  # torch < 1.12 saved Python ints
+    saved["state"][1]["step"] = torch.tensor(2, dtype=torch.int64)
+    target, ta, tb = stepped(n_steps=1)
+    target.load_state_dict(saved)
+    for p in (ta, tb):
+        step = target.state[p]["step"]
+        assert step.dtype == torch.float32 and step.dim() == 0 and step.item() == 2
+    ta.grad, tb.grad = a.grad.clone(), b.grad.clone()
+    with torch.no_grad():
+        ta.copy_(a), tb.copy_(b)
+    source.step()
+    target.step()  # continues exactly like the source
+    assert torch.equal(ta, a) and torch.equal(tb, b)
+
+
+@pytest.mark.parametrize("torch_cls, kwargs", [
+    (torch.optim.AdamW, dict(lr=3e-3, weight_decay=0.1, betas=(0.8, 0.95))),
+    (torch.optim.AdamW, dict(lr=1e-3, amsgrad=True, maximize=True)),
+    (torch.optim.Adam, dict(lr=2e-3)),
+])
+def test_torch_adamw_state_dict_migrates_and_training_continues_alike(torch_cls, kwargs):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    data = [(torch.randn(16, 6), torch.randn(16, 2)) for _ in range(12)]
+
+    def train(m, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+
+    reference = torch_cls(model.parameters(), foreach=False, **kwargs)
+    train(model, reference, data[:5])
+    saved = torch.load(_saved(reference.state_dict()), weights_only=True)
+    twin.load_state_dict(model.state_dict())
+    # Without migration the refusal says what to do.
+    ours = FisherAdamW(twin.parameters(), fisher=None)
+    with pytest.raises(ValueError, match=r"FisherAdamW.from_torch_state_dict"):
+        ours.load_state_dict(saved)
+    ours.load_state_dict(FisherAdamW.from_torch_state_dict(saved, fisher=None))
+    group = ours.param_groups[0]
+    assert group["lr"] == kwargs["lr"] and group["fisher"] is None
+    assert "foreach" not in group and "decoupled_weight_decay" not in group
+    train(model, reference, data[5:])
+    train(twin, ours, data[5:])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+        assert ours.state[q]["step"].item() == 12
+
+
+def test_torch_adam_with_l2_weight_decay_is_refused():
+    p = torch.randn(3, requires_grad=True)
+    adam = torch.optim.Adam([p], weight_decay=0.1)
+    p.grad = torch.randn_like(p)
+    adam.step()
+    with pytest.raises(ValueError, match=r"torch.optim.Adam with weight_decay=0.1 \(L2"):
+        FisherAdamW.from_torch_state_dict(adam.state_dict())
