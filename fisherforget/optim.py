@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -82,6 +83,9 @@ def _group_hyper(group: dict[str, Any]) -> ops.StepHyper:
         fisher_beta=group["fisher_beta"], fisher_scale=group["fisher_scale"],
         freeze_above=group["freeze_above"], freeze_below=group["freeze_below"],
     )
+    if hyper.freeze_above is not None and hyper.freeze_above < 0:
+        raise ValueError(f"Invalid freeze_above: {hyper.freeze_above!r} (the Fisher is >= 0: "
+                         "every element would be frozen)")
     for name in ("state_dtype", "fisher_dtype"):
         if group[name] not in _STATE_DTYPES:
             raise ValueError(
@@ -140,12 +144,15 @@ class _HyperCache:
 class _Bucket:
     """One launch: a (device, dtype) slice of a group's params with gradients."""
 
-    __slots__ = ("index", "tensors", "backend")
+    __slots__ = ("index", "tensors", "backend", "masked", "on_cpu")
 
     def __init__(self, index: Optional[list[int]], tensors: ops.StepTensors, backend: str):
         self.index = index  # positions in the group's params-with-grad list; None: all
         self.tensors = tensors  # grads is a placeholder, filled per step
         self.backend = backend
+        self.masked = any(m is not None for m in tensors.masks)
+        self.on_cpu = all(p.device.type == "cpu" and not _dist.is_dtensor(p)
+                          for p in tensors.params)
 
     def with_grads(self, grads: list[Tensor]) -> ops.StepTensors:
         picked = grads if self.index is None else [grads[i] for i in self.index]
@@ -251,6 +258,8 @@ class FisherAdamW(Optimizer):
         self._state_epoch = 0  # bumped whenever state entries are added, removed or swapped
         # The learning settings of each group while inside unlearning(), else None.
         self._phase: Optional[dict[str, Any]] = None
+        # Each degenerate-setting warning is given once per optimizer.
+        self._warned: set[str] = set()
         if backend not in ("auto", "reference") and not backends.is_available(backend):
             raise RuntimeError(
                 f"backend={backend!r} was requested but is not available: "
@@ -448,6 +457,13 @@ class FisherAdamW(Optimizer):
             found_inf = getattr(self, "found_inf", None)
         ops.check_scalar_arg("grad_scale", grad_scale)
         ops.check_scalar_arg("found_inf", found_inf)
+        # A zero (or inf, NaN, negative) scale makes every unscaled gradient inf/NaN or flips it.
+        # Checked where reading it is free (CPU); a device scale is never read (no sync).
+        if (grad_scale is not None and grad_scale.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            scale = float(grad_scale)
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"Invalid grad_scale: {scale} (must be a finite number > 0)")
 
         # Everything is checked and planned (state, buckets, backends) before any launch, so a
         # failure leaves params and state unchanged.
@@ -463,12 +479,56 @@ class FisherAdamW(Optimizer):
                 self._check_grads_one_by_one(gi, group)
                 grads = [_dist.local(g) for g in grads]
             for bucket in plan.buckets:
-                launches.append((bucket.with_grads(grads), hyper, bucket.backend))
-        for tensors, hyper, backend in launches:
-            ops.preflight_fused_step(tensors, hyper, backend)
-        for tensors, hyper, backend in launches:
-            ops.dispatch_fused_step(tensors, hyper, grad_scale, found_inf, backend)
+                launches.append((bucket.with_grads(grads), hyper, bucket))
+        for tensors, hyper, bucket in launches:
+            ops.preflight_fused_step(tensors, hyper, bucket.backend)
+        for tensors, hyper, bucket in launches:
+            ops.dispatch_fused_step(tensors, hyper, grad_scale, found_inf, bucket.backend)
+        if "frozen" not in self._warned and not torch.compiler.is_compiling():
+            self._warn_if_all_frozen(launches, found_inf)
         return loss
+
+    def _warn_if_all_frozen(self, launches: list, found_inf: Optional[Tensor]) -> None:
+        """Warn (once) when this step froze every element that had a gradient.
+
+        Costs nothing unless a mask or threshold is set, and is checked only where reading is
+        free: every such bucket on CPU (a device tensor would need a host sync, so GPU steps
+        are not checked). It stops at the first param with a free element, so a healthy step
+        pays one elementwise pass over one param."""
+        settings: set[str] = set()
+        for tensors, hyper, bucket in launches:
+            if not (bucket.masked or hyper.freezes_by_fisher):
+                if any(p.numel() for p in tensors.params):
+                    return  # elements that nothing can freeze
+                continue
+            if not bucket.on_cpu:
+                return
+            settings.update(name for name, on in (
+                ("set_mask", bucket.masked), ("freeze_above", hyper.freeze_above is not None),
+                ("freeze_below", hyper.freeze_below is not None)) if on)
+        if not settings or (found_inf is not None
+                            and (found_inf.device.type != "cpu" or bool(found_inf))):
+            return  # a skipped step freezes nothing
+        for tensors, hyper, bucket in launches:
+            for i, p in enumerate(tensors.params):
+                if p.numel() == 0:
+                    continue
+                free = torch.ones(p.shape, dtype=torch.bool)
+                if tensors.masks[i] is not None:
+                    free &= tensors.masks[i]
+                if hyper.freezes_by_fisher:
+                    fisher = tensors.fishers[i]
+                    if hyper.freeze_above is not None:
+                        free &= ~(fisher > hyper.freeze_above)
+                    if hyper.freeze_below is not None:
+                        free &= ~(fisher < hyper.freeze_below)
+                if bool(free.any()):
+                    return
+        self._warned.add("frozen")
+        warnings.warn(
+            f"FisherAdamW: this step froze every element of the optimizer (by "
+            f"{', '.join(sorted(settings))}): no param moves. Compare the thresholds with "
+            "fisher_quantile(), or check the masks", UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------ Fisher API
 
@@ -500,6 +560,7 @@ class FisherAdamW(Optimizer):
         counter = _dist.GlobalCounter(self._fisher_tensors())
         if counter.numel == 0:
             return 0.0
+        _check_fisher_values(counter, counter.devices[0], "fisher_mean")
         total = counter.total(
             lambda t: t.sum(dtype=torch.float64), torch.float64, counter.devices[0]
         )
@@ -524,10 +585,15 @@ class FisherAdamW(Optimizer):
         if total == 0:
             raise ValueError("fisher_quantile: the optimizer manages no elements")
         device = counter.devices[0]
-        # Counted globally so that every rank raises (or none does) and no collective hangs.
-        bad = counter.total(lambda t: ((t < 0) | t.isnan()).sum(), torch.int64, device)
-        if bool(bad > 0):
-            raise ValueError("fisher_quantile: the Fisher has negative or NaN entries")
+        _check_fisher_values(counter, device, "fisher_quantile")
+        if "zero quantile" not in self._warned:
+            positive = counter.total(lambda t: (t > 0).sum(), torch.int64, device)
+            if not bool(positive > 0):
+                self._warned.add("zero quantile")
+                warnings.warn(
+                    f"fisher_quantile({q}): the Fisher is zero everywhere (no step has "
+                    "accumulated it yet, or fisher=None): a mask or freeze threshold taken "
+                    "from it freezes all elements or none", UserWarning, stacklevel=2)
         position = q * (total - 1)
         lower = math.floor(position)
         low_value = _kth_smallest(counter, lower, device)
@@ -852,6 +918,13 @@ def _checked_param_state(pstate: Any, p: Tensor, group: dict[str, Any],
             raise bad(key, "has negative or NaN entries (it is a sum of squares)")
         out[key] = value
     return out
+
+
+def _check_fisher_values(counter: _dist.GlobalCounter, device: torch.device, name: str) -> None:
+    # Counted globally so that every rank raises (or none does) and no collective hangs.
+    bad = counter.total(lambda t: ((t < 0) | t.isnan()).sum(), torch.int64, device)
+    if bool(bad > 0):
+        raise ValueError(f"{name}: the Fisher has negative or NaN entries")
 
 
 def _kth_smallest(counter: _dist.GlobalCounter, k: int, device: torch.device) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -322,3 +323,100 @@ def test_torch_adam_with_l2_weight_decay_is_refused():
     adam.step()
     with pytest.raises(ValueError, match=r"torch.optim.Adam with weight_decay=0.1 \(L2"):
         FisherAdamW.from_torch_state_dict(adam.state_dict())
+
+
+# ----------------------------------------------------------------------------- 4. silently wrong
+
+CONTRADICTORY = [
+    (dict(freeze_above=1.0, freeze_below=2.0), r"Invalid freeze_above: 1.0 < freeze_below 2.0"),
+    (dict(freeze_above=-float("inf")), r"Invalid freeze_above: -inf \(it would freeze every"),
+    (dict(freeze_below=float("inf")), r"Invalid freeze_below: inf \(it would freeze every"),
+    (dict(freeze_above=-0.5), r"Invalid freeze_above: -0.5 \(the Fisher is >= 0"),
+    (dict(freeze_below=0.1, fisher=None), r"Invalid freeze_below: 0.1 with fisher=None: the "
+     "Fisher is never accumulated"),
+    (dict(lr=torch.tensor(float("inf"))), r"Invalid lr: inf"),
+    (dict(lr=torch.tensor(float("nan"))), r"Invalid lr: nan"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", CONTRADICTORY, ids=[str(k) for k, _ in CONTRADICTORY])
+def test_contradictory_settings_are_refused_everywhere(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FisherAdamW([torch.zeros(3, requires_grad=True)], **kwargs)
+    opt, a, b = stepped()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], **kwargs})
+    assert_unchanged(opt, before)
+    if "fisher" not in kwargs:  # set later, e.g. by a schedule: refused at the step
+        opt.param_groups[0].update(kwargs)
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match=message):
+            opt.step()
+        assert_unchanged(opt, before)
+
+
+def test_freeze_below_with_fisher_off_is_fine_inside_unlearning():
+    opt, a, b = stepped()
+    with opt.unlearning(freeze_below=opt.fisher_quantile(0.2)):  # the learning Fisher exists
+        opt.step()
+
+
+def test_cpu_tensor_lr_changed_in_place_is_revalidated():
+    lr = torch.tensor(1e-2)
+    a = torch.randn(4, requires_grad=True)
+    opt = FisherAdamW([a], lr=lr)
+    a.grad = torch.randn_like(a)
+    opt.step()
+    for value in (float("inf"), float("nan"), -1.0):
+        lr.fill_(value)  # bumps lr._version: the cached StepHyper is rebuilt and refuses
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match=r"Invalid lr"):
+            opt.step()
+        assert_unchanged(opt, before)
+    lr.fill_(2e-2)
+    opt.step()
+    assert opt.state[a]["step"].item() == 2
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_grad_scale_is_refused(scale):
+    opt, a, b = stepped()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"Invalid grad_scale: .* \(must be a finite number > 0"):
+        opt.step(grad_scale=torch.tensor(scale))
+    assert_unchanged(opt, before)
+
+
+def test_quantile_of_an_all_zero_fisher_warns_once():
+    a = torch.randn(4, 3, requires_grad=True)
+    opt = FisherAdamW([a])
+    with pytest.warns(UserWarning, match=r"fisher_quantile\(0.9\): the Fisher is zero everywhere"):
+        assert opt.fisher_quantile(0.9) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.fisher_quantile(0.5)  # once
+        a.grad = torch.randn_like(a)
+        opt.step()
+        opt.fisher_quantile(0.5)
+
+
+def test_a_step_that_freezes_everything_warns_once_naming_the_setting():
+    opt, a, b = stepped()
+    opt.set_mask(a, torch.zeros(5, dtype=torch.bool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # b's mask leaves elements free: no warning
+    opt.set_mask(b, torch.zeros(4, 3, dtype=torch.bool))
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.warns(UserWarning, match=r"froze every element of the optimizer \(by set_mask\)"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once per optimizer
+
+    opt, a, b = stepped()
+    opt.param_groups[0]["freeze_above"] = 1e-30  # every accumulated Fisher is above it
+    with pytest.warns(UserWarning, match=r"\(by freeze_above, set_mask\)"):
+        opt.step()
