@@ -624,6 +624,9 @@ class FisherAdamW(Optimizer):
             raise ValueError(
                 f"mask shape {tuple(mask.shape)} does not match the param's {tuple(p.shape)}"
             )
+        if mask.device.type == "meta":
+            raise ValueError("mask is on the meta device: it holds no values to copy; build the "
+                             "mask on a real device (e.g. after materialising the model)")
         self._state_epoch += 1
         if _dist.is_dtensor(p) or _dist.is_dtensor(mask):
             self.state[p]["mask"] = _dist.to_param_layout(p, mask, "mask")

@@ -420,3 +420,48 @@ def test_a_step_that_freezes_everything_warns_once_naming_the_setting():
     opt.param_groups[0]["freeze_above"] = 1e-30  # every accumulated Fisher is above it
     with pytest.warns(UserWarning, match=r"\(by freeze_above, set_mask\)"):
         opt.step()
+
+
+# ----------------------------------------------------------------------------- 5. unclear errors
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(found_inf=True), r"found_inf must be a 0-dim tensor or None, got bool"),
+    (dict(grad_scale=2.0), r"grad_scale must be a 0-dim tensor or None, got float"),
+])
+def test_python_scalars_for_grad_scaler_arguments_are_refused_by_name(kwargs, message):
+    opt, a, b = stepped()
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match=message):
+        opt.step(**kwargs)
+    assert_unchanged(opt, before)
+
+
+def test_explicit_backend_that_cannot_run_the_params_fails_at_construction(monkeypatch):
+    from fisherforget import backends
+
+    wide = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for name in ("triton", "cuda"):
+        # Not available here (cuda without a GPU) or unable to run fp64 params (triton).
+        with pytest.raises(RuntimeError, match=rf"backend='{name}' (was requested but is not "
+                           r"available|.*\(param 0 of group 0\))"):
+            FisherAdamW([wide], backend=name)
+        opt, a, b = stepped()
+        before = snapshot(opt)
+        with pytest.raises(RuntimeError, match=rf"backend='{name}' .*\(param 0 of group 1\)"):
+            opt.add_param_group({"params": [torch.randn(2, requires_grad=True)],
+                                 "backend": name} if name == "cuda" else
+                                {"params": [wide], "backend": name})
+        assert_unchanged(opt, before)
+    if backends.is_available("triton"):  # without the interpreter Triton cannot run CPU tensors
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match=r"backend='triton' cannot run on cpu tensors"):
+            FisherAdamW([torch.randn(3, requires_grad=True)], backend="triton")
+
+
+def test_mask_on_the_meta_device_is_refused_clearly():
+    opt, a, b = stepped()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"mask is on the meta device"):
+        opt.set_mask(a, torch.ones(5, dtype=torch.bool, device="meta"))
+    assert_unchanged(opt, before)
