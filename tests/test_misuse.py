@@ -465,3 +465,21 @@ def test_mask_on_the_meta_device_is_refused_clearly():
     with pytest.raises(ValueError, match=r"mask is on the meta device"):
         opt.set_mask(a, torch.ones(5, dtype=torch.bool, device="meta"))
     assert_unchanged(opt, before)
+
+
+# ----------------------------------------------------------------------------- 6. docs vs code
+
+
+def test_plain_trainer_callback_prints_lwf_statistics_like_the_trainer(capsys):
+    pytest.importorskip("transformers")
+    from transformers import TrainerState
+
+    from fisherforget.lwf import LearningWithForgetting, LWFConfig, LWFCallback
+    from lwf_testing import make_samples
+
+    callback = LWFCallback(LearningWithForgetting(None, None, make_samples(4), LWFConfig()))
+    state = TrainerState()
+    state.global_step = 7
+    callback._log(state, {"lwf/fc_mean": 0.25, "lwf/selected": 3})
+    assert state.log_history == [{"lwf/fc_mean": 0.25, "lwf/selected": 3, "step": 7}]
+    assert "{'lwf/fc_mean': 0.25, 'lwf/selected': 3}" in capsys.readouterr().out
