@@ -536,3 +536,45 @@ def test_fisher_mean_raises_where_fisher_quantile_does():
     opt.state[a]["fisher"][1] = -1.0
     with pytest.raises(ValueError, match=r"fisher_mean: the Fisher has negative or NaN"):
         opt.fisher_mean()
+
+
+def _readme_blocks():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Swap it in"):text.index("### What one step computes")]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_swap_in_snippet_runs_as_written():
+    blocks = _readme_blocks()
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a quantile of a zero Fisher would be a bug
+        exec(compile(blocks[0], "README.md", "exec"), namespace)
+    opt, model = namespace["opt"], namespace["model"]
+    assert opt.state[model.weight]["step"].item() == 10
+    assert "mask" in opt.state[model.weight]
+
+
+def test_readme_trainer_snippet_builds_a_fisher_adamw(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import TrainingArguments
+
+    from lwf_testing import make_samples, tiny_llama
+
+    from fisherforget.lwf import collate
+
+    snippet = _readme_blocks()[1]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                             report_to=[], save_strategy="no", use_cpu=True)
+    namespace = dict(model=tiny_llama(), args=args, train_dataset=make_samples(4),
+                     FisherAdamW=FisherAdamW)
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    trainer.data_collator = collate
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                      else trainer.optimizer, FisherAdamW)
