@@ -5,7 +5,7 @@
 // The binding (bindings.cpp) is the only code that knows about torch; it validates the tensors and
 // fills these structs. Every function throws std::runtime_error when a launch fails.
 //
-// Math: DESIGN.md section 2 and fisherforget/backends/reference.py, which these kernels follow op
+// Math: docs/design.md and fisherforget/backends/reference.py, which these kernels follow op
 // for op (fp32 arithmetic, bias corrections in double from the per-tensor step count).
 #pragma once
 

@@ -117,7 +117,7 @@ FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& 
   return c;
 }
 
-// One element: DESIGN section 2, in the reference backend's order of fp32 operations.
+// One element: the step of docs/design.md, in the reference backend's order of fp32 operations.
 struct StepElement {
   float param, exp_avg, exp_avg_sq, max_exp_avg_sq, fisher;
   bool frozen;

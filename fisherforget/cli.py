@@ -29,6 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return doctor.main()
     if args.command == "demo":
+        args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
         return demo_module.run(args)
     if args.command == "bench":
         args.argv = list(argv if argv is not None else sys.argv[1:])[1:]

@@ -1,6 +1,6 @@
 """The fused Fisher-AdamW step: one pass over every element of a bucket of tensors.
 
-Per element, in fp32 (DESIGN section 2; ``fisherforget.ops.fused_step`` is the contract)::
+Per element, in fp32 (``fisherforget.ops`` states the contract; ``docs/design.md``)::
 
     g = grad / grad_scale;  g = -g if maximize
     F = a*F + b*g^2                                  (when the Fisher accumulates)
