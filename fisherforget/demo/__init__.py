@@ -49,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     builtin.add_argument("--pretrain-steps", type=int, default=None)
     builtin.add_argument("--steps", type=int, default=None, help="fine-tuning steps")
     builtin.add_argument("--cache", default=None,
-                         help="folder for pre-trained weights (default: OUT/.lwf_demo_cache "
-                              "with --out, else none)")
+                         help="folder for pre-trained weights per seed (default: "
+                              "OUT/.lwf_demo_cache with --out, else ~/.cache/fisherforget/demo; "
+                              "'none' disables it)")
     common = parser.add_argument_group("both modes")
     common.add_argument("--out", default=None,
                         help="write results JSON (and the PNG) into this folder")
@@ -78,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="regex of parameter names to fine-tune (default: all)")
     real.add_argument("--lora", type=int, default=None,
                       help="fine-tune a peft LoRA adapter of this rank instead of all weights")
+    real.add_argument("--lora-layers", type=int, default=None,
+                      help="with --lora: adapt only the last N transformer blocks")
     real.add_argument("--max-new-tokens", type=int, default=None)
     real.add_argument("--state", default=None,
                       help="JSON file of finished (method, seed) runs: resume from it")

@@ -177,8 +177,13 @@ def run_builtin(args) -> int:
     tune_seeds = [TUNING_SEED_BASE + i for i in range(n_tune)]
     device = torch.device(args.device)
     cache = args.cache
-    if cache is None and args.out:
-        cache = os.path.join(args.out, ".lwf_demo_cache")
+    if cache is None:
+        cache = (os.path.join(args.out, ".lwf_demo_cache") if args.out else os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fisherforget",
+            "demo"))
+    elif cache == "none":
+        cache = None
+    env = report.environment(device)  # before the run: the commit and tree it starts from
     print(f"fisherforget demo: settings {', '.join(settings)}; {torch.get_num_threads()} "
           f"thread(s) on {device}; FisherAdamW backend {args.backend!r}")
     start = time.perf_counter()
@@ -210,7 +215,7 @@ def run_builtin(args) -> int:
             "command": "fisherforget demo " + " ".join(args.argv or []),
             "methods": methods, "labels": {m: METHOD_LABELS[m] for m in methods},
             "lwf_methods": [m for m in methods if m in LWF_METHODS],
-            "environment": report.environment(device), "total_wall_s": total,
+            "environment": env, "total_wall_s": total,
             "paired": [p for r in results.values() for p in r["paired"]],
             "settings": results,
         }

@@ -115,9 +115,10 @@ def load_pretrained(name: str, gguf_file: Optional[str], device):
     return tokenizer, model
 
 
-def add_lora(model, rank: int):
+def add_lora(model, rank: int, last_layers: Optional[int] = None):
     """Wrap ``model`` in a ``peft`` LoRA adapter of rank ``rank`` (alpha ``2 * rank``) on every
-    attention and MLP projection; only the adapter is trainable."""
+    attention and MLP projection (of the last ``last_layers`` blocks only, when given: backward
+    then stops there, which is what makes a CPU run affordable); only the adapter trains."""
     from peft import LoraConfig, get_peft_model
 
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
@@ -126,7 +127,14 @@ def add_lora(model, rank: int):
                               "down_proj", "c_attn", "c_proj", "c_fc"})
     if not targets:
         raise SystemExit("--lora: found no attention/MLP projection to adapt")
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+    extra = {}
+    if last_layers:
+        total = model.config.num_hidden_layers
+        if not 1 <= last_layers <= total:
+            raise SystemExit(f"--lora-layers must be in [1, {total}], got {last_layers}")
+        extra["layers_to_transform"] = list(range(total - last_layers, total))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
+                        **extra)
     return get_peft_model(model, config)
 
 
@@ -218,7 +226,7 @@ def run_pretrained(args) -> int:
     t0 = time.perf_counter()
     tokenizer, model = load_pretrained(args.model, args.gguf_file, device)
     if args.lora:
-        model = add_lora(model, args.lora)
+        model = add_lora(model, args.lora, args.lora_layers)
     elif args.trainable:
         pattern = re.compile(args.trainable)
         for name, p in model.named_parameters():

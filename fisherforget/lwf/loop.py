@@ -598,17 +598,26 @@ class LearningWithForgetting:
             "generator": self.generator.get_state(),
             "began": self.began,
             "history": list(self.history),
-            "samples": {"count": len(self.samples), "fingerprint": fingerprint(self.samples)},
+            "samples": self._fingerprints(),
             "config": self.config.to_dict(),
         }
 
+    def _fingerprints(self) -> dict[str, Any]:
+        retain = (None if self.retain_samples is None else
+                  {"count": len(self.retain_samples), "fingerprint": fingerprint(self.retain_samples)})
+        return {"count": len(self.samples), "fingerprint": fingerprint(self.samples),
+                "retain": retain}
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; checks that ``D_self`` is the same first."""
-        expected = {"count": len(self.samples), "fingerprint": fingerprint(self.samples)}
-        if dict(state.get("samples", {})) != expected:
+        expected = self._fingerprints()
+        saved = dict(state.get("samples", {}))
+        saved.setdefault("retain", None)  # states saved before the retain set existed
+        if saved != expected:
             raise ValueError(
-                f"LWF state was saved for a different D_self ({state.get('samples')}, this run "
-                f"has {expected}); generate the self-knowledge with the same model and seed"
+                f"LWF state was saved for a different D_self or retain set "
+                f"({state.get('samples')}, this run has {expected}); generate the self-knowledge "
+                "with the same model and seed, and pass the same retain_samples"
             )
         self.global_step = int(state["global_step"])
         self.phase = int(state["phase"])

@@ -143,3 +143,18 @@ def test_retain_logged_and_errors():
     full = LearningWithForgetting(model, opt, make_samples(4), LWFConfig(fraction=1.0))
     with pytest.raises(ValueError, match="no sample to retain"):
         full.rescore()
+
+
+def test_resume_checks_the_retain_samples():
+    given = make_samples(4, seed=21)
+    config = LWFConfig(every=100, steps=1, fraction=0.25, lr=LR, retain="samples")
+    model, opt, lwf = trained(config, retain_samples=given)
+    state = lwf.state_dict()
+    same = LearningWithForgetting(model, opt, make_samples(8, seed=7), config,
+                                  retain_samples=given)
+    same.load_state_dict(state)
+    assert torch.equal(same.retain_pool, lwf.retain_pool)
+    other = LearningWithForgetting(model, opt, make_samples(8, seed=7), config,
+                                   retain_samples=make_samples(4, seed=22))
+    with pytest.raises(ValueError, match="retain set"):
+        other.load_state_dict(state)
