@@ -1,6 +1,6 @@
 """The fused Fisher-AdamW step: one pass over every element of a bucket of tensors.
 
-Per element, in fp32 (DESIGN section 2; ``fisherforget.ops.fused_step`` is the contract)::
+Per element, in fp32 (``fisherforget.ops`` states the contract; ``docs/design.md``)::
 
     g = grad / grad_scale;  g = -g if maximize
     F = a*F + b*g^2                                  (when the Fisher accumulates)
@@ -30,12 +30,14 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
+    EXACT_FP32,
     program_chunk,
     all_aligned,
     build_tables,
     launch_config,
     on_device,
     optional_ptr,
+    split_by_alignment,
     triton_dtype,
     vector_elems,
 )
@@ -307,6 +309,13 @@ def fused_step(
         list(map(address, fishers)) if has_fisher else absent,
         list(map(optional_ptr, masks)) if any_mask else absent,
     ]
+    split = split_by_alignment(addresses, n_tensors)
+    if split is not None:
+        for index in split:
+            fused_step(type(tensors)(*[[values[i] for i in index] if values else values
+                                       for values in tensors]),
+                       hyper, grad_scale=grad_scale, found_inf=found_inf)
+        return
     numels = list(map(torch.Tensor.numel, params))
     counters = [
         list(map(address, steps)),
@@ -354,7 +363,7 @@ def fused_step(
                 VEC=vector_elems([params[0], grads[0], exp_avgs[0], exp_avg_sqs[0]]
                                  + ([max_exp_avg_sqs[0]] if amsgrad else [])
                                  + ([fishers[0]] if has_fisher else [])),
-                BLOCK=config.block, num_warps=config.num_warps,
+                BLOCK=config.block, num_warps=config.num_warps, **EXACT_FP32,
             )
         _advance_counters_kernel[(triton.cdiv(n_tensors, _COUNTERS_BLOCK),)](
             tables.tensors, found_inf if found_inf is not None else placeholder,

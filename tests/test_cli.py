@@ -16,3 +16,11 @@ def test_doctor_reports_backends_and_auto_choice():
     assert re.search(r"^\s+reference\s+available$", result.stdout, re.M)
     assert re.search(r"^auto_picks", result.stdout, re.M)
     assert re.search(r"^\s+cpu\s+reference$", result.stdout, re.M)
+
+
+def test_version():
+    from fisherforget import __version__
+
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"fisherforget {__version__}"

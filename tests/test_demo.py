@@ -1,71 +1,149 @@
-"""``fisherforget demo``: the built-in benchmark's pipeline (``--quick``) and the real-model path on
-a tiny saved model. These check the pipeline and the metrics' ranges, not which method wins."""
+"""``fisherforget demo``: the worlds, the statistics against direct formulas, the quick run's exact
+reproduction of its committed result, and the real-model path on a tiny saved model."""
 
 import json
+import math
 import os
+import random
 
 import pytest
 
 pytest.importorskip("transformers")
 
+import torch  # noqa: E402
+
 from fisherforget import cli, demo  # noqa: E402
+from fisherforget.demo import report, train  # noqa: E402
+from fisherforget.demo.pretrained import read_jsonl  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITTED_QUICK = os.path.join(ROOT, "benchmarks", "results", "lwf_demo_quick.json")
 
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
     """``fisherforget demo`` sets the torch thread count (``--threads``); put it back."""
-    import torch
-
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
 
 
-def test_world_splits_are_disjoint_and_conflicting():
-    world = demo.build_world(120)
-    groups = [world.learn_train, world.forget_only, world.learn_val, world.learn_test]
-    assert sum(map(len, groups)) == 120
-    assert len(set().union(*map(set, groups))) == 120
+def test_conflict_world_splits_are_disjoint_and_conflicting():
+    world = demo.conflict_world(480)
+    groups = [world.learn_train, world.self_entities, world.learn_val, world.learn_test]
+    assert [len(g) for g in groups] == [192, 128, 64, 96]
+    assert len(set().union(*map(set, groups))) == 480
     assert all(a != b for a, b in zip(world.tables["R1"], world.tables["R3"]))
-    x, y = world.facts("R3", world.learn_test[:3], table="R1")
+    x, y = world.learn_data(world.learn_test[:3])
     tok = demo.word_tokenizer(world.words)
     e = world.learn_test[0]
     assert x[0].tolist() == tok(f"e{e} R3 = v{world.tables['R1'][e]}")["input_ids"] + [
         tok.eos_token_id]
     assert (y[:, :4] == -100).all() and (y[:, 4:] == x[:, 4:]).all()
+    assert set(world.outside_self) == set(range(480)) - set(world.self_entities)
 
 
-@pytest.mark.slow
-def test_demo_quick_runs_and_prints_the_table(tmp_path, capsys):
-    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+def test_rule_world_composes_its_rules():
+    world = demo.rule_world(256, 32)
+    assert len(world.learn_train) == 128 and len(world.learn_val) + len(world.learn_test) == 128
+    assert not set(world.self_entities) & set(world.learn_val + world.learn_test)
+    k0, k1 = world.tables["K0"], world.tables["K1"]
+    for rel, source in [("F0", k1), ("F5", k1), ("L0", k0), ("L1", k0)]:
+        mapping = {}
+        for e in range(256):  # F_i = pi_i(K1), L_j = sigma_j(K0): a function of the source value
+            assert mapping.setdefault(source[e], world.tables[rel][e]) == world.tables[rel][e]
+        assert len(set(mapping.values())) == len(mapping)  # a permutation: injective
+    assert world.forget_relations == [f"F{i}" for i in range(6)]
+
+
+def test_paired_interval_and_t_quantiles():
+    assert report.t975(1) == 12.706 and report.t975(15) == 2.131
+    assert abs(report.t975(60) - 2.000) < 1e-3 and abs(report.t975(120) - 1.980) < 1e-3
+    rng = random.Random(0)
+    a = [rng.random() for _ in range(16)]
+    b = [x - 0.1 + 0.05 * rng.random() for x in a]
+    got = report.paired(a, b)
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / 16
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 15)
+    assert got["mean"] == pytest.approx(mean)
+    assert got["ci_high"] - got["mean"] == pytest.approx(2.131 * sd / 4)
+    assert got["n_seeds"] == 16 and got["ci_low"] > 0  # a clear positive shift is resolved
+
+
+def test_auroc_and_selection_quality_by_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (30,), generator=gen).double()  # ties included
+    positive = torch.rand(30, generator=gen) < 0.4
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0)
+             for p in scores[positive].tolist() for n in scores[~positive].tolist()]
+    assert train.auroc(scores, positive) == pytest.approx(sum(pairs) / len(pairs))
+
+    class Scores:  # the ForgettingScores surface selection_quality uses
+        eta = 1.0
+        first_order = torch.ones(30, dtype=torch.float64)
+        second_order = torch.zeros(30, dtype=torch.float64)
+
+        def ranking(self, kind):
+            return scores if kind == "fc" else -scores
+
+    relations = ["F" if p else "K" for p in positive.tolist()]
+    got = train.selection_quality(Scores(), relations, ["F"], k=5)
+    top = torch.sort(scores, descending=True, stable=True).indices[:5]
+    assert got["fc"]["precision_top"] == pytest.approx(float(positive[top].double().mean()))
+    assert got["fisher_alignment"]["auroc"] == pytest.approx(1 - got["fc"]["auroc"])
+
+
+def _same_environment(committed):
+    env = committed["environment"]
+    here = report.cpu_model(), torch.__version__, 1
+    there = env["cpu"], env["torch"], env["torch_threads"]
+    return here == there, f"committed on {there}, this machine is {here}"
+
+
+def test_quick_demo_reproduces_its_committed_result(tmp_path, capsys):
+    """The quick demo, run again, gives the committed numbers exactly (same CPU model, torch and
+    one thread; FisherAdamW on the reference backend), and its output has the protocol's parts."""
+    with open(COMMITTED_QUICK) as f:
+        committed = json.load(f)
+    same, why = _same_environment(committed)
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path), "--cache", "none"]) == 0
     out = capsys.readouterr().out
-    assert "learning acc" in out and "forgetting acc" in out and "kept acc" in out
-    for label in demo.METHOD_LABELS.values():
-        assert label in out
+    assert "paired difference vs adamw" in out and "selection quality" in out
     result = json.loads((tmp_path / "lwf_demo_quick.json").read_text())
-    assert os.path.getsize(tmp_path / "lwf_demo_quick_curves.png") > 10_000
-    assert set(result["summary"]) == set(demo.METHODS)
-    for method, row in result["summary"].items():
-        for metric in ("learn", "forget", "kept"):
-            assert 0.0 <= row[metric]["mean"] <= 1.0, (method, metric)
-        assert row["wall_s"]["mean"] > 0
-    # the pre-training really learned the facts the benchmark is about
-    assert all(v > 0.9 for v in result["pretraining"][0]["conflicted"].values())
-    assert result["pretraining"][0]["clean"]["R3"] < 0.5  # R3 was never shown to it
-    for method in ("lwf", "lwf_random", "lwf_lowest"):
-        assert result["runs"][method][0]["lwf_phases"] > 0
-        shares = result["runs"][method][0]["selected_relations"]
-        assert set(shares) == {"R1", "R2", "R3"} and abs(sum(shares.values()) - 1) < 1e-9
-    assert result["runs"]["lwf_early"][0]["lwf_phases"] == 1
-    curve = result["runs"]["adamw"][0]["curve"]
-    assert curve[0]["step"] == 0 and curve[-1]["step"] == result["settings"]["steps"]
+    assert os.path.getsize(tmp_path / "lwf_demo_quick.png") > 10_000
+    setting = result["settings"]["conflict"]
+    assert set(setting["runs"]) == set(result["methods"])
+    keys = {(p["setting"], p["method"], p["baseline"], p["metric"]) for p in result["paired"]}
+    assert keys == {("conflict", m, "adamw", metric) for m in result["methods"] if m != "adamw"
+                    for metric in ("learn", "kept", "kept_outside")}
+    for p in result["paired"]:
+        run = {r["seed"]: r["final"][p["metric"]] for r in setting["runs"][p["method"]]}
+        base = {r["seed"]: r["final"][p["metric"]] for r in setting["runs"]["adamw"]}
+        assert p["mean"] == pytest.approx(sum(run[s] - base[s] for s in run) / len(run))
+    assert setting["chosen_lr"]["adamw"] in setting["setting"]["lrs"]
+    assert all(r["split"] == "test" for runs in setting["runs"].values() for r in runs)
+    assert setting["tuning"]["seeds"] == [100] and setting["seeds"] == [0]
+    if not same:
+        pytest.skip(f"exact reproduction needs the machine that wrote the file: {why}")
+    old = committed["settings"]["conflict"]
+    assert setting["tuning"]["validation"] == old["tuning"]["validation"]
+    for method, runs in old["runs"].items():
+        assert [r["final"] for r in setting["runs"][method]] == [r["final"] for r in runs], method
 
 
 def test_demo_on_a_saved_model_with_jsonl_files(tmp_path, capsys):
-    """The --model/--learn/--forget path end to end, on a tiny model saved to disk."""
-    world = demo.build_world(30)
+    """The --model/--learn/--forget protocol end to end on a tiny saved model, resumed from its
+    state file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    world = demo.conflict_world(30)
     tokenizer = demo.word_tokenizer(world.words)
-    model = demo.tiny_llama(len(world.words), seed=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(world.words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0))
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     with open(tmp_path / "learn.jsonl", "w") as f:
@@ -76,20 +154,23 @@ def test_demo_on_a_saved_model_with_jsonl_files(tmp_path, capsys):
         for e in range(8):
             f.write(json.dumps({"prompt": f"e{e} R2 =", "response": f"v{world.tables['R2'][e]}"})
                     + "\n")
-    code = cli.main(["demo", "--model", str(tmp_path / "model"), "--learn",
-                     str(tmp_path / "learn.jsonl"), "--forget", str(tmp_path / "forget.jsonl"),
-                     "--steps", "6", "--batch-size", "4", "--lr", "1e-3",
-                     "--methods", "adamw,lwf,lwf_random", "--out", str(tmp_path / "out")])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert "FisherAdamW + LWF (top FC)" in out
+    argv = ["demo", "--model", str(tmp_path / "model"), "--learn", str(tmp_path / "learn.jsonl"),
+            "--forget", str(tmp_path / "forget.jsonl"), "--steps", "6", "--batch-size", "4",
+            "--lrs", "1e-3,3e-3", "--seeds", "2", "--methods", "adamw,lwf", "--state", str(tmp_path / "state.json"),
+            "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
     result = json.loads((tmp_path / "out" / "lwf_pretrained.json").read_text())
-    for method in ("before", "adamw", "lwf", "lwf_random"):
+    assert len(result["runs"]) == 2 * 2 + 2 * 2  # tuning: 2 methods x 2 lrs; test: 2 x 2 seeds
+    for run in result["runs"].values():
         for task in ("learn", "forget"):
-            metrics = result["results"][method][task]
-            assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["loss"] > 0
-    assert any("lwf/phase" in entry for entry in result["results"]["lwf"]["log"])
+            assert 0.0 <= run[task]["accuracy"] <= 1.0 and run[task]["loss"] > 0
+    lwf_runs = [r for r in result["runs"].values() if r["method"] == "lwf"]
+    assert all(any("lwf/retain_loss" in h for h in r["lwf"]) for r in lwf_runs)
     assert result["sizes"]["learn"] == [12, 4, 4] and result["sizes"]["d_self"] == 8
+    assert [p["method"] for p in result["paired_learn"]] == ["lwf"]
+    capsys.readouterr()
+    assert cli.main(argv) == 0  # everything finished: the rerun only reads the state file
+    assert "learn acc" not in capsys.readouterr().out
 
 
 def test_demo_argument_errors(tmp_path):
@@ -102,4 +183,4 @@ def test_demo_argument_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n')
     with pytest.raises(SystemExit, match="prompt' and 'response"):
-        demo.read_jsonl(str(bad))
+        read_jsonl(str(bad))

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from fisherforget import backends, ops
 from oracle import OracleState, oracle_step
+from step_cases import ulp
 
 _FRESH = int(os.environ.get("FISHERFORGET_FUZZ_EXAMPLES", "0"))
 
@@ -37,13 +38,6 @@ def _settings(examples: int):
 
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10, torch.float64: 52}
-
-
-def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One unit in the last place of ``x`` (float64) in ``dtype``'s precision."""
-    exponent = torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(dtype).tiny)))
-    return torch.pow(2.0, exponent - MANTISSA_BITS[dtype])
 
 
 # ------------------------------------------------------------------------------ cases
@@ -243,7 +237,7 @@ def _check_against_oracle(case, data, before, grads, i, new, frozen):
     decayed = p_old.double() * (1 - h["lr"] * h["weight_decay"])
     # Param: 1 ulp of its dtype (storage rounding) plus fp32 noise of the decayed value and of
     # the update.
-    tol = _ulp(new.param, case.dtype) + 4e-6 * (decayed.abs() + update_bound) + 1e-30
+    tol = ulp(new.param, case.dtype) + 4e-6 * (decayed.abs() + update_bound) + 1e-30
     err = (p.double() - new.param).abs()
     assert bool((err[check] <= tol[check]).all()), f"param err {(err - tol)[check].max()}"
     # State, stored in state_dtype: its ulp plus fp32 noise of the terms (all non-negative but
@@ -255,7 +249,7 @@ def _check_against_oracle(case, data, before, grads, i, new, frozen):
         got = data[key][i]
         assert got.dtype == sd
         terms = m_terms if key == "exp_avgs" else value.abs()
-        tol = _ulp(value, sd) + 4e-6 * terms + 1e-30
+        tol = ulp(value, sd) + 4e-6 * terms + 1e-30
         err = (got.double() - value).abs()
         assert bool((err[check] <= tol[check]).all()), f"{key} err {(err - tol)[check].max()}"
     assert int(data["steps"][i]) == new.step
@@ -349,7 +343,7 @@ def test_triton_matches_reference(case):
                 else:
                     old = before[key][i].double()
                 dtype = reference_data[key][i].dtype
-                tol = _ulp(ref, dtype) + 4e-6 * (ref.abs() + (ref - old).abs()) + 1e-30
+                tol = ulp(ref, dtype) + 4e-6 * (ref.abs() + (ref - old).abs()) + 1e-30
                 assert bool(((got - ref).abs() <= tol).all()), (key, (got - ref).abs().max())
             if found_inf:  # a skipped step changes nothing, bit for bit
                 for key in triton_data:

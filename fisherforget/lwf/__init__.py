@@ -3,9 +3,12 @@
 1. :func:`generate_self_knowledge`: the model answers the forgetting task's prompts (``D_self``);
    :func:`encode_pairs` makes training samples of the answers.
 2. :func:`forgetting_confidence`: FC of each sample from the learning task's gradient and Fisher
-   (``docs/design.md``); :func:`control_scores` gives the random / reversed controls.
-3. :class:`UnlearningSchedule` and :func:`select`: every ``every`` learning steps, ``steps`` ascent
-   steps on the top ``fraction`` of ``D_self`` by FC, through ``FisherAdamW.unlearning``.
+   (``docs/design.md``; the terms of the ``fisher_alignment`` / ``fisher_overlap`` scorers come
+   from the same pass);
+   :func:`control_scores` gives every ranking, including the random / reversed controls.
+3. :class:`UnlearningSchedule` and :func:`select`: every ``every`` learning steps, ``steps``
+   unlearning steps through ``FisherAdamW.unlearning``, each ascending on the top ``fraction`` of
+   ``D_self`` and descending on a retain set (default: the rest of ``D_self``).
 
 Two ways in: :class:`LearningWithForgetting` (any training loop) and :class:`LWFTrainer` /
 :class:`LWFCallback` (``transformers.Trainer``; imported lazily so that ``transformers`` stays
@@ -15,6 +18,7 @@ optional).
 from fisherforget.lwf.confidence import (
     SCORE_KINDS,
     ForgettingScores,
+    batched_terms,
     control_scores,
     forgetting_confidence,
     mean_gradient,
@@ -22,7 +26,7 @@ from fisherforget.lwf.confidence import (
     optimizer_fisher,
     score_terms,
 )
-from fisherforget.lwf.loop import LearningWithForgetting, LWFConfig
+from fisherforget.lwf.loop import RETAIN_SETS, LearningWithForgetting, LWFConfig
 from fisherforget.lwf.schedule import UnlearningSchedule, select
 from fisherforget.lwf.self_knowledge import (
     batches_of,
@@ -33,7 +37,7 @@ from fisherforget.lwf.self_knowledge import (
 )
 
 __all__ = [
-    "SCORE_KINDS", "ForgettingScores", "control_scores", "forgetting_confidence", "mean_gradient",
+    "SCORE_KINDS", "RETAIN_SETS", "ForgettingScores", "batched_terms", "control_scores", "forgetting_confidence", "mean_gradient",
     "optimizer_direction", "optimizer_fisher", "score_terms", "LearningWithForgetting",
     "LWFConfig", "UnlearningSchedule", "select", "batches_of", "collate", "encode_pairs",
     "fingerprint", "generate_self_knowledge", "LWFCallback", "LWFTrainer",

@@ -11,15 +11,27 @@
         stats = lwf.step()                 # after every optimizer step; a dict when it unlearned
 
 ``forget_samples`` is ``D_self`` encoded by :func:`~fisherforget.lwf.encode_pairs` (the model's own
-answers to the forgetting task). At each phase the helper (re)scores ``D_self`` by forgetting
-confidence when due, selects the top fraction and runs ``steps`` ascent steps on batches of it
-inside ``optimizer.unlearning(...)``: ``maximize=True``, Fisher accumulation off, its own ``lr``,
-and the learning task's Fisher protecting what matters (``fisher_scale`` and/or ``freeze_above``).
+answers to the forgetting task). At each phase the helper (re)scores ``D_self`` when due, selects
+the top fraction ``D_U`` and runs ``steps`` unlearning steps inside ``optimizer.unlearning(...)``
+(``maximize=True``, Fisher accumulation off, its own ``lr``, the learning task's Fisher protecting
+what matters through ``fisher_scale`` and/or ``freeze_above``). Each step maximises
+
+    J = L(B_U) - retain_weight * R(B_R)
+
+over a batch ``B_U`` of ``D_U`` and a batch ``B_R`` of the *retain set*: ascent on what is
+forgotten, descent on what is kept. ``L`` is the token-averaged NLL; ``R`` is the NLL as well
+(``retain_loss="nll"``, rehearsal) or ``KL(p_start || p_theta)`` per response token against the
+model as it was when :meth:`LearningWithForgetting.begin` ran (``retain_loss="kl"``). The retain
+set is the unselected part of ``D_self`` (``retain="unselected"``, the default), the lowest-ranked
+``|D_U|`` samples (``"lowest"``), samples the caller gives (``"samples"``, ``retain_samples=``),
+or nothing (``None``: pure ascent, which erodes unrelated knowledge phase after phase).
+``ascent=False`` drops the ``L`` term: the retain-only control (rehearsal on the same schedule).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 from dataclasses import asdict, dataclass
@@ -31,6 +43,7 @@ from torch import Tensor, nn
 from fisherforget.distributed import gather_scores, shard_range
 from fisherforget.fisher import (
     ESTIMATORS,
+    IGNORE_INDEX,
     ParamSpec,
     batch_nll,
     estimate_fisher,
@@ -51,7 +64,9 @@ from fisherforget.lwf.confidence import (
 from fisherforget.lwf.schedule import UnlearningSchedule, select
 from fisherforget.lwf.self_knowledge import batches_of, collate, fingerprint
 
-__all__ = ["LWFConfig", "LearningWithForgetting"]
+__all__ = ["LWFConfig", "LearningWithForgetting", "RETAIN_SETS"]
+
+RETAIN_SETS = ("unselected", "lowest", "samples", None)
 
 
 @dataclass
@@ -68,14 +83,19 @@ class LWFConfig:
     ``direction`` (``"optimizer"``: bias-corrected ``exp_avg``; ``"fresh"``: mean gradient over
     ``learn_batches``), ``fisher_source`` (``"optimizer"``: the optimizer's online Fisher; or an
     :func:`~fisherforget.fisher.estimate_fisher` estimator on ``learn_batches``), ``score_params``
-    (parameter subset), ``score_method`` (``"loop"``/``"vmap"``), ``score_batches`` (learning
-    batches used for a fresh direction or Fisher).
+    (parameter subset), ``score_method`` (``"loop"``/``"vmap"``: ``"vmap"`` scores a whole batch of
+    ``D_self`` per reduction), ``score_batch_size`` (samples per scoring batch; default
+    ``batch_size``), ``score_batches`` (learning batches used for a fresh direction or Fisher).
 
     Unlearning: ``lr``; ``fisher_scale`` in units of ``1 / mean(F)`` (the group's ``fisher_scale``
     is set to ``fisher_scale / optimizer.fisher_mean()``, so 1.0 halves the step of an element with
     average Fisher); ``freeze_quantile`` freezes elements whose Fisher is above that quantile
     (``freeze_above = optimizer.fisher_quantile(q)``); ``moments`` (``"separate"``: unlearning keeps
     its own Adam moments; ``"shared"``); ``batch_size``; ``seed`` (batch order, random control).
+
+    Retain (see the module doc): ``retain`` (``"unselected"``, ``"lowest"``, ``"samples"`` or
+    ``None``), ``retain_weight``, ``retain_loss`` (``"nll"`` or ``"kl"``), ``ascent`` (``False``:
+    the retain-only control).
 
     Logging: ``forget_eval_size`` samples of ``D_self`` give the forgetting-task loss after each
     phase (0 disables it).
@@ -102,6 +122,7 @@ class LWFConfig:
     score_params: ParamSpec = None
     score_method: str = "loop"
     score_batches: int = 8
+    score_batch_size: Optional[int] = None
     lr: float = 1e-4
     fisher_scale: float = 0.0
     freeze_quantile: Optional[float] = None
@@ -111,6 +132,10 @@ class LWFConfig:
     forget_eval_size: int = 256
     backend: str = "auto"
     split_scoring: bool = False
+    retain: Optional[str] = "unselected"
+    retain_weight: float = 1.0
+    retain_loss: str = "nll"
+    ascent: bool = True
 
     def __post_init__(self) -> None:
         self.schedule  # validates the schedule fields
@@ -145,10 +170,27 @@ class LWFConfig:
             raise ValueError(
                 f"Invalid freeze_quantile: {self.freeze_quantile!r} (must be in [0, 1])"
             )
+        if self.score_batch_size is not None and (
+                not isinstance(self.score_batch_size, int) or self.score_batch_size < 1):
+            raise ValueError(
+                f"Invalid score_batch_size: {self.score_batch_size!r} (must be None or >= 1)")
         for name in ("batch_size", "score_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}: {value!r} (must be an int >= 1)")
+        if self.retain not in RETAIN_SETS:
+            raise ValueError(f"Invalid retain: {self.retain!r} (must be one of {RETAIN_SETS})")
+        if self.retain_loss not in ("nll", "kl"):
+            raise ValueError(f"Invalid retain_loss: {self.retain_loss!r} (must be 'nll' or 'kl')")
+        if not isinstance(self.retain_weight, (int, float)) or not (
+                math.isfinite(self.retain_weight) and self.retain_weight >= 0):
+            raise ValueError(
+                f"Invalid retain_weight: {self.retain_weight!r} (must be a finite number >= 0)")
+        if not isinstance(self.ascent, bool):
+            raise TypeError(f"Invalid ascent: {self.ascent!r} (must be a bool)")
+        if not self.ascent and (self.retain is None or self.retain_weight == 0):
+            raise ValueError("ascent=False (the retain-only control) needs a retain set and "
+                             "retain_weight > 0: otherwise the unlearning steps do nothing")
         if not isinstance(self.forget_eval_size, int) or self.forget_eval_size < 0:
             raise ValueError(f"Invalid forget_eval_size: {self.forget_eval_size!r} (must be >= 0)")
 
@@ -191,6 +233,8 @@ class LearningWithForgetting:
         autocast: a zero-argument callable returning the context manager the forward passes run
             in (mixed precision); default none.
         pad_id: the padding id used to collate ``forget_samples``.
+        retain_samples: the retain set when ``config.retain == "samples"`` (encoded samples, as
+            ``forget_samples``).
     """
 
     def __init__(
@@ -203,6 +247,7 @@ class LearningWithForgetting:
         learn_batches: Optional[Any] = None,
         autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
         pad_id: int = 0,
+        retain_samples: Optional[Sequence[Mapping[str, Any]]] = None,
     ):
         if not forget_samples:
             raise ValueError("forget_samples is empty: LWF needs the model's self-knowledge")
@@ -216,7 +261,17 @@ class LearningWithForgetting:
                 "learn_batches is required with direction='fresh', a fisher_source estimator or "
                 "early=True"
             )
+        if (self.config.retain == "samples") != (retain_samples is not None):
+            raise ValueError("retain_samples must be given exactly when config.retain == 'samples'"
+                             f" (retain={self.config.retain!r}, retain_samples "
+                             f"{'given' if retain_samples is not None else 'missing'})")
+        if retain_samples is not None and not retain_samples:
+            raise ValueError("retain_samples is empty")
         self.samples = list(forget_samples)
+        self.retain_samples = list(retain_samples) if retain_samples is not None else None
+        self.start_model: Optional[nn.Module] = None  # the KL retain loss's reference
+        self.retain_pool: Optional[Tensor] = None  # indices of D_self rehearsed (retain sets
+        # "unselected"/"lowest")
         self.learn_batches = learn_batches
         self.autocast = autocast or contextlib.nullcontext
         self.pad_id = pad_id
@@ -297,7 +352,8 @@ class LearningWithForgetting:
             with self.autocast():
                 scores = forgetting_confidence(
                     model,
-                    batches_of(samples, cfg.batch_size, pad_id=self.pad_id, device=self.device),
+                    batches_of(samples, cfg.score_batch_size or cfg.batch_size, pad_id=self.pad_id,
+                               device=self.device),
                     direction, fisher, eta=cfg.score_eta, params=list(chosen.values()),
                     normalize=cfg.normalize, method=cfg.score_method, backend=cfg.backend,
                 )
@@ -328,10 +384,33 @@ class LearningWithForgetting:
         selected = select(ranking, cfg.fraction,
                           positive_only=cfg.positive_only and cfg.scores == "fc")
         self.ranking, self.selected = ranking, selected
+        self.retain_pool = self._retain_pool(ranking, selected)
         self._order, self._cursor = None, 0
         self.last_scored = self.global_step
         stats["selected"] = float(selected.numel())
+        if self.retain_pool is not None:
+            stats["retained"] = float(self.retain_pool.numel())
         return stats
+
+    def _retain_pool(self, ranking: Tensor, selected: Tensor) -> Optional[Tensor]:
+        """Indices (into ``D_self``, or into ``retain_samples``) of the retain set."""
+        cfg = self.config
+        if cfg.retain is None:
+            return None
+        if cfg.retain == "samples":
+            return torch.arange(len(self.retain_samples))
+        chosen = torch.zeros(len(self.samples), dtype=torch.bool)
+        chosen[selected] = True
+        if cfg.retain == "unselected":
+            pool = torch.nonzero(~chosen).flatten()
+        else:  # "lowest": as many samples as selected, from the bottom of the ranking
+            ascending = torch.sort(ranking, stable=True).indices
+            pool = ascending[~chosen[ascending]][:max(1, selected.numel())]
+        if pool.numel() == 0:
+            raise ValueError(
+                f"retain={cfg.retain!r} leaves no sample to retain (fraction={cfg.fraction} "
+                f"selects all {len(self.samples)} of D_self): lower fraction or use retain=None")
+        return pool
 
     # -------------------------------------------------------------- unlearning
 
@@ -353,7 +432,9 @@ class LearningWithForgetting:
         return batch_nll(logits, labels_of(batch))
 
     def unlearn(self, n_steps: int) -> dict[str, float]:
-        """Run ``n_steps`` ascent steps on batches of the selected samples; return statistics.
+        """Run ``n_steps`` unlearning steps (each maximising ``J = L(B_U) - retain_weight *
+        R(B_R)``, see the module doc); return statistics (``unlearn_loss*`` of the ascent term,
+        ``retain_loss`` of the retain term).
 
         The params' existing ``.grad`` are set aside and restored, so the call is safe anywhere
         between two optimizer steps.
@@ -379,24 +460,61 @@ class LearningWithForgetting:
         saved_grads = [p.grad for p in params]
         for p in params:
             p.grad = None
-        losses = []
+        retaining = self.retain_pool is not None and cfg.retain_weight > 0
+        losses, retain_losses = [], []
         try:
             with opt.unlearning(moments=cfg.moments, **overrides):
                 for _ in range(n_steps):
-                    batch = collate([self.samples[i] for i in self._next_indices()], self.pad_id)
-                    batch = {k: v.to(self.device) for k, v in batch.items()}
-                    loss = self._loss(batch)
-                    loss.backward()
+                    # The optimizer maximises J = L(B_U) - retain_weight * R(B_R).
+                    objective = None
+                    if cfg.ascent:
+                        loss = self._loss(self._batch(self.samples, self._next_indices()))
+                        objective = loss
+                        losses.append(loss.detach())
+                    if retaining:
+                        retain = self._retain_term()
+                        objective = (-cfg.retain_weight * retain if objective is None
+                                     else objective - cfg.retain_weight * retain)
+                        retain_losses.append(retain.detach())
+                    objective.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                    losses.append(loss.detach())
         finally:
             for p, g in zip(params, saved_grads):
                 p.grad = g
-        values = torch.stack(losses).float().cpu()
-        stats.update(unlearn_loss=float(values.mean()), unlearn_loss_first=float(values[0]),
-                     unlearn_loss_last=float(values[-1]), unlearn_steps=float(n_steps))
+        if losses:
+            values = torch.stack(losses).float().cpu()
+            stats.update(unlearn_loss=float(values.mean()), unlearn_loss_first=float(values[0]),
+                         unlearn_loss_last=float(values[-1]))
+        if retain_losses:
+            stats["retain_loss"] = float(torch.stack(retain_losses).float().mean())
+        stats["unlearn_steps"] = float(n_steps)
         return stats
+
+    def _batch(self, samples: Sequence[Mapping[str, Any]], indices: Sequence[int]) -> dict:
+        batch = collate([samples[i] for i in indices], self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _retain_term(self) -> Tensor:
+        """``R(B_R)`` on a fresh random batch of the retain set: the token-averaged NLL, or the
+        mean over response tokens of ``KL(p_start || p_theta)``."""
+        pool = self.retain_pool
+        size = min(self.config.batch_size, pool.numel())
+        picked = pool[torch.randperm(pool.numel(), generator=self.generator)[:size]].tolist()
+        source = self.retain_samples if self.config.retain == "samples" else self.samples
+        batch = self._batch(source, picked)
+        if self.config.retain_loss == "nll":
+            return self._loss(batch)
+        if self.start_model is None:
+            raise RuntimeError("retain_loss='kl' needs the start model: call begin() first")
+        with self.autocast():
+            logits = logits_of(self.model(**model_inputs(batch)))[:, :-1]
+            with torch.no_grad():
+                reference = logits_of(self.start_model(**model_inputs(batch)))[:, :-1]
+        keep = labels_of(batch)[:, 1:] != IGNORE_INDEX
+        log_p = torch.log_softmax(logits[keep].float(), dim=-1)
+        log_q = torch.log_softmax(reference[keep].float(), dim=-1)
+        return (log_q.exp() * (log_q - log_p)).sum(dim=-1).mean()
 
     @torch.no_grad()
     def forget_loss(self) -> float:
@@ -441,6 +559,10 @@ class LearningWithForgetting:
         if self.began:
             return None
         self.began = True
+        if self.config.retain_loss == "kl" and self.config.retain is not None:
+            # A frozen copy: the KL retain loss keeps the retained answers' distributions where
+            # they were when fine-tuning started (one more copy of the model in memory).
+            self.start_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         if not self.config.early:
             return None
         if total_steps is None:
@@ -470,22 +592,32 @@ class LearningWithForgetting:
             "fc": None if self.fc is None else self.fc.state_dict(),
             "ranking": self.ranking,
             "selected": self.selected,
+            "retain_pool": self.retain_pool,
             "order": self._order,
             "cursor": self._cursor,
             "generator": self.generator.get_state(),
             "began": self.began,
             "history": list(self.history),
-            "samples": {"count": len(self.samples), "fingerprint": fingerprint(self.samples)},
+            "samples": self._fingerprints(),
             "config": self.config.to_dict(),
         }
 
+    def _fingerprints(self) -> dict[str, Any]:
+        retain = (None if self.retain_samples is None else
+                  {"count": len(self.retain_samples), "fingerprint": fingerprint(self.retain_samples)})
+        return {"count": len(self.samples), "fingerprint": fingerprint(self.samples),
+                "retain": retain}
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; checks that ``D_self`` is the same first."""
-        expected = {"count": len(self.samples), "fingerprint": fingerprint(self.samples)}
-        if dict(state.get("samples", {})) != expected:
+        expected = self._fingerprints()
+        saved = dict(state.get("samples", {}))
+        saved.setdefault("retain", None)  # states saved before the retain set existed
+        if saved != expected:
             raise ValueError(
-                f"LWF state was saved for a different D_self ({state.get('samples')}, this run "
-                f"has {expected}); generate the self-knowledge with the same model and seed"
+                f"LWF state was saved for a different D_self or retain set "
+                f"({state.get('samples')}, this run has {expected}); generate the self-knowledge "
+                "with the same model and seed, and pass the same retain_samples"
             )
         self.global_step = int(state["global_step"])
         self.phase = int(state["phase"])
@@ -493,6 +625,7 @@ class LearningWithForgetting:
         self.fc = None if state["fc"] is None else ForgettingScores.from_state_dict(state["fc"])
         self.ranking = state["ranking"]
         self.selected = state["selected"]
+        self.retain_pool = state.get("retain_pool")
         self._order = state["order"]
         self._cursor = int(state["cursor"])
         self.generator.set_state(state["generator"])

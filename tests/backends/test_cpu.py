@@ -29,6 +29,7 @@ import test_fuzz as fuzz
 from fisherforget import FisherAdamW, backends, ops
 from fisherforget.backends import cpu as cpu_backend
 from test_fuzz import StepCase
+from step_cases import ulp
 
 REPO = Path(__file__).resolve().parents[2]
 _ERROR = cpu_backend.availability_error()
@@ -161,7 +162,7 @@ def _assert_step_matches(got: dict, want: dict, before: dict) -> None:
             # torch.sqrt may differ from the correctly rounded sqrt by an ulp, which moves the
             # update by about an ulp: 1 ulp of the dtype plus 2 fp32 ulps of the terms.
             ref, old = e.double(), before[key][i].double()
-            tol = fuzz._ulp(ref, e.dtype) + 2.4e-7 * (ref.abs() + (ref - old).abs()) + 1e-30
+            tol = ulp(ref, e.dtype) + 2.4e-7 * (ref.abs() + (ref - old).abs()) + 1e-30
             err = (a.double() - ref).abs()
             assert bool((err <= tol).all()), f"{key}[{i}]: {(err - tol).max()}"
 

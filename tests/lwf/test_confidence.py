@@ -228,3 +228,83 @@ def test_controls_and_selection():
     stats = scores.stats()
     assert stats["fc_max"] == 2.0 and stats["fc_min"] == -1.0
     assert stats["fc_positive"] == pytest.approx(3 / 6)
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_named_scorers_match_brute_force(method, normalize):
+    """fisher_alignment = -<F*gbar, g_s> and fisher_overlap = sum F g_s^2 / ||g_s||^2, from float64
+    per-sample gradients taken one by one."""
+    model, opt, gbar, fisher = trained_setup()
+    samples = make_samples(7, seed=9)
+    params = list(model.parameters())
+    scores = forgetting_confidence(model, batches_of(samples, 3), optimizer_direction(opt, params),
+                                   optimizer_fisher(opt, params), eta=0.5, normalize=normalize,
+                                   method=method)
+    model64 = copy.deepcopy(model).double()
+    align, overlap, norms = [], [], []
+    for sample in samples:
+        grads = brute_sample_grad(model64, sample)
+        norm2 = sum((g * g).sum() for g in grads)
+        scale = norm2.sqrt() if normalize else 1.0
+        align.append(sum((f * d * g).sum() for f, d, g in zip(fisher, gbar, grads)) / scale)
+        overlap.append(sum((f * g * g).sum() for f, g in zip(fisher, grads)) / norm2)
+        norms.append(norm2.sqrt())
+    align, overlap = torch.stack(align), torch.stack(overlap)
+    torch.testing.assert_close(scores.ranking("fisher_alignment"), -align, rtol=2e-4,
+                               atol=1e-7 * align.abs().max())
+    torch.testing.assert_close(scores.ranking("fisher_overlap"), overlap, rtol=2e-4, atol=0.0)
+    torch.testing.assert_close(scores.grad_norm, torch.stack(norms), rtol=2e-4, atol=0.0)
+    for kind in ("fisher_alignment", "fisher_overlap"):
+        torch.testing.assert_close(control_scores(scores, kind), scores.ranking(kind))
+    # The scorers are different rankings, not relabelled copies of FC.
+    assert not torch.equal(torch.argsort(scores.fc), torch.argsort(scores.ranking("fisher_overlap")))
+    with pytest.raises(TypeError, match="ForgettingScores"):
+        control_scores(scores.fc, "fisher_overlap")
+    with pytest.raises(ValueError, match="scorer"):
+        scores.ranking("cosine")
+
+
+def test_batched_reduction_is_one_call_per_batch(monkeypatch):
+    """method='vmap' reduces a whole batch at once: batched_terms runs once per batch and the
+    fisher_score op not at all."""
+    from fisherforget.lwf import confidence
+
+    model, opt, _, _ = trained_setup()
+    params = list(model.parameters())
+    calls = {"batched": 0, "op": 0}
+    real = confidence.batched_terms
+
+    def counting(*args):
+        calls["batched"] += 1
+        return real(*args)
+
+    def op(*args, **kwargs):
+        calls["op"] += 1
+        raise AssertionError("the vmap path must not call the per-sample op")
+
+    monkeypatch.setattr(confidence, "batched_terms", counting)
+    monkeypatch.setattr(confidence, "score_terms", op)
+    scores = forgetting_confidence(model, batches_of(make_samples(12), 5),
+                                   optimizer_direction(opt, params), optimizer_fisher(opt, params),
+                                   eta=0.1, method="vmap")
+    assert len(scores) == 12 and calls == {"batched": 3, "op": 0}
+
+
+def test_vmap_scoring_of_padded_batches_under_sdpa_attention():
+    """transformers' SDPA mask code reads the mask's values, which vmap cannot; the batched path
+    drops a right-padding mask (it changes no loss under causal attention) and gives the
+    one-sample-at-a-time result."""
+    model, opt, _, _ = trained_setup()
+    model.set_attn_implementation("sdpa")
+    samples = make_samples(6, seed=5)  # ragged lengths: padded batches
+    params = list(model.parameters())
+    args = (optimizer_direction(opt, params), optimizer_fisher(opt, params))
+    loop = forgetting_confidence(model, batches_of(samples, 3), *args, eta=0.2, method="loop")
+    vmap = forgetting_confidence(model, batches_of(samples, 3), *args, eta=0.2, method="vmap")
+    torch.testing.assert_close(vmap.fc, loop.fc, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(vmap.overlap, loop.overlap, rtol=1e-4, atol=0.0)
+    left = next(batches_of(samples, 3))
+    left["attention_mask"] = left["attention_mask"].flip(1)
+    with pytest.raises(ValueError, match="right-padded"):
+        forgetting_confidence(model, [left], *args, eta=0.2, method="vmap")

@@ -56,7 +56,8 @@ def test_trainer_trains_logs_checkpoints_and_resumes_exactly(tmp_path):
     # phases after learning steps 2, 5, 8 (warmup 2, every 3), each in the Trainer's logs
     logs = lwf_logs(full)
     assert [entry["step"] for entry in logs] == [2, 5, 8]
-    for key in ("lwf/fc_mean", "lwf/unlearn_loss", "lwf/forget_loss", "lwf/selected"):
+    for key in ("lwf/fc_mean", "lwf/unlearn_loss", "lwf/forget_loss", "lwf/selected",
+                "lwf/retain_loss"):
         assert key in logs[0], key
     assert "lwf/fc_mean" in logs[2] and "lwf/fc_mean" not in logs[1]  # rescored at step 8
     assert any("loss" in entry for entry in full.state.log_history)

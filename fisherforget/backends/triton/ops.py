@@ -144,9 +144,9 @@ def fused_step(
     columns = [[p.device for p in params]] + [[t.dtype for t in lst] for lst in keyed]
     buckets = _group(list(zip(*columns)))
 
-    lr_on = ScalarOnDevice(hyper.lr) if isinstance(hyper.lr, Tensor) else None
-    scale_on = ScalarOnDevice(grad_scale)
-    found_inf_on = ScalarOnDevice(found_inf)
+    lr_on = ScalarOnDevice(hyper.lr, "lr") if isinstance(hyper.lr, Tensor) else None
+    scale_on = ScalarOnDevice(grad_scale, "grad_scale")
+    found_inf_on = ScalarOnDevice(found_inf, "found_inf")
     contiguous = ContiguousStaging()
     for key, index in buckets.items():
         device = key[0]
