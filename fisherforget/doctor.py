@@ -26,7 +26,8 @@ def _cuda_extension() -> dict[str, str]:
     from fisherforget.backends.cuda import jit as cuda_jit
 
     error = cuda.load_prebuilt()
-    if error is None and "cuda" not in cpu.build_info().get("kernels", "cuda").split(","):
+    cpu_only = error is None and "cuda" not in cpu.build_info().get("kernels", "cuda").split(",")
+    if cpu_only:
         prebuilt = "built with the CPU kernels only (no nvcc or no CUDA torch at build time)"
     elif error is None:
         info = cuda.build_info()
@@ -34,7 +35,9 @@ def _cuda_extension() -> dict[str, str]:
     else:
         prebuilt = f"not built ({error})"
     loaded = cuda.library_source()
-    if loaded is not None:
+    if cpu_only:
+        loaded = "no CUDA kernels (the prebuilt _C has none)"
+    elif loaded is not None:
         info = cuda.build_info()
         loaded = f"{loaded}: {info['archs']} (CUDA {info['cuda']})"
     jit_dir = cuda_jit.jit_build_dir()
