@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Re-install only when what the install depends on changes.
 STAMP := $(VENV)/.fisherforget-installed
-INSTALL_INPUTS := requirements-test.txt setup.py pyproject.toml $(wildcard csrc/*)
+INSTALL_INPUTS := requirements-test.txt setup.py pyproject.toml $(wildcard csrc/*) $(wildcard csrc/cpu/*)
 
 .PHONY: test demo doctor bench install clean
 

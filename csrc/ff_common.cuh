@@ -8,12 +8,20 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include "ff_kernels.h"
+#include "ff_tensor_table.h"
+
+// The tables are kernel arguments of up to 32,764 bytes (CUDA 12.1+, compute capability 7.0+);
+// older toolkits get 4,096-byte tables (more launches, same results).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700 && CUDART_VERSION >= 12010
+#error "fisherforget's kernels need compute capability 7.0 or newer (32 KB kernel arguments)"
+#endif
 
 #define FF_HD __host__ __device__ __forceinline__
 
@@ -35,10 +43,13 @@ FF_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16
 template <>
 FF_HD __half from_float<__half>(float x) { return __float2half_rn(x); }
 
-// ------------------------------------------------------------------ rounding-exact fp32 arithmetic
-// The reference backend evaluates the update as a chain of separate torch ops, each rounded to fp32.
-// Where a contracted fused multiply-add would change which elements freeze (the Fisher value) or
-// would drift from that chain for no gain, these keep each step individually rounded.
+// ------------------------------------------------------------------ rounding-exact arithmetic
+// The reference backend evaluates the update as a chain of separate torch ops, each rounded. nvcc
+// contracts a * b + c into one fused multiply-add (one rounding) wherever it can, and the host
+// compiler of the emulation does not: every multiply and add of the kernels goes through these
+// helpers, which are IEEE round-to-nearest on both sides (the _rn intrinsics are never
+// contracted), so a kernel computes the same bits on the GPU as in the host emulation, and a
+// Fisher value next to a freeze threshold falls on the same side of it.
 FF_HD float mul_rn(float a, float b) {
 #ifdef __CUDA_ARCH__
   return __fmul_rn(a, b);
@@ -67,6 +78,20 @@ FF_HD float div_rn(float a, float b) {
   return a / b;
 #endif
 }
+FF_HD float sqrt_rn(float a) {
+#ifdef __CUDA_ARCH__
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+FF_HD double dadd_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
 FF_HD double dmul_rn(double a, double b) {
 #ifdef __CUDA_ARCH__
   return __dmul_rn(a, b);
@@ -84,8 +109,8 @@ FF_HD double dsub_rn(double a, double b) {
 
 // torch.lerp's formula (ATen Lerp.h): the branch keeps the result exact at both ends.
 FF_HD float lerp(float start, float end, float weight) {
-  return fabsf(weight) < 0.5f ? start + weight * (end - start)
-                              : end - (end - start) * (1.0f - weight);
+  return fabsf(weight) < 0.5f ? add_rn(start, mul_rn(weight, sub_rn(end, start)))
+                              : sub_rn(end, mul_rn(sub_rn(end, start), sub_rn(1.0f, weight)));
 }
 
 // torch.maximum propagates NaN (fmaxf would drop it).
@@ -96,55 +121,106 @@ FF_HD float max_propagate_nan(float a, float b) {
 }
 
 // ----------------------------------------------------------------------------- vector memory ops
-// Loads and stores move 16 bytes per instruction: kVec (= 8) elements are two 16-byte packets for
-// fp32 and one for bf16/fp16. Aggregates of T alias T legally, so the same code is valid host C++.
+// A block walks its chunk in tiles of kTile = kVec * kBlockSize elements; each thread handles kVec
+// (= 8) elements of a tile. The threads interleave at packets of kPacket elements (16 bytes of
+// the widest operand: 4 when any operand is fp32, 8 when all are 16-bit): packet j of thread t
+// is packet j * kBlockSize + t of the tile, so each load or store instruction of a warp covers
+// 32 consecutive packets (512 contiguous bytes for fp32: whole 32-byte sectors). An operand
+// narrower than the widest moves kPacket * its size bytes per access (8 for bf16 beside fp32).
+// Element k of thread t is tile element tile_element<kPacket>(t, k). Aggregates of T alias T
+// legally, so the same code is valid host C++ (the emulation).
 constexpr int kVec = 8;
-
-template <typename T>
-struct alignas(16) Packet16 {
-  static constexpr int kCount = 16 / static_cast<int>(sizeof(T));
-  T v[kCount];
-};
+constexpr int64_t kTile = static_cast<int64_t>(kVec) * kBlockSize;
 
 template <typename T>
 struct Vec8 {
   T v[kVec];
 };
 
-template <typename T>
-FF_HD Vec8<T> load_vec(const T* p) {
-  using Packet = Packet16<T>;
+template <typename T, int kPacket>
+struct alignas(sizeof(T) * kPacket) Packet {
+  T v[kPacket];
+};
+
+template <int kPacket>
+FF_HD int64_t tile_element(int thread, int k) {
+  return (static_cast<int64_t>(k / kPacket) * kBlockSize + thread) * kPacket + k % kPacket;
+}
+
+template <int kPacket, typename T>
+FF_HD Vec8<T> load_tile(const T* tile, int thread) {
+  static_assert(kVec % kPacket == 0, "a thread's elements are whole packets");
+  using P = Packet<T, kPacket>;
   Vec8<T> out;
 #pragma unroll
-  for (int j = 0; j < kVec / Packet::kCount; ++j) {
-    const Packet packet = reinterpret_cast<const Packet*>(p)[j];
+  for (int j = 0; j < kVec / kPacket; ++j) {
+    const P packet = reinterpret_cast<const P*>(tile)[j * kBlockSize + thread];
 #pragma unroll
-    for (int k = 0; k < Packet::kCount; ++k) out.v[j * Packet::kCount + k] = packet.v[k];
+    for (int k = 0; k < kPacket; ++k) out.v[j * kPacket + k] = packet.v[k];
   }
   return out;
 }
 
-template <typename T>
-FF_HD void store_vec(T* p, const Vec8<T>& value) {
-  using Packet = Packet16<T>;
+template <int kPacket, typename T>
+FF_HD void store_tile(T* tile, int thread, const Vec8<T>& value) {
+  using P = Packet<T, kPacket>;
 #pragma unroll
-  for (int j = 0; j < kVec / Packet::kCount; ++j) {
-    Packet packet;
+  for (int j = 0; j < kVec / kPacket; ++j) {
+    P packet;
 #pragma unroll
-    for (int k = 0; k < Packet::kCount; ++k) packet.v[k] = value.v[j * Packet::kCount + k];
-    reinterpret_cast<Packet*>(p)[j] = packet;
+    for (int k = 0; k < kPacket; ++k) packet.v[k] = value.v[j * kPacket + k];
+    reinterpret_cast<P*>(tile)[j * kBlockSize + thread] = packet;
   }
 }
 
-// Eight bool mask bytes in one 8-byte load.
-struct alignas(8) MaskVec8 {
-  bool v[kVec];
-};
-FF_HD MaskVec8 load_mask_vec(const bool* p) { return *reinterpret_cast<const MaskVec8*>(p); }
+// Packet width for operands of these element sizes: 16 bytes of the widest.
+constexpr int packet_elems(int widest_bytes) { return 16 / widest_bytes; }
 
 FF_HD bool aligned_to(const void* p, uintptr_t bytes) {
   return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
 }
+
+// Blocks of `kernel` (kBlockSize threads) that the current device holds at once, cached per device
+// in `cache` (64 entries, zero-initialised). The host emulation uses kEmulatedResidentBlocks, few
+// enough that its blocks stride over chunks as on a GPU.
+constexpr int kEmulatedResidentBlocks = 3;
+constexpr int kMaxCachedDevices = 64;
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fisherforget: ") + what + " failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+template <typename Kernel>
+int resident_blocks(Kernel kernel, std::atomic<int>* cache) {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  const bool cached = device >= 0 && device < kMaxCachedDevices;
+  if (cached) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int per_sm = 0, sms = 0;
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockSize, 0),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute(multiProcessorCount)");
+  const int blocks = (per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
+  if (cached) cache[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
+}
+
+// Kernel-parameter bytes of this build's tables.
+#if CUDART_VERSION >= 12010
+constexpr int kParamBytes = kLargeParamBytes;
+#else
+constexpr int kParamBytes = kSmallParamBytes;
+#endif
+
+// Rejects (std::invalid_argument) a tensor too large for a table's 40-bit element count.
+void check_table_numels(const char* op, int64_t num_tensors, const int64_t* numels);
 
 // ----------------------------------------------------------------------------- launch checking
 inline void check_launch(const char* what) {

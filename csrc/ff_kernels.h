@@ -1,11 +1,11 @@
 // The torch-free interface of the fisherforget CUDA kernels (csrc/*.cu).
 //
-// Callers pass plain host arrays of device pointers and element counts; the kernels group the
-// tensors into chunked address tables (as ATen's MultiTensorApply) and launch on the given stream.
+// Callers pass plain host arrays of device pointers and element counts; the kernels put many
+// tensors into each launch's address table (ff_tensor_table.h) and launch on the given stream.
 // The binding (bindings.cpp) is the only code that knows about torch; it validates the tensors and
 // fills these structs. Every function throws std::runtime_error when a launch fails.
 //
-// Math: DESIGN.md section 2 and fisherforget/backends/reference.py, which these kernels follow op
+// Math: docs/design.md and fisherforget/backends/reference.py, which these kernels follow op
 // for op (fp32 arithmetic, bias corrections in double from the per-tensor step count).
 #pragma once
 

@@ -4,97 +4,101 @@
 
 namespace fisherforget {
 
-struct AccumulateTensor {
-  void* fisher;
-  const void* grad;
-  int64_t numel;
-};
-
-constexpr int kAccumulateMaxTensors = 96;
-constexpr int kAccumulateMaxBlocks = 320;
+using AccumulateTable = TensorTable<kAccFields, kParamBytes>;
 
 struct AccumulateArgs {
   const float* grad_scale;
   float alpha, beta;  // Python floats enter the reference's fp32 ops rounded to fp32
-  AccumulateTensor tensors[kAccumulateMaxTensors];
-  int32_t block_chunk[kAccumulateMaxBlocks];
-  uint8_t block_slot[kAccumulateMaxBlocks];
+  AccumulateTable table;
 };
-static_assert(sizeof(AccumulateArgs) <= 4000, "fisher_accumulate kernel argument exceeds 4 KB");
+static_assert(sizeof(AccumulateArgs) <= kParamBytes, "fisher_accumulate kernel argument too large");
 
 template <typename F, typename G>
 struct AccumulateThread {
+  static constexpr int kPacket =
+      packet_elems(static_cast<int>(sizeof(F) > sizeof(G) ? sizeof(F) : sizeof(G)));
+
   FF_HD static float value(const AccumulateArgs& a, float scale, float fisher, float grad) {
     float g = grad;
     if (a.grad_scale != nullptr) g = div_rn(g, scale);
     return add_rn(mul_rn(a.alpha, fisher), mul_rn(a.beta, mul_rn(g, g)));
   }
 
-  FF_HD static void run(const AccumulateArgs& a, int block, int thread, int num_threads) {
-    const AccumulateTensor& t = a.tensors[a.block_slot[block]];
-    const int64_t start = static_cast<int64_t>(a.block_chunk[block]) * kChunkSize;
-    const int64_t remaining = t.numel - start;
-    const int n = static_cast<int>(remaining < kChunkSize ? remaining : kChunkSize);
-    F* fisher = static_cast<F*>(t.fisher) + start;
-    const G* grad = static_cast<const G*>(t.grad) + start;
+  // This thread's share of launch chunk `chunk` (tensor searched from slot lo on); returns the
+  // slot. Whole tiles with packet accesses when aligned, then element by element.
+  FF_HD static int run(const AccumulateArgs& a, int64_t chunk, int lo, int thread) {
+    const AccumulateTable& table = a.table;
+    const int slot = table.find(chunk, lo);
+    const int64_t start = (chunk - table.first_chunk(slot)) * kChunkSize;
+    const int64_t remaining = table.numel(slot) - start;
+    const int64_t n = remaining < kChunkSize ? remaining : kChunkSize;
+    F* fisher = static_cast<F*>(table.address(kAccFisher, slot)) + start;
+    const G* grad = static_cast<const G*>(table.address(kAccGrad, slot)) + start;
     const float scale = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
-    int first_scalar = 0;
-    if (aligned_to(fisher, 16) && aligned_to(grad, 16)) {
-      const int groups = n / kVec;
-      for (int group = thread; group < groups; group += num_threads) {
-        const int64_t i = static_cast<int64_t>(group) * kVec;
-        const Vec8<F> f = load_vec(fisher + i);
-        const Vec8<G> g = load_vec(grad + i);
+    int64_t first_scalar = 0;
+    if (aligned_to(fisher, sizeof(F) * kPacket) && aligned_to(grad, sizeof(G) * kPacket)) {
+      const int64_t tiles = n / kTile;
+      for (int64_t base = 0; base < tiles * kTile; base += kTile) {
+        const Vec8<F> f = load_tile<kPacket>(fisher + base, thread);
+        const Vec8<G> g = load_tile<kPacket>(grad + base, thread);
         Vec8<F> out;
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
           out.v[k] = from_float<F>(value(a, scale, to_float(f.v[k]), to_float(g.v[k])));
         }
-        store_vec(fisher + i, out);
+        store_tile<kPacket>(fisher + base, thread, out);
       }
-      first_scalar = groups * kVec;
+      first_scalar = tiles * kTile;
     }
-    for (int i = first_scalar + thread; i < n; i += num_threads) {
+    for (int64_t i = first_scalar + thread; i < n; i += kBlockSize) {
       fisher[i] = from_float<F>(value(a, scale, to_float(fisher[i]), to_float(grad[i])));
     }
+    return slot;
   }
 };
 
+// Block b takes chunks b, b + gridDim.x, ... of the launch.
 template <typename F, typename G>
 __global__ void __launch_bounds__(kBlockSize)
     fisher_accumulate_kernel(const __grid_constant__ AccumulateArgs args) {
-  AccumulateThread<F, G>::run(args, blockIdx.x, threadIdx.x, blockDim.x);
+  int slot = 0;
+  for (int64_t chunk = blockIdx.x; chunk < args.table.num_chunks; chunk += gridDim.x) {
+    slot = AccumulateThread<F, G>::run(args, chunk, slot, static_cast<int>(threadIdx.x));
+  }
 }
 
 template <typename F, typename G>
 void run_fisher_accumulate(const FisherAccumulateProblem& problem, const ExecTarget& target) {
+  check_table_numels("fisher_accumulate", problem.num_tensors, problem.numels);
   AccumulateArgs args;
   args.grad_scale = problem.grad_scale;
   args.alpha = static_cast<float>(problem.alpha);
   args.beta = static_cast<float>(problem.beta);
-  plan_launches<kAccumulateMaxTensors, kAccumulateMaxBlocks>(
-      problem.num_tensors, problem.numels, kChunkSize, [&](const auto& plan) {
-        for (int slot = 0; slot < plan.num_slots; ++slot) {
-          const int64_t i = plan.slot_tensor[slot];
-          args.tensors[slot] = AccumulateTensor{problem.fishers[i], problem.grads[i],
-                                                problem.numels[i]};
-        }
-        for (int b = 0; b < plan.num_blocks; ++b) {
-          args.block_slot[b] = plan.block_slot[b];
-          args.block_chunk[b] = plan.block_chunk[b];
-        }
-        if (target.emulate_on_host) {
-          for (int b = 0; b < plan.num_blocks; ++b) {
-            for (int thread = 0; thread < kBlockSize; ++thread) {
-              AccumulateThread<F, G>::run(args, b, thread, kBlockSize);
-            }
+  static std::atomic<int> resident[kMaxCachedDevices];
+  const int max_grid = target.emulate_on_host
+      ? kEmulatedResidentBlocks : resident_blocks(fisher_accumulate_kernel<F, G>, resident);
+  const bool present[kAccFields] = {true, true};
+  const auto get = [&](int64_t i, const void* (&a)[kAccFields]) {
+    a[kAccFisher] = problem.fishers[i];
+    a[kAccGrad] = problem.grads[i];
+  };
+  plan_table_launches(args.table, present, problem.num_tensors, problem.numels, get,
+                      [&](const AccumulateTable& table) {
+    const int grid = grid_blocks(table.num_chunks, max_grid);
+    if (target.emulate_on_host) {
+      for (int block = 0; block < grid; ++block) {
+        for (int thread = 0; thread < kBlockSize; ++thread) {
+          int slot = 0;
+          for (int64_t chunk = block; chunk < table.num_chunks; chunk += grid) {
+            slot = AccumulateThread<F, G>::run(args, chunk, slot, thread);
           }
-        } else {
-          fisher_accumulate_kernel<F, G>
-              <<<plan.num_blocks, kBlockSize, 0, as_stream(target)>>>(args);
-          check_launch("fisher_accumulate");
         }
-      });
+      }
+    } else {
+      fisher_accumulate_kernel<F, G><<<grid, kBlockSize, 0, as_stream(target)>>>(args);
+      check_launch("fisher_accumulate");
+    }
+  });
 }
 
 template <typename F>

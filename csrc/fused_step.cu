@@ -74,46 +74,64 @@ StepScalars make_step_scalars(const FusedStepProblem& p) {
   return s;
 }
 
-constexpr int kCountMaxTensors = 240;
+void check_table_numels(const char* op, int64_t num_tensors, const int64_t* numels) {
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    if (numels[i] > kMaxTableNumel) {
+      throw std::invalid_argument(std::string(op) + ": tensor " + std::to_string(i) + " has " +
+                                  std::to_string(numels[i]) + " elements; at most 2^40 - 1 are " +
+                                  "supported per tensor");
+    }
+  }
+}
+
+// One thread per tensor; as many tensors per launch as the kernel argument holds (2,040).
+constexpr int kCountArgHeader = 16;
+constexpr int kCountMaxTensors = (kParamBytes - kCountArgHeader) / (2 * sizeof(float*));
 
 struct CountArgs {
+  const float* found_inf;
+  int32_t num_tensors;
+  bool has_fisher_counts;
   float* steps[kCountMaxTensors];
   float* fisher_counts[kCountMaxTensors];
-  const float* found_inf;
-  int num_tensors;
-  bool has_fisher_counts;
 };
-static_assert(sizeof(CountArgs) <= 4000, "increment_counts kernel argument exceeds 4 KB");
+static_assert(sizeof(CountArgs) <= kParamBytes, "advance_counts kernel argument too large");
 
-FF_HD void increment_one(const CountArgs& a, int i) {
+FF_HD void advance_one(const CountArgs& a, int i) {
   if (i >= a.num_tensors) return;
   if (a.found_inf != nullptr && *a.found_inf > 0.0f) return;
   *a.steps[i] = add_rn(*a.steps[i], 1.0f);
   if (a.has_fisher_counts) *a.fisher_counts[i] = add_rn(*a.fisher_counts[i], 1.0f);
 }
 
-__global__ void __launch_bounds__(256) increment_counts_kernel(const __grid_constant__ CountArgs args) {
-  increment_one(args, static_cast<int>(threadIdx.x));
+__global__ void __launch_bounds__(kBlockSize) advance_counts_kernel(const __grid_constant__ CountArgs args) {
+  advance_one(args, static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x));
 }
 
-void increment_counts(const FusedStepProblem& problem, const ExecTarget& target) {
-  CountArgs args{};
+void advance_other_counts(const FusedStepProblem& problem, const ExecTarget& target) {
+  CountArgs args;
   args.found_inf = problem.found_inf;
   args.has_fisher_counts = problem.fishers != nullptr && problem.fisher_mode != FisherMode::kNone;
-  for (int64_t first = 0; first < problem.num_tensors; first += kCountMaxTensors) {
-    const int64_t left = problem.num_tensors - first;
-    args.num_tensors = static_cast<int>(left < kCountMaxTensors ? left : kCountMaxTensors);
-    for (int i = 0; i < args.num_tensors; ++i) {
-      args.steps[i] = problem.steps[first + i];
-      args.fisher_counts[i] = args.has_fisher_counts ? problem.fisher_counts[first + i] : nullptr;
-    }
+  args.num_tensors = 0;
+  const auto launch = [&] {
     if (target.emulate_on_host) {
-      for (int i = 0; i < args.num_tensors; ++i) increment_one(args, i);
+      for (int i = 0; i < args.num_tensors; ++i) advance_one(args, i);
     } else {
-      increment_counts_kernel<<<1, 256, 0, as_stream(target)>>>(args);
-      check_launch("fused_step: increment_counts");
+      const int blocks = (args.num_tensors + kBlockSize - 1) / kBlockSize;
+      advance_counts_kernel<<<blocks, kBlockSize, 0, as_stream(target)>>>(args);
+      check_launch("fused_step: advance_counts");
     }
+    args.num_tensors = 0;
+  };
+  for (int64_t i = 0; i < problem.num_tensors; ++i) {
+    // The step kernel advanced the counts of every single-chunk tensor itself.
+    if (num_chunks(problem.numels[i], kChunkSize) == 1) continue;
+    args.steps[args.num_tensors] = problem.steps[i];
+    args.fisher_counts[args.num_tensors] =
+        args.has_fisher_counts ? problem.fisher_counts[i] : nullptr;
+    if (++args.num_tensors == kCountMaxTensors) launch();
   }
+  if (args.num_tensors > 0) launch();
 }
 
 void fused_step(const FusedStepProblem& problem, const ExecTarget& target) {

@@ -7,7 +7,7 @@
 
 namespace fisherforget {
 
-// Per-tensor table entry: 80 bytes.
+// One tensor's operands as a block sees them (read from the launch's table).
 struct StepTensor {
   void* param;
   const void* grad;
@@ -44,17 +44,20 @@ struct StepScalars {
   bool has_fisher, apply_fisher_scale, amsgrad, maximize, has_freeze_above, has_freeze_below;
 };
 
-constexpr int kStepMaxTensors = 24;
-constexpr int kStepMaxBlocks = 320;
+using StepTable = TensorTable<kStepFields, kParamBytes>;
 
 struct FusedStepArgs {
   StepScalars s;
-  StepTensor tensors[kStepMaxTensors];
-  int32_t block_chunk[kStepMaxBlocks];
-  uint8_t block_slot[kStepMaxBlocks];
+  StepTable table;
 };
-// CUDA kernel arguments are limited to 4096 bytes (without the CUDA 12.1 large-argument mode).
-static_assert(sizeof(FusedStepArgs) <= 4000, "fused_step kernel argument exceeds 4 KB");
+static_assert(sizeof(StepScalars) <= kScalarsReserve, "StepScalars outgrew its reserve");
+static_assert(sizeof(FusedStepArgs) <= kParamBytes, "fused_step kernel argument too large");
+
+// Blocks per SM the step kernel is compiled for: 2 x 256 threads leaves up to 128 registers per
+// thread (the kernel branches at run time on amsgrad, the Fisher, masks and freezing), and
+// 512 threads x 10 packets of 16 bytes in flight per SM is several times what the memory
+// latency needs. To be tuned on a GPU (docs/cuda.md).
+constexpr int kStepMinBlocksPerSm = 2;
 
 // Scalars shared by every element of one block (one tensor, one chunk).
 struct StepBlockConsts {
@@ -114,7 +117,7 @@ FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& 
   return c;
 }
 
-// One element: DESIGN section 2, in the reference backend's order of fp32 operations.
+// One element: the step of docs/design.md, in the reference backend's order of fp32 operations.
 struct StepElement {
   float param, exp_avg, exp_avg_sq, max_exp_avg_sq, fisher;
   bool frozen;
@@ -144,15 +147,15 @@ FF_HD StepElement step_element(const StepScalars& s, const StepBlockConsts& c, f
   }
   float p = mul_rn(param, c.decay);
   out.exp_avg = lerp(exp_avg, g, s.beta1_weight);
-  // addcmul: v*beta2 + (1-beta2)*(g*g), written as ATen's addcmul kernel writes it.
-  out.exp_avg_sq = mul_rn(exp_avg_sq, s.beta2_f) + s.beta2_weight * g2;
+  // addcmul: v*beta2 + (1-beta2)*(g*g), each product rounded, then the sum.
+  out.exp_avg_sq = add_rn(mul_rn(exp_avg_sq, s.beta2_f), mul_rn(s.beta2_weight, g2));
   float second_moment = out.exp_avg_sq;
   out.max_exp_avg_sq = max_exp_avg_sq;
   if (s.amsgrad) {
     out.max_exp_avg_sq = max_propagate_nan(max_exp_avg_sq, out.exp_avg_sq);
     second_moment = out.max_exp_avg_sq;
   }
-  const float denom = add_rn(div_rn(sqrtf(second_moment), c.bias_correction2_sqrt), s.eps);
+  const float denom = add_rn(div_rn(sqrt_rn(second_moment), c.bias_correction2_sqrt), s.eps);
   float update = div_rn(out.exp_avg, denom);
   if (s.apply_fisher_scale) {
     update = div_rn(update, add_rn(1.0f, mul_rn(s.fisher_scale, out.fisher)));
@@ -161,33 +164,79 @@ FF_HD StepElement step_element(const StepScalars& s, const StepBlockConsts& c, f
   return out;
 }
 
+// The chunk a block works on: its tensor's operands offset to the chunk, its scalars.
+struct StepChunk {
+  StepTensor t;  // pointers at the chunk's first element
+  StepBlockConsts c;
+  int slot;
+  int n;          // elements in the chunk
+  bool single;    // the tensor's only chunk: this block also advances its counts
+};
+
 template <typename P, typename S, typename F>
 struct FusedStepThread {
-  // Elements [i, i + kVec) of the chunk, 16-byte loads and stores. Frozen lanes are stored with
-  // their original bits (unchanged); a packet with no active lane is not stored at all.
-  FF_HD static void vector_group(const StepScalars& s, const StepBlockConsts& c,
-                                 const StepTensor& t, int64_t i) {
-    P* param = static_cast<P*>(t.param) + i;
-    const Vec8<P> p = load_vec(param);
-    const Vec8<P> g = load_vec(static_cast<const P*>(t.grad) + i);
-    S* exp_avg = static_cast<S*>(t.exp_avg) + i;
-    S* exp_avg_sq = static_cast<S*>(t.exp_avg_sq) + i;
-    const Vec8<S> m = load_vec(exp_avg);
-    const Vec8<S> v = load_vec(exp_avg_sq);
+  static constexpr int kPacket = packet_elems(
+      static_cast<int>(sizeof(P) > sizeof(S) ? (sizeof(P) > sizeof(F) ? sizeof(P) : sizeof(F))
+                                             : (sizeof(S) > sizeof(F) ? sizeof(S) : sizeof(F))));
+
+  FF_HD static bool skipped(const StepScalars& s) {
+    return s.found_inf != nullptr && *s.found_inf > 0.0f;  // a skipped step changes nothing
+  }
+
+  // Chunk `chunk` of the launch, its tensor searched from slot `lo` on. Every thread calls this
+  // (it reads the tensor's step and Fisher counts) before the block's barrier.
+  FF_HD static StepChunk chunk(const FusedStepArgs& a, int64_t chunk, int lo) {
+    const StepTable& table = a.table;
+    StepChunk w;
+    w.slot = table.find(chunk, lo);
+    const int64_t start = (chunk - table.first_chunk(w.slot)) * kChunkSize;
+    const int64_t remaining = table.numel(w.slot) - start;
+    w.n = static_cast<int>(remaining < kChunkSize ? remaining : kChunkSize);
+    w.single = table.chunks(w.slot) == 1;
+    StepTensor& t = w.t;
+    t.param = static_cast<P*>(table.address(kStepParam, w.slot)) + start;
+    t.grad = static_cast<const P*>(table.address(kStepGrad, w.slot)) + start;
+    t.exp_avg = static_cast<S*>(table.address(kStepExpAvg, w.slot)) + start;
+    t.exp_avg_sq = static_cast<S*>(table.address(kStepExpAvgSq, w.slot)) + start;
+    t.max_exp_avg_sq = a.s.amsgrad
+        ? static_cast<S*>(table.address(kStepMaxExpAvgSq, w.slot)) + start : nullptr;
+    t.fisher = a.s.has_fisher ? static_cast<F*>(table.address(kStepFisher, w.slot)) + start
+                              : nullptr;
+    const bool* mask = static_cast<const bool*>(table.address(kStepMask, w.slot));
+    t.mask = mask != nullptr ? mask + start : nullptr;
+    t.step = static_cast<const float*>(table.address(kStepStep, w.slot));
+    t.fisher_count = static_cast<const float*>(table.address(kStepFisherCount, w.slot));
+    t.numel = w.n;
+    w.c = step_block_consts(a.s, t);
+    return w;
+  }
+
+  // Tile `base` of the chunk, element k of this thread at base + tile_element(thread, k); packet
+  // loads and stores. Frozen lanes are stored with their original bits (unchanged); when none of
+  // the thread's elements is active, p, m, v (and max v) are not stored at all.
+  FF_HD static void tile(const StepScalars& s, const StepBlockConsts& c, const StepTensor& t,
+                         int64_t base, int thread) {
+    P* param = static_cast<P*>(t.param) + base;
+    const Vec8<P> p = load_tile<kPacket>(param, thread);
+    const Vec8<P> g = load_tile<kPacket>(static_cast<const P*>(t.grad) + base, thread);
+    S* exp_avg = static_cast<S*>(t.exp_avg) + base;
+    S* exp_avg_sq = static_cast<S*>(t.exp_avg_sq) + base;
+    const Vec8<S> m = load_tile<kPacket>(exp_avg, thread);
+    const Vec8<S> v = load_tile<kPacket>(exp_avg_sq, thread);
     S* max_exp_avg_sq = nullptr;
     Vec8<S> vmax{};
     if (s.amsgrad) {
-      max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq) + i;
-      vmax = load_vec(max_exp_avg_sq);
+      max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq) + base;
+      vmax = load_tile<kPacket>(max_exp_avg_sq, thread);
     }
     F* fisher = nullptr;
     Vec8<F> f{};
     if (s.has_fisher) {
-      fisher = static_cast<F*>(t.fisher) + i;
-      f = load_vec(fisher);
+      fisher = static_cast<F*>(t.fisher) + base;
+      f = load_tile<kPacket>(fisher, thread);
     }
-    MaskVec8 mask{};
-    if (t.mask != nullptr) mask = load_mask_vec(t.mask + i);
+    Vec8<bool> mask{};
+    if (t.mask != nullptr) mask = load_tile<kPacket>(t.mask + base, thread);
 
     Vec8<P> p_out = p;
     Vec8<S> m_out = m, v_out = v, vmax_out{};
@@ -210,13 +259,13 @@ struct FusedStepThread {
       }
     }
     if (s.has_fisher && s.fisher_mode != static_cast<int>(FisherMode::kNone)) {
-      store_vec(fisher, f_out);
+      store_tile<kPacket>(fisher, thread, f_out);
     }
     if (any_active) {
-      store_vec(param, p_out);
-      store_vec(exp_avg, m_out);
-      store_vec(exp_avg_sq, v_out);
-      if (s.amsgrad) store_vec(max_exp_avg_sq, vmax_out);
+      store_tile<kPacket>(param, thread, p_out);
+      store_tile<kPacket>(exp_avg, thread, m_out);
+      store_tile<kPacket>(exp_avg_sq, thread, v_out);
+      if (s.amsgrad) store_tile<kPacket>(max_exp_avg_sq, thread, vmax_out);
     }
   }
 
@@ -243,89 +292,133 @@ struct FusedStepThread {
     }
   }
 
-  FF_HD static void run(const FusedStepArgs& a, int block, int thread, int num_threads) {
-    const StepScalars& s = a.s;
-    if (s.found_inf != nullptr && *s.found_inf > 0.0f) return;  // skipped step: nothing changes
-    const StepTensor& t = a.tensors[a.block_slot[block]];
-    const int64_t start = static_cast<int64_t>(a.block_chunk[block]) * kChunkSize;
-    const int64_t remaining = t.numel - start;
-    const int n = static_cast<int>(remaining < kChunkSize ? remaining : kChunkSize);
-    const StepBlockConsts c = step_block_consts(s, t);
-
-    StepTensor chunk = t;
-    chunk.param = static_cast<P*>(t.param) + start;
-    chunk.grad = static_cast<const P*>(t.grad) + start;
-    chunk.exp_avg = static_cast<S*>(t.exp_avg) + start;
-    chunk.exp_avg_sq = static_cast<S*>(t.exp_avg_sq) + start;
-    if (s.amsgrad) chunk.max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq) + start;
-    if (s.has_fisher) chunk.fisher = static_cast<F*>(t.fisher) + start;
-    if (t.mask != nullptr) chunk.mask = t.mask + start;
-
-    bool vectorized = aligned_to(chunk.param, 16) && aligned_to(chunk.grad, 16) &&
-                      aligned_to(chunk.exp_avg, 16) && aligned_to(chunk.exp_avg_sq, 16) &&
-                      (!s.amsgrad || aligned_to(chunk.max_exp_avg_sq, 16)) &&
-                      (!s.has_fisher || aligned_to(chunk.fisher, 16)) &&
-                      (chunk.mask == nullptr || aligned_to(chunk.mask, 8));
-    int first_scalar = 0;
-    if (vectorized) {
-      const int groups = n / kVec;
-      for (int group = thread; group < groups; group += num_threads) {
-        vector_group(s, c, chunk, static_cast<int64_t>(group) * kVec);
+  // This thread's share of the chunk: whole tiles with packet accesses when every operand of the
+  // chunk is aligned to its packet, the rest (a tail under one tile, or everything of a
+  // misaligned tensor) element by element, consecutive threads on consecutive elements.
+  FF_HD static void work(const StepScalars& s, const StepChunk& w, int thread) {
+    const StepTensor& t = w.t;
+    const bool packets =
+        aligned_to(t.param, sizeof(P) * kPacket) && aligned_to(t.grad, sizeof(P) * kPacket) &&
+        aligned_to(t.exp_avg, sizeof(S) * kPacket) &&
+        aligned_to(t.exp_avg_sq, sizeof(S) * kPacket) &&
+        (!s.amsgrad || aligned_to(t.max_exp_avg_sq, sizeof(S) * kPacket)) &&
+        (!s.has_fisher || aligned_to(t.fisher, sizeof(F) * kPacket)) &&
+        (t.mask == nullptr || aligned_to(t.mask, kPacket));
+    int64_t first_scalar = 0;
+    if (packets) {
+      const int64_t tiles = w.n / kTile;
+      for (int64_t tile_index = 0; tile_index < tiles; ++tile_index) {
+        tile(s, w.c, t, tile_index * kTile, thread);
       }
-      first_scalar = groups * kVec;
+      first_scalar = tiles * kTile;
     }
-    for (int i = first_scalar + thread; i < n; i += num_threads) scalar_element(s, c, chunk, i);
+    for (int64_t i = first_scalar + thread; i < w.n; i += kBlockSize) {
+      scalar_element(s, w.c, t, i);
+    }
+  }
+
+  // After the block's barrier: one thread advances the counts of a single-chunk tensor (every
+  // thread of the block has read them; no other block reads them in this launch).
+  FF_HD static void advance_counts(const FusedStepArgs& a, const StepChunk& w) {
+    float* step = static_cast<float*>(a.table.address(kStepStep, w.slot));
+    *step = add_rn(*step, 1.0f);
+    float* count = static_cast<float*>(a.table.address(kStepFisherCount, w.slot));
+    if (count != nullptr) *count = add_rn(*count, 1.0f);
   }
 };
 
+// Block b takes chunks b, b + gridDim.x, ... of the launch (the grid is what the GPU holds at
+// once, so one launch covers any number of chunks).
 template <typename P, typename S, typename F>
-__global__ void __launch_bounds__(kBlockSize)
+__global__ void __launch_bounds__(kBlockSize, kStepMinBlocksPerSm)
     fused_step_kernel(const __grid_constant__ FusedStepArgs args) {
-  FusedStepThread<P, S, F>::run(args, blockIdx.x, threadIdx.x, blockDim.x);
+  using Thread = FusedStepThread<P, S, F>;
+  if (Thread::skipped(args.s)) return;
+  int slot = 0;
+  for (int64_t chunk = blockIdx.x; chunk < args.table.num_chunks; chunk += gridDim.x) {
+    const StepChunk w = Thread::chunk(args, chunk, slot);
+    slot = w.slot;
+    Thread::work(args.s, w, static_cast<int>(threadIdx.x));
+    if (w.single) {  // (uniform across the block)
+      __syncthreads();
+      if (threadIdx.x == 0) Thread::advance_counts(args, w);
+    }
+  }
+}
+
+// The same blocks and chunks on the host, one simulated thread at a time, in the kernel's order
+// of phases: every thread's work on a chunk, then the count update after the barrier.
+template <typename P, typename S, typename F>
+void emulate_fused_step(const FusedStepArgs& args, int grid) {
+  using Thread = FusedStepThread<P, S, F>;
+  if (Thread::skipped(args.s)) return;
+  for (int block = 0; block < grid; ++block) {
+    int slot = 0;
+    for (int64_t chunk = block; chunk < args.table.num_chunks; chunk += grid) {
+      StepChunk w{};
+      for (int thread = 0; thread < kBlockSize; ++thread) {
+        w = Thread::chunk(args, chunk, slot);
+        Thread::work(args.s, w, thread);
+      }
+      slot = w.slot;
+      if (w.single) Thread::advance_counts(args, w);
+    }
+  }
 }
 
 StepScalars make_step_scalars(const FusedStepProblem& problem);
-// Increments the step counts (and the Fisher counts when the Fisher accumulates) unless found_inf;
-// runs after every chunk of the step has read the old counts.
-void increment_counts(const FusedStepProblem& problem, const ExecTarget& target);
+// Advances the step counts (and the Fisher counts when the Fisher accumulates) unless found_inf,
+// of the tensors the step kernel does not: empty ones and those of more than one chunk. Runs
+// after the step kernel, which read the old counts.
+void advance_other_counts(const FusedStepProblem& problem, const ExecTarget& target);
+
+// Address columns of a problem's step tables.
+inline void step_fields_present(const FusedStepProblem& p, bool (&present)[kStepFields]) {
+  bool any_mask = false;
+  for (int64_t i = 0; p.masks != nullptr && i < p.num_tensors && !any_mask; ++i) {
+    any_mask = p.masks[i] != nullptr;
+  }
+  for (bool& field : present) field = false;
+  present[kStepParam] = present[kStepGrad] = present[kStepExpAvg] = present[kStepExpAvgSq] = true;
+  present[kStepMaxExpAvgSq] = p.amsgrad;
+  present[kStepFisher] = p.fishers != nullptr;
+  present[kStepMask] = any_mask;
+  present[kStepStep] = true;
+  present[kStepFisherCount] = p.fishers != nullptr && p.fisher_mode != FisherMode::kNone;
+}
 
 template <typename P, typename S, typename F>
 void run_fused_step(const FusedStepProblem& problem, const ExecTarget& target) {
-  FusedStepArgs args;
+  check_table_numels("fused_step", problem.num_tensors, problem.numels);
+  FusedStepArgs args;  // up to 32 KB, copied into the kernel argument at each launch
   args.s = make_step_scalars(problem);
-  plan_launches<kStepMaxTensors, kStepMaxBlocks>(
-      problem.num_tensors, problem.numels, kChunkSize, [&](const auto& plan) {
-        for (int slot = 0; slot < plan.num_slots; ++slot) {
-          const int64_t i = plan.slot_tensor[slot];
-          StepTensor& t = args.tensors[slot];
-          t.param = problem.params[i];
-          t.grad = problem.grads[i];
-          t.exp_avg = problem.exp_avgs[i];
-          t.exp_avg_sq = problem.exp_avg_sqs[i];
-          t.max_exp_avg_sq = problem.amsgrad ? problem.max_exp_avg_sqs[i] : nullptr;
-          t.fisher = problem.fishers != nullptr ? problem.fishers[i] : nullptr;
-          t.mask = problem.masks != nullptr ? problem.masks[i] : nullptr;
-          t.step = problem.steps[i];
-          t.fisher_count = problem.fisher_counts != nullptr ? problem.fisher_counts[i] : nullptr;
-          t.numel = problem.numels[i];
-        }
-        for (int b = 0; b < plan.num_blocks; ++b) {
-          args.block_slot[b] = plan.block_slot[b];
-          args.block_chunk[b] = plan.block_chunk[b];
-        }
-        if (target.emulate_on_host) {
-          for (int b = 0; b < plan.num_blocks; ++b) {
-            for (int thread = 0; thread < kBlockSize; ++thread) {
-              FusedStepThread<P, S, F>::run(args, b, thread, kBlockSize);
-            }
-          }
-        } else {
-          fused_step_kernel<P, S, F>
-              <<<plan.num_blocks, kBlockSize, 0, as_stream(target)>>>(args);
-          check_launch("fused_step");
-        }
-      });
-  increment_counts(problem, target);
+  bool present[kStepFields];
+  step_fields_present(problem, present);
+  static std::atomic<int> resident[kMaxCachedDevices];
+  const int max_grid = target.emulate_on_host
+      ? kEmulatedResidentBlocks : resident_blocks(fused_step_kernel<P, S, F>, resident);
+  const auto get = [&](int64_t i, const void* (&a)[kStepFields]) {
+    a[kStepParam] = problem.params[i];
+    a[kStepGrad] = problem.grads[i];
+    a[kStepExpAvg] = problem.exp_avgs[i];
+    a[kStepExpAvgSq] = problem.exp_avg_sqs[i];
+    a[kStepMaxExpAvgSq] = problem.amsgrad ? problem.max_exp_avg_sqs[i] : nullptr;
+    a[kStepFisher] = problem.fishers != nullptr ? problem.fishers[i] : nullptr;
+    a[kStepMask] = problem.masks != nullptr ? problem.masks[i] : nullptr;
+    a[kStepStep] = problem.steps[i];
+    a[kStepFisherCount] = present[kStepFisherCount] ? problem.fisher_counts[i] : nullptr;
+  };
+  plan_table_launches(args.table, present, problem.num_tensors, problem.numels, get,
+                      [&](const StepTable& table) {
+    const int grid = grid_blocks(table.num_chunks, max_grid);
+    if (target.emulate_on_host) {
+      emulate_fused_step<P, S, F>(args, grid);
+    } else {
+      fused_step_kernel<P, S, F><<<grid, kBlockSize, 0, as_stream(target)>>>(args);
+      check_launch("fused_step");
+    }
+  });
+  advance_other_counts(problem, target);
 }
 
 // Entry points of the per-param-dtype translation units.
@@ -337,7 +430,9 @@ void fused_step_f16(const FusedStepProblem& problem, const ExecTarget& target);
 template <typename P>
 void dispatch_state_and_fisher(const FusedStepProblem& problem, const ExecTarget& target) {
   const bool state_bf16 = problem.state_dtype == DType::kBFloat16;
-  const bool fisher_bf16 = problem.fishers != nullptr && problem.fisher_dtype == DType::kBFloat16;
+  // Without a Fisher, F only sets the packet width: the state's type keeps it at 16 bytes.
+  const bool fisher_bf16 = problem.fishers != nullptr ? problem.fisher_dtype == DType::kBFloat16
+                                                      : state_bf16;
   if (problem.state_dtype != DType::kFloat32 && !state_bf16) {
     throw std::invalid_argument(std::string("fused_step: unsupported state dtype ") +
                                 dtype_name(problem.state_dtype));

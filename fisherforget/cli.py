@@ -9,6 +9,9 @@ from typing import Optional, Sequence
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fisherforget", description=__doc__)
+    from fisherforget import __version__
+
+    parser.add_argument("--version", action="version", version=f"fisherforget {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="versions, devices and which backends work here")
     demo = commands.add_parser(

@@ -6,7 +6,7 @@ How ``FisherAdamW`` runs on PyTorch's distributed engines:
   holds full, identical parameters and gradients, so every rank computes the same step and the same
   Fisher. Nothing here is needed; plain tensors are treated as *replicated*.
 * **FSDP2** (``torch.distributed.fsdp.fully_shard``) and other DTensor parameters: every rule of
-  DESIGN section 2 is elementwise, so the optimizer runs the ops on each rank's *local shard*
+  The step (``docs/design.md``) is elementwise, so the optimizer runs the ops on each rank's *local shard*
   (:func:`local`). Its state tensors (moments, Fisher, masks) are DTensors laid out like their
   parameter (:func:`zeros_like_param`, :func:`to_param_layout`), which is what
   ``torch.distributed.checkpoint`` needs to save and load them sharded; the 0-dim ``step`` and

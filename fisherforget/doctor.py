@@ -22,22 +22,38 @@ def _version(module: str) -> str:
 def _cuda_extension() -> dict[str, str]:
     """Whether the prebuilt ``fisherforget._C`` is there (and for which GPUs), what the ``cuda``
     backend loaded, and where a JIT build is cached."""
-    from fisherforget.backends import cuda, cuda_jit
+    from fisherforget.backends import cpu, cuda
+    from fisherforget.backends.cuda import jit as cuda_jit
 
     error = cuda.load_prebuilt()
-    if error is None:
+    cpu_only = error is None and "cuda" not in cpu.build_info().get("kernels", "cuda").split(",")
+    if cpu_only:
+        prebuilt = "built with the CPU kernels only (no nvcc or no CUDA torch at build time)"
+    elif error is None:
         info = cuda.build_info()
         prebuilt = f"built for {info['archs']} (CUDA {info['cuda']})"
     else:
         prebuilt = f"not built ({error})"
     loaded = cuda.library_source()
-    if loaded is not None:
+    if cpu_only:
+        loaded = "no CUDA kernels (the prebuilt _C has none)"
+    elif loaded is not None:
         info = cuda.build_info()
         loaded = f"{loaded}: {info['archs']} (CUDA {info['cuda']})"
     jit_dir = cuda_jit.jit_build_dir()
     jit = (f"{jit_dir} ({'built' if jit_dir.is_dir() else 'empty'})" if jit_dir is not None
            else f"{cuda_jit.cache_root()} (no JIT build possible here: no nvcc or no csrc/)")
     return {"prebuilt _C": prebuilt, "loaded": loaded or "not loaded", "JIT cache": jit}
+
+
+def _cpu_kernels() -> str:
+    """The native CPU kernels of ``_C``: which inner loops (AVX2 or scalar) and how many threads."""
+    from fisherforget.backends import cpu
+
+    error = cpu.availability_error()
+    if error is not None:
+        return f"unavailable ({error})"
+    return f"available ({cpu.isa()}, {torch.get_num_threads()} threads)"
 
 
 def report() -> dict[str, Any]:
@@ -64,6 +80,7 @@ def report() -> dict[str, Any]:
         "backends": {name: ("available" if why is None else f"unavailable: {why}")
                      for name, why in status.items()},
         "auto_picks": auto,
+        "cpu_kernels": _cpu_kernels(),
         "cuda_extension": _cuda_extension(),
     }
 

@@ -3,7 +3,7 @@
 Three multi-tensor kernels, each covering a whole bucket of tensors (same device and dtypes) in
 one launch through device-resident address tables (``multi_tensor``):
 
-- ``fused_step``: the Fisher-AdamW step (DESIGN section 2), one pass over the data;
+- ``fused_step``: the Fisher-AdamW step (math: ``fisherforget.ops``), one pass over the data;
 - ``fisher_accumulate``: ``F = alpha*F + beta*(g/grad_scale)^2``;
 - ``fisher_score``: ``[<d, g>, sum F*g^2]``, float64, deterministic two-stage reduction.
 

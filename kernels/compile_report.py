@@ -63,7 +63,7 @@ def _variants(block: int):
         loaded = 4 + constexprs["AMSGRAD"] + constexprs["HAS_FISHER"]  # (the mask is 1 byte)
         stored = 3 + constexprs["AMSGRAD"] + constexprs["HAS_FISHER"]
         return dict(kernel=step._fused_step_kernel, label=label, pointers=step_pointers,
-                    constexprs=constexprs, operands_loaded=loaded, operands_stored=stored,
+                    constexprs=constexprs, options=multi_tensor.EXACT_FP32, operands_loaded=loaded, operands_stored=stored,
                     freezes=constexprs["FREEZES"])
 
     yield step_variant("fp32 params/state, Fisher (the 36 B/element case)")
@@ -81,7 +81,7 @@ def _variants(block: int):
                              grad_scale_ptr="*fp32"),
                constexprs=dict(F_DTYPE=fp32, G_DTYPE=fp32, HAS_GRAD_SCALE=True, ALIGNED=True,
                                VEC=4, BLOCK=block), operands_loaded=2, operands_stored=1,
-               freezes=False)
+               freezes=False, options=multi_tensor.EXACT_FP32)
     yield dict(kernel=fisher._fisher_score_kernel, label="score bf16 grads, fp32 d and F",
                pointers=dict(tensor_table_ptr="*i64", chunk_table_ptr="*i64",
                              partials_ptr="*fp64"),
@@ -98,9 +98,6 @@ def _variants(block: int):
                pointers=dict(partials_ptr="*fp64", out_ptr="*fp64"),
                constexprs=dict(BLOCK=1024), operands_loaded=0, operands_stored=0,
                freezes=False)
-    yield dict(kernel=multi_tensor._write_values_kernel, label="table writer (graph capture)",
-               pointers=dict(out_ptr="*i64"), constexprs={}, operands_loaded=0,
-               operands_stored=0, freezes=False, num_warps=1)
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -128,8 +125,9 @@ def report(arch: int = 90, block: int = multi_tensor._DEFAULT_BLOCK,
                  for i, name in enumerate(signature) if signature[name].startswith("*")}
         source = ASTSource(fn=kernel, signature=signature, constexprs=variant["constexprs"],
                            attrs=attrs)
-        compiled = triton.compile(source, target=target,
-                                  options=dict(num_warps=variant.get("num_warps", num_warps)))
+        # The launchers' own compile options (EXACT_FP32 for the step and the accumulation).
+        options = dict(variant.get("options", {}), num_warps=variant.get("num_warps", num_warps))
+        compiled = triton.compile(source, target=target, options=options)
         regs, local, sass = _resource_usage(compiled.asm["cubin"])
         ptx = compiled.asm["ptx"]
         rows.append(dict(
@@ -140,6 +138,10 @@ def report(arch: int = 90, block: int = multi_tensor._DEFAULT_BLOCK,
             vector_loads_64=len(re.findall(r"\bLDG\.E\.64\b", sass)),
             vector_stores_128=len(re.findall(r"\bSTG\.E\.128\b", sass)),
             vector_stores_64=len(re.findall(r"\bSTG\.E\.64\b", sass)),
+            # Fused multiply-adds the compiler contracted from separate fp32 mul and add (PTX
+            # `fma.rn.f32`). The SASS of an IEEE division or square root uses FFMA internally
+            # (Newton steps), so the PTX, not the SASS, says whether the math was contracted.
+            fp32_fma=len(re.findall(r"\bfma\.rn(\.ftz)?\.f32\b", ptx)),
             float_atomics=len(re.findall(r"\b(atom|red)\.[a-z.]*\.(add\.)?f(16|32|64)", ptx)),
             operands_loaded=variant["operands_loaded"],
             operands_stored=variant["operands_stored"], freezes=variant["freezes"],
@@ -159,12 +161,13 @@ def main(argv=None) -> int:
         print(json.dumps(rows))
         return 0
     header = (f"{'kernel':26} {'variant':50} regs spill smem ld128 ld64 st128 st64 "
-              "f-atomics")
+              "fma32 f-atomics")
     print(header)
     for r in rows:
         print(f"{r['kernel']:26} {r['variant']:50} {r['registers']:4} {r['spilled_bytes']:5} "
               f"{r['shared_bytes']:4} {r['vector_loads_128']:5} {r['vector_loads_64']:4} "
-              f"{r['vector_stores_128']:5} {r['vector_stores_64']:4} {r['float_atomics']:9}")
+              f"{r['vector_stores_128']:5} {r['vector_stores_64']:4} {r['fp32_fma']:5} "
+              f"{r['float_atomics']:9}")
     return 0
 
 

@@ -19,12 +19,14 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (
+    EXACT_FP32,
     program_chunk,
     all_aligned,
     build_tables,
     launch_config,
     vector_elems,
     on_device,
+    split_by_alignment,
     triton_dtype,
 )
 
@@ -177,6 +179,12 @@ def fisher_accumulate(
     device = fishers[0].device
     address = torch.Tensor.data_ptr
     addresses = [list(map(address, fishers)), list(map(address, grads))]
+    split = split_by_alignment(addresses, len(fishers))
+    if split is not None:  # the aligned part keeps 16-byte accesses
+        for index in split:
+            fisher_accumulate([fishers[i] for i in index], [grads[i] for i in index],
+                              alpha=alpha, beta=beta, grad_scale=grad_scale)
+        return
     numels = list(map(torch.Tensor.numel, fishers))
     config = launch_config(numels, device)
     tables = build_tables(addresses + [numels], config.chunk_elems, device,
@@ -191,7 +199,7 @@ def fisher_accumulate(
             F_DTYPE=triton_dtype(fishers[0].dtype), G_DTYPE=triton_dtype(grads[0].dtype),
             HAS_GRAD_SCALE=grad_scale is not None, ALIGNED=tables.aligned,
             VEC=vector_elems([fishers[0], grads[0]]),
-            BLOCK=config.block, num_warps=config.num_warps,
+            BLOCK=config.block, num_warps=config.num_warps, **EXACT_FP32,
         )
 
 
@@ -204,8 +212,13 @@ def fisher_score(
     bucket into a shared partials buffer, then one fixed-order reduction."""
     plans = []
     n_partials = 0
-    for directions, grads, fishers in buckets:
-        address = torch.Tensor.data_ptr
+    address = torch.Tensor.data_ptr
+    parts = []
+    for bucket in buckets:  # the aligned part of a bucket keeps 16-byte accesses
+        split = split_by_alignment([list(map(address, t)) for t in bucket], len(bucket[1]))
+        parts += [bucket] if split is None else [
+            tuple([t[i] for i in index] for t in bucket) for index in split]
+    for directions, grads, fishers in parts:
         addresses = [list(map(address, directions)), list(map(address, grads)),
                      list(map(address, fishers))]
         numels = list(map(torch.Tensor.numel, grads))

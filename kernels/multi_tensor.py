@@ -12,14 +12,15 @@ that the tables live in device memory so that one launch covers any number of te
                   ``tensor_index``, packed as ``tensor_index << 32 | chunk_index``.
 
 The buffer is rebuilt for every call from the tensors it is given: nothing is cached by address
-(the allocator reuses addresses). Uploading it never synchronises with the host: a pinned
-staging copy with ``non_blocking=True`` in eager mode; inside CUDA-graph capture, where pinned
-staging is not capturable, small kernels write the tensor table (the values become kernel
-arguments baked into the graph) and the chunk table is derived from it on the device.
+(the allocator reuses addresses). Uploading it never synchronises with the host: one pinned
+staging buffer and one ``non_blocking`` copy. Inside CUDA-graph capture that copy is one memcpy
+node of the graph (the pinned source is kept alive for the graph's replays), instead of the
+~n_tensors * 11/16 one-program writer kernels an earlier version captured.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import itertools
@@ -62,6 +63,15 @@ _DEFAULT_BLOCK = 2048
 _DEFAULT_NUM_WARPS = 8
 _MAX_BLOCKS_PER_CHUNK = 16
 _TARGET_PROGRAMS_PER_SM = 32
+
+
+# Compile options of the kernels whose fp32 results must match the reference op for op (the step
+# and the Fisher accumulation). With fusion on, Triton contracts `a*F + b*g*g` into fused
+# multiply-adds (one rounding instead of two): F then differs from the reference by 1 ulp on a
+# few percent of elements, enough to flip a freeze_above/freeze_below decision, and the
+# interpreter (which never fuses) would not show it. These kernels are memory-bound: the extra
+# roundings cost nothing measurable. The interpreter ignores compile options.
+EXACT_FP32 = dict(enable_fp_fusion=False)
 
 
 def interpreting() -> bool:
@@ -142,19 +152,25 @@ class Tables:
     aligned: bool  # every non-zero address in the tensor table is 16-byte aligned
 
 
+# Host tables of captured calls. A captured host-to-device copy reads its pinned source at every
+# replay of the graph, and no graph holds a reference to it: these stay alive for the process
+# (one table per captured call: a few KB to ~100 KB for thousands of tensors).
+_CAPTURED_HOST_TABLES: list = []
+
+
 def build_tables(
     columns: Sequence[Sequence[int]],
     chunk_elems: int,
     device: torch.device,
     aligned: bool,
-    via_kernels: Optional[bool] = None,
 ) -> Tables:
     """Upload the tensor table given by ``columns`` (one list of ints per field, one int per
     tensor; the element counts last) and the chunk table cutting each tensor into chunks of
-    ``chunk_elems`` elements.
+    ``chunk_elems`` elements: one pinned host buffer, one ``non_blocking`` copy (no host sync).
 
-    ``via_kernels`` (default: only while a CUDA graph is being captured) writes the tables with
-    device kernels instead of a host-to-device copy; tests force it to compare both paths."""
+    Under CUDA-graph capture the copy becomes one memcpy node of the graph, and the device
+    buffer comes from the graph's private pool (alive as long as the graph); the pinned source
+    is kept alive here, since every replay copies it again."""
     n_fields = len(columns)
     numels = columns[-1]
     n_tensors = len(numels)
@@ -162,62 +178,34 @@ def build_tables(
     n_chunks = sum(counts)
     # Row-major [n_tensors, n_fields], padded to an even length so that the chunk table starts
     # 16-byte aligned.
-    flat = [value for row in zip(*columns) for value in row]
-    table_len = len(flat) + len(flat) % 2
-    flat.extend([0] * (table_len - len(flat)))
-
-    if via_kernels is None:
-        via_kernels = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if via_kernels:
-        buffer = torch.empty(table_len + n_chunks, dtype=torch.int64, device=device)
-        with on_device(device):
-            _write_values_on_device(buffer, flat)
-            if n_chunks:
-                numel_column = buffer[:n_tensors * n_fields].view(n_tensors, n_fields)[:, -1]
-                _chunk_table_on_device(buffer[table_len:], numel_column, chunk_elems, n_chunks)
+    # An int64 array: C-speed appends, and torch reads it without a per-element conversion
+    # (torch.tensor(list) costs ~0.1 us per int, 2 ms for a 2,000-param step's table).
+    flat = array.array("q", itertools.chain.from_iterable(zip(*columns)))
+    if len(flat) % 2:
+        flat.append(0)
+    table_len = len(flat)
+    flat.extend(_chunk_table_on_host(counts))
+    values = torch.frombuffer(flat, dtype=torch.int64)
+    if device.type == "cuda":
+        host = torch.empty(len(flat), dtype=torch.int64, pin_memory=True).copy_(values)
+        if torch.cuda.is_current_stream_capturing():
+            _CAPTURED_HOST_TABLES.append(host)
+        buffer = host.to(device, non_blocking=True)
     else:
-        flat.extend(_chunk_table_on_host(counts))
-        # (torch.tensor from a list is fast; CPU ops such as repeat_interleave cost
-        # milliseconds per call, more than a step's whole table.)
-        if device.type == "cuda":
-            _warm_writer(device)
-            host = torch.tensor(flat, dtype=torch.int64, pin_memory=True)
-            buffer = host.to(device, non_blocking=True)
-        else:
-            buffer = torch.tensor(flat, dtype=torch.int64)
+        buffer = values.clone()  # owns its memory (frombuffer shares the array's)
     return Tables(
         tensors=buffer[:table_len], chunks=buffer[table_len:], n_tensors=n_tensors,
         n_chunks=n_chunks, aligned=aligned,
     )
 
 
-def _chunk_table_on_host(counts: Sequence[int]) -> list[int]:
-    firsts = [tensor_index << _CHUNK_INDEX_BITS for tensor_index in range(len(counts))]
-    ends = list(map(operator.add, firsts, counts))
-    return list(itertools.chain.from_iterable(map(range, firsts, ends)))
-
-
-def _chunk_table_on_device(
-    out: torch.Tensor, numels: torch.Tensor, chunk_elems: int, n_chunks: int
-) -> None:
-    """The chunk table from the uploaded element counts, with device ops only (capturable:
-    ``output_size`` is known on the host, so nothing reads a device value back)."""
-    counts = (numels + (chunk_elems - 1)) // chunk_elems
-    tensor_index = torch.repeat_interleave(
-        torch.arange(numels.numel(), dtype=torch.int64, device=out.device), counts,
-        output_size=n_chunks,
-    )
-    first_chunk = torch.cumsum(counts, 0) - counts
-    chunk_index = torch.arange(n_chunks, dtype=torch.int64, device=out.device) - (
-        torch.repeat_interleave(first_chunk, counts, output_size=n_chunks)
-    )
-    out.copy_((tensor_index << _CHUNK_INDEX_BITS) | chunk_index)
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing host integers into device memory without a host-to-device copy (CUDA-graph capture).
-
-_VALUES_PER_WRITE = 16
+def _chunk_table_on_host(counts: Sequence[int]) -> array.array:
+    step = 1 << _CHUNK_INDEX_BITS
+    firsts = range(0, len(counts) * step, step)
+    if counts and min(counts) == max(counts) == 1:  # the common case: one chunk per tensor
+        return array.array("q", firsts)
+    return array.array("q", itertools.chain.from_iterable(
+        map(range, firsts, map(operator.add, firsts, counts))))
 
 
 @triton.jit
@@ -234,59 +222,6 @@ def program_chunk(tensor_table_ptr, chunk_table_ptr, blocks_per_chunk,
     return row, chunk_start, chunk_len
 
 
-@triton.jit(do_not_specialize=["offset", "count"] + [f"v{i}" for i in range(16)])
-def _write_values_kernel(
-    out_ptr, offset: tl.int64, count: tl.int32,
-    v0: tl.int64, v1: tl.int64, v2: tl.int64, v3: tl.int64,
-    v4: tl.int64, v5: tl.int64, v6: tl.int64, v7: tl.int64,
-    v8: tl.int64, v9: tl.int64, v10: tl.int64, v11: tl.int64,
-    v12: tl.int64, v13: tl.int64, v14: tl.int64, v15: tl.int64,
-):
-    # Values arrive as kernel arguments, which a captured graph stores by value. (The casts are
-    # no-ops when compiled; the interpreter keeps ints in [2^31, 2^32) as 4-byte uint32 data
-    # while typing them int64, and would store only 4 bytes of them.)
-    base = out_ptr + offset
-    tl.store(base + 0, v0.to(tl.uint64).to(tl.int64), mask=count > 0)
-    tl.store(base + 1, v1.to(tl.uint64).to(tl.int64), mask=count > 1)
-    tl.store(base + 2, v2.to(tl.uint64).to(tl.int64), mask=count > 2)
-    tl.store(base + 3, v3.to(tl.uint64).to(tl.int64), mask=count > 3)
-    tl.store(base + 4, v4.to(tl.uint64).to(tl.int64), mask=count > 4)
-    tl.store(base + 5, v5.to(tl.uint64).to(tl.int64), mask=count > 5)
-    tl.store(base + 6, v6.to(tl.uint64).to(tl.int64), mask=count > 6)
-    tl.store(base + 7, v7.to(tl.uint64).to(tl.int64), mask=count > 7)
-    tl.store(base + 8, v8.to(tl.uint64).to(tl.int64), mask=count > 8)
-    tl.store(base + 9, v9.to(tl.uint64).to(tl.int64), mask=count > 9)
-    tl.store(base + 10, v10.to(tl.uint64).to(tl.int64), mask=count > 10)
-    tl.store(base + 11, v11.to(tl.uint64).to(tl.int64), mask=count > 11)
-    tl.store(base + 12, v12.to(tl.uint64).to(tl.int64), mask=count > 12)
-    tl.store(base + 13, v13.to(tl.uint64).to(tl.int64), mask=count > 13)
-    tl.store(base + 14, v14.to(tl.uint64).to(tl.int64), mask=count > 14)
-    tl.store(base + 15, v15.to(tl.uint64).to(tl.int64), mask=count > 15)
-
-
-def _write_values_on_device(out: torch.Tensor, values: Sequence[int]) -> None:
-    for start in range(0, len(values), _VALUES_PER_WRITE):
-        part = list(values[start:start + _VALUES_PER_WRITE])
-        count = len(part)
-        part.extend([0] * (_VALUES_PER_WRITE - count))
-        _write_values_kernel[(1,)](out, start, count, *part)
-
-
-_WARM_WRITERS: set = set()
-
-
-def _warm_writer(device: torch.device) -> None:
-    """Compile and load the table writer once per device outside capture, so that a capture
-    never has to load a module (the usual warm-up steps before capture run through here)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index in _WARM_WRITERS:
-        return
-    scratch = torch.empty(_VALUES_PER_WRITE, dtype=torch.int64, device=device)
-    with on_device(device):
-        _write_values_on_device(scratch, list(range(_VALUES_PER_WRITE)))
-    _WARM_WRITERS.add(index)
-
-
 def vector_elems(operands: Sequence[torch.Tensor]) -> int:
     """Elements per vector access shared by all operands of a launch: 16 bytes of the widest
     dtype (4 for fp32, 8 when every operand is 16-bit). Narrower operands then use narrower
@@ -300,6 +235,28 @@ def all_aligned(columns: Sequence[Sequence[int]]) -> bool:
     for column in columns:
         bits |= functools.reduce(operator.or_, column, 0)
     return bits & (ALIGNMENT_BYTES - 1) == 0
+
+
+def misaligned_rows(columns: Sequence[Sequence[int]]) -> list[int]:
+    """Indices of the tensors with any address in these columns not 16-byte aligned (called only
+    when ``all_aligned`` is false, so an aligned bucket pays nothing for it)."""
+    bits = functools.reduce(lambda acc, column: list(map(operator.or_, acc, column)), columns)
+    return [i for i, b in enumerate(bits) if b & (ALIGNMENT_BYTES - 1)]
+
+
+def split_by_alignment(columns: Sequence[Sequence[int]], n: int) -> Optional[tuple[list, list]]:
+    """``(aligned, misaligned)`` tensor indices when the bucket mixes both, else None.
+
+    One misaligned tensor (an offset view, a DDP bucket view, a fused-QKV slice) would otherwise
+    drop the whole launch to scalar accesses: the callers launch the two parts separately, the
+    aligned one with 16-byte accesses."""
+    if all_aligned(columns):
+        return None
+    bad = misaligned_rows(columns)
+    if len(bad) == n:
+        return None
+    bad_set = set(bad)
+    return [i for i in range(n) if i not in bad_set], bad
 
 
 def optional_ptr(t: Optional[torch.Tensor]) -> int:

@@ -1,6 +1,6 @@
 """The fused Fisher-AdamW step: one pass over every element of a bucket of tensors.
 
-Per element, in fp32 (DESIGN section 2; ``fisherforget.ops.fused_step`` is the contract)::
+Per element, in fp32 (``fisherforget.ops`` states the contract; ``docs/design.md``)::
 
     g = grad / grad_scale;  g = -g if maximize
     F = a*F + b*g^2                                  (when the Fisher accumulates)
@@ -23,19 +23,21 @@ so that every program of the main kernel reads the old count and uses ``t = step
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from .multi_tensor import (
+    EXACT_FP32,
     program_chunk,
     all_aligned,
     build_tables,
     launch_config,
     on_device,
     optional_ptr,
+    split_by_alignment,
     triton_dtype,
     vector_elems,
 )
@@ -269,39 +271,26 @@ _COUNTERS_BLOCK = 128
 
 
 def fused_step(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    max_exp_avg_sqs: Sequence[torch.Tensor],
-    fishers: Sequence[torch.Tensor],
-    masks: Sequence[Optional[torch.Tensor]],
-    steps: Sequence[torch.Tensor],
-    fisher_counts: Sequence[torch.Tensor],
-    *,
-    lr: Union[float, torch.Tensor],
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    fisher_mode: Optional[str],
-    fisher_beta: float,
-    fisher_scale: float,
-    freeze_above: Optional[float],
-    freeze_below: Optional[float],
+    tensors,
+    hyper,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
     """One launch of the fused step (plus the counter kernel) over one bucket.
 
-    The caller (``fisherforget.backends.triton``) has validated the arguments: every tensor is
-    contiguous and on one device, each list has one dtype, masks are bool, ``steps`` and
-    ``fisher_counts`` are 0-dim fp32, ``lr``/``grad_scale``/``found_inf`` tensors are on the
-    device. ``fishers`` is empty when no Fisher is used; ``fisher_counts`` may be empty when the
-    Fisher does not accumulate.
+    ``tensors`` holds the nine lists of ``fisherforget.ops.StepTensors`` and ``hyper`` is a
+    ``fisherforget.ops.StepHyper``. The caller (``fisherforget.backends.triton``) has validated
+    the arguments: every tensor is contiguous and on one device, each list has one dtype, masks
+    are bool, ``steps`` and ``fisher_counts`` are 0-dim fp32, ``lr``/``grad_scale``/``found_inf``
+    tensors are on the device. ``fishers`` is empty when no Fisher is used; ``fisher_counts`` may
+    be empty when the Fisher does not accumulate.
     """
+    (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+     fisher_counts) = tensors
+    lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
+    weight_decay, amsgrad, maximize = hyper.weight_decay, hyper.amsgrad, hyper.maximize
+    fisher_mode, fisher_beta, fisher_scale = hyper.fisher_mode, hyper.fisher_beta, hyper.fisher_scale
+    freeze_above, freeze_below = hyper.freeze_above, hyper.freeze_below
     n_tensors = len(params)
     if n_tensors == 0:
         return
@@ -320,6 +309,13 @@ def fused_step(
         list(map(address, fishers)) if has_fisher else absent,
         list(map(optional_ptr, masks)) if any_mask else absent,
     ]
+    split = split_by_alignment(addresses, n_tensors)
+    if split is not None:
+        for index in split:
+            fused_step(type(tensors)(*[[values[i] for i in index] if values else values
+                                       for values in tensors]),
+                       hyper, grad_scale=grad_scale, found_inf=found_inf)
+        return
     numels = list(map(torch.Tensor.numel, params))
     counters = [
         list(map(address, steps)),
@@ -367,7 +363,7 @@ def fused_step(
                 VEC=vector_elems([params[0], grads[0], exp_avgs[0], exp_avg_sqs[0]]
                                  + ([max_exp_avg_sqs[0]] if amsgrad else [])
                                  + ([fishers[0]] if has_fisher else [])),
-                BLOCK=config.block, num_warps=config.num_warps,
+                BLOCK=config.block, num_warps=config.num_warps, **EXACT_FP32,
             )
         _advance_counters_kernel[(triton.cdiv(n_tensors, _COUNTERS_BLOCK),)](
             tables.tensors, found_inf if found_inf is not None else placeholder,

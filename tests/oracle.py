@@ -1,6 +1,6 @@
-"""An independent float64 oracle of one Fisher-AdamW step (DESIGN section 2), for tests.
+"""An independent float64 oracle of one Fisher-AdamW step (docs/design.md), for tests.
 
-Written from the DESIGN text, not from the reference backend: plain float64 arithmetic on copies,
+Written from docs/design.md, not from the reference backend: plain float64 arithmetic on copies,
 returning the new values instead of mutating anything.
 """
 

@@ -185,9 +185,9 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(
         torch.ops.fisherforget.fused_step.default,
         (params, grads, st["exp_avgs"], st["exp_avg_sqs"], st["max_exp_avg_sqs"],
-         st["fishers"], st["masks"], st["steps"], st["fisher_counts"], torch.tensor(1e-2),
-         torch.tensor(4.0), torch.tensor(0.0)),
-        dict(lr=0.0, backend="reference", **_HYPER),
+         st["fishers"], st["masks"], st["steps"], st["fisher_counts"]),
+        dict(lr=0.0, lr_tensor=torch.tensor(1e-2), grad_scale=torch.tensor(4.0),
+             found_inf=torch.tensor(0.0), backend="reference", **_HYPER),
     )
     torch.library.opcheck(
         torch.ops.fisherforget.fisher_accumulate.default,
@@ -233,8 +233,8 @@ def test_kernel_backend_enters_graph_as_custom_op(wrapped_backend):
     )
 
     def run(params, grads, st, lr, backend):
-        ops.fused_step(params, grads, lr=lr, backend=backend, grad_scale=torch.tensor(2.0),
-                       found_inf=torch.tensor(0.0), **st, **_HYPER)
+        ops.fused_step(ops.StepTensors(params, grads, **st), ops.StepHyper(lr=lr, **_HYPER),
+                       backend=backend, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0))
         ops.fisher_accumulate(st["fishers"], grads, alpha=0.5, beta=0.25, backend=backend)
         return ops.fisher_score(st["exp_avgs"], grads, st["fishers"], backend=backend)
 

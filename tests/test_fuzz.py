@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) of the ops over random shapes, dtypes and settings.
 
-* the reference backend against the float64 oracle of DESIGN section 2 (``tests/oracle.py``),
+* the reference backend against the float64 oracle of docs/design.md (``tests/oracle.py``),
   starting from random optimizer state (moments, Fisher, step counts), 1-3 chained steps;
 * ``fisher_accumulate`` and ``fisher_score`` against float64 formulas;
 * the Triton backend (interpreted on CPU, ``TRITON_INTERPRET=1``) against the reference, with few,
@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from fisherforget import backends, ops
 from oracle import OracleState, oracle_step
+from step_cases import ulp
 
 _FRESH = int(os.environ.get("FISHERFORGET_FUZZ_EXAMPLES", "0"))
 
@@ -37,13 +38,6 @@ def _settings(examples: int):
 
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10, torch.float64: 52}
-
-
-def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One unit in the last place of ``x`` (float64) in ``dtype``'s precision."""
-    exponent = torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(dtype).tiny)))
-    return torch.pow(2.0, exponent - MANTISSA_BITS[dtype])
 
 
 # ------------------------------------------------------------------------------ cases
@@ -154,14 +148,10 @@ def _clone(data):
 
 def _run(data, grads, case, found_inf, backend):
     ops.fused_step(
-        data["params"], grads, data["exp_avgs"], data["exp_avg_sqs"], data["max_exp_avg_sqs"],
-        data["fishers"], data["masks"], data["steps"], data["fisher_counts"],
-        lr=case.hyper["lr"], beta1=case.hyper["beta1"], beta2=case.hyper["beta2"],
-        eps=case.hyper["eps"], weight_decay=case.hyper["weight_decay"],
-        amsgrad=case.hyper["amsgrad"], maximize=case.hyper["maximize"],
-        fisher_mode=case.hyper["fisher_mode"], fisher_beta=case.hyper["fisher_beta"],
-        fisher_scale=case.hyper["fisher_scale"], freeze_above=case.hyper["freeze_above"],
-        freeze_below=case.hyper["freeze_below"],
+        ops.StepTensors(data["params"], grads, data["exp_avgs"], data["exp_avg_sqs"],
+                        data["max_exp_avg_sqs"], data["fishers"], data["masks"], data["steps"],
+                        data["fisher_counts"]),
+        ops.StepHyper(**case.hyper),
         grad_scale=None if case.grad_scale is None else torch.tensor(case.grad_scale),
         found_inf=torch.tensor(float(found_inf)), backend=backend,
     )
@@ -247,7 +237,7 @@ def _check_against_oracle(case, data, before, grads, i, new, frozen):
     decayed = p_old.double() * (1 - h["lr"] * h["weight_decay"])
     # Param: 1 ulp of its dtype (storage rounding) plus fp32 noise of the decayed value and of
     # the update.
-    tol = _ulp(new.param, case.dtype) + 4e-6 * (decayed.abs() + update_bound) + 1e-30
+    tol = ulp(new.param, case.dtype) + 4e-6 * (decayed.abs() + update_bound) + 1e-30
     err = (p.double() - new.param).abs()
     assert bool((err[check] <= tol[check]).all()), f"param err {(err - tol)[check].max()}"
     # State, stored in state_dtype: its ulp plus fp32 noise of the terms (all non-negative but
@@ -259,7 +249,7 @@ def _check_against_oracle(case, data, before, grads, i, new, frozen):
         got = data[key][i]
         assert got.dtype == sd
         terms = m_terms if key == "exp_avgs" else value.abs()
-        tol = _ulp(value, sd) + 4e-6 * terms + 1e-30
+        tol = ulp(value, sd) + 4e-6 * terms + 1e-30
         err = (got.double() - value).abs()
         assert bool((err[check] <= tol[check]).all()), f"{key} err {(err - tol)[check].max()}"
     assert int(data["steps"][i]) == new.step
@@ -353,7 +343,7 @@ def test_triton_matches_reference(case):
                 else:
                     old = before[key][i].double()
                 dtype = reference_data[key][i].dtype
-                tol = _ulp(ref, dtype) + 4e-6 * (ref.abs() + (ref - old).abs()) + 1e-30
+                tol = ulp(ref, dtype) + 4e-6 * (ref.abs() + (ref - old).abs()) + 1e-30
                 assert bool(((got - ref).abs() <= tol).all()), (key, (got - ref).abs().max())
             if found_inf:  # a skipped step changes nothing, bit for bit
                 for key in triton_data:

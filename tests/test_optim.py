@@ -10,6 +10,7 @@ import torch
 
 from fisherforget import FisherAdamW
 from oracle import OracleState, oracle_step
+from step_cases import ulp
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -143,14 +144,6 @@ def _oracle_state_of(opt, p):
     )
 
 
-def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One unit in the last place of ``x`` in ``dtype``'s precision, as float64."""
-    mantissa_bits = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
-    tiny = torch.finfo(dtype).tiny
-    exponent = torch.floor(torch.log2(x.abs().clamp_min(tiny)))
-    return torch.pow(2.0, exponent - mantissa_bits)
-
-
 @pytest.mark.parametrize("name", sorted(ORACLE_CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_against_float64_oracle(name, dtype):
@@ -192,7 +185,7 @@ def test_against_float64_oracle(name, dtype):
             assert torch.equal(p.detach()[frozen & check], prev[frozen & check])
             # Param: within 1 ulp of its dtype of the float64 oracle, plus fp32 math noise on the
             # old value and on the update (at most ~lr in size).
-            tol = _ulp(new.param, dtype) + 1e-6 * (prev.double().abs() + hyper["lr"])
+            tol = ulp(new.param, dtype) + 1e-6 * (prev.double().abs() + hyper["lr"])
             err = (p.detach().double() - new.param).abs()
             assert bool((err[check] <= tol[check]).all()), f"max err {err[check].max()}"
             for key, value in (("exp_avg", new.exp_avg), ("exp_avg_sq", new.exp_avg_sq),

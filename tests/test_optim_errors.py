@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from fisherforget import FisherAdamW
+from fisherforget import FisherAdamW, ops
 
 # (constructor kwargs, exception type, message regex)
 BAD_HYPERPARAMETERS = [
@@ -254,7 +254,7 @@ def test_state_dict_stores_dtypes_by_name_and_loads_both_forms():
 
 def test_mixed_dtypes_and_devices_in_one_group_are_supported():
     """Not bad input: one group may mix param dtypes and devices (the optimizer launches once
-    per (device, dtype) bucket, DESIGN section 4). Each param gets exactly the step it gets alone.
+    per (device, dtype) bucket, docs/design.md). Each param gets exactly the step it gets alone.
     (A gradient whose dtype differs from its param's is refused, see ``BAD_GRADS``; torch itself
     refuses a gradient on another device.)"""
     params = [
@@ -276,3 +276,34 @@ def test_mixed_dtypes_and_devices_in_one_group_are_supported():
         single.step()
         assert torch.equal(p, q), p.dtype
         assert torch.equal(opt.fisher(p), single.fisher(q))
+
+
+def test_a_backend_refusing_its_second_bucket_changes_nothing(monkeypatch):
+    """Every backend check of a step runs before the first launch: a refusal of the second
+    bucket (here: the bf16 one) leaves the first bucket's params and state untouched."""
+    from fisherforget import backends
+    from fisherforget.backends import reference
+
+    name = "refuses_second_bucket"
+    ops.register("fused_step", name)(reference.fused_step)
+
+    def refuse_bf16(tensors, hyper):
+        if tensors.params[0].dtype == torch.bfloat16:
+            raise RuntimeError("refuses_second_bucket: bf16 bucket refused")
+
+    ops.register_check("fused_step", name)(refuse_bf16)
+    monkeypatch.setattr(backends, "resolve", lambda requested, device, dtype: name)
+    try:
+        first = torch.nn.Parameter(torch.randn(5))
+        second = torch.nn.Parameter(torch.randn(5, dtype=torch.bfloat16))
+        opt = FisherAdamW([first, second], lr=1e-2)
+        first.grad, second.grad = torch.randn(5), torch.randn(5, dtype=torch.bfloat16)
+        before = (first.detach().clone(), second.detach().clone())
+        with pytest.raises(RuntimeError, match="bf16 bucket refused"):
+            opt.step()
+        assert torch.equal(first, before[0]) and torch.equal(second, before[1])
+        assert all(float(s["step"]) == 0 for s in opt.state.values())
+        assert all(float(s["exp_avg"].abs().sum()) == 0 for s in opt.state.values())
+    finally:
+        ops._IMPLS["fused_step"].pop(name)
+        ops._CHECKS["fused_step"].pop(name)

@@ -5,7 +5,8 @@ Each backend is a module beside this one that registers its ops with
 (no Triton, no built extension, no GPU) records why, and ``auto`` falls back to the next one.
 
 ``auto`` prefers, for CUDA tensors, ``cuda`` (the compiled extension) when it loads, else ``triton``,
-else ``reference``; CPU and other devices always get ``reference``.
+else ``reference``; for CPU tensors ``cpu`` (the extension's native CPU kernels) when it loads,
+else ``reference``; other devices, and param dtypes the kernels lack (float64), get ``reference``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "triton", "cuda", "cpu")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 _MODULES = {
     "reference": "fisherforget.backends.reference",
     "triton": "fisherforget.backends.triton",
     "cuda": "fisherforget.backends.cuda",
+    "cpu": "fisherforget.backends.cpu",
 }
 # Param dtypes each compiled backend handles; anything else goes to the reference.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -84,9 +86,12 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
         return "reference"
     if requested == "auto":
         if dtype in KERNEL_DTYPES:
-            for name in ("cuda", "triton"):
-                if device.type == "cuda" and runs_on(name, device):
-                    return name
+            if device.type == "cuda":
+                for name in ("cuda", "triton"):
+                    if runs_on(name, device):
+                        return name
+            elif device.type == "cpu" and runs_on("cpu", device):
+                return "cpu"
         return "reference"
     if requested not in _MODULES:
         raise ValueError(f"unknown backend {requested!r}; choose one of {BACKEND_CHOICES}")

@@ -1,6 +1,6 @@
 """Reference backend: the ops in readable PyTorch, one tensor at a time, on any device.
 
-This is the ground truth of the package. It follows DESIGN section 2 line by line and mirrors
+This is the ground truth of the package. It follows the math of :mod:`fisherforget.ops` line by line and mirrors
 ``torch.optim.AdamW``'s single-tensor path (``lerp`` for the first moment, ``addcmul`` for the
 second, bias corrections in float64) so that with every Fisher feature off it matches AdamW to
 rounding. It never synchronises with the host: ``found_inf``, ``grad_scale``, a tensor ``lr`` and
@@ -10,7 +10,7 @@ values (bit-identical, since the old values are stored unchanged).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -30,31 +30,17 @@ def _where_kept(keep: Optional[Tensor], old: Tensor, new: Tensor) -> Tensor:
 
 @ops.register("fused_step", "reference")
 def fused_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    max_exp_avg_sqs: Sequence[Tensor],
-    fishers: Sequence[Tensor],
-    masks: Sequence[Optional[Tensor]],
-    steps: Sequence[Tensor],
-    fisher_counts: Sequence[Tensor],
-    *,
-    lr: Union[float, Tensor],
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    fisher_mode: Optional[str],
-    fisher_beta: float,
-    fisher_scale: float,
-    freeze_above: Optional[float],
-    freeze_below: Optional[float],
+    tensors: ops.StepTensors,
+    hyper: ops.StepHyper,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> None:
+    (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+     fisher_counts) = tensors
+    lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
+    weight_decay, amsgrad, maximize = hyper.weight_decay, hyper.amsgrad, hyper.maximize
+    fisher_mode, fisher_beta, fisher_scale = hyper.fisher_mode, hyper.fisher_beta, hyper.fisher_scale
+    freeze_above, freeze_below = hyper.freeze_above, hyper.freeze_below
     found_inf_on = ScalarOnDevice(found_inf)
     grad_scale_on = ScalarOnDevice(grad_scale)
     lr_on = ScalarOnDevice(lr) if isinstance(lr, Tensor) else None

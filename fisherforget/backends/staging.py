@@ -13,14 +13,22 @@ class ScalarOnDevice:
     """A 0-dim tensor (lr, grad_scale, found_inf) on each device it is needed on, moved once per
     call and without a host sync."""
 
-    def __init__(self, value: Optional[Tensor]):
+    def __init__(self, value: Optional[Tensor], name: str = "a 0-dim tensor argument"):
         self.value = value
+        self.name = name
         self.cache: dict[torch.device, Tensor] = {}
 
     def on(self, device: torch.device) -> Optional[Tensor]:
         if self.value is None:
             return None
         if device not in self.cache:
+            if (self.value.device.type == "cpu" and device.type == "cuda"
+                    and torch.cuda.is_current_stream_capturing()):
+                # A copy from pageable host memory cannot be captured (and a graph would replay
+                # the value seen at capture, not the one set later).
+                raise RuntimeError(
+                    f"{self.name} is a CPU tensor, but a CUDA graph is being captured: pass it "
+                    f"as a 0-dim tensor on {device} (updating it in place between replays)")
             self.cache[device] = self.value.reshape(()).to(device=device, non_blocking=True)
         return self.cache[device]
 

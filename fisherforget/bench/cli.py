@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import shlex
 import sys
 import time
@@ -28,6 +29,7 @@ import torch
 
 from fisherforget.bench import core, environment, report, timing, workloads
 from fisherforget.bench import estimate as estimate_bench
+from fisherforget.bench import overhead as overhead_bench
 from fisherforget.bench import score as score_bench
 from fisherforget.bench import step as step_bench
 
@@ -270,12 +272,17 @@ def run(args: argparse.Namespace) -> int:
         (folder / "summary.txt").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         return 0
-    names = args.benchmarks or list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
     device = _pick_device(args)
     mode = _mode(args, device)
+    # The CPU/host-overhead tables run by default on a CPU machine (quick mode) and on request.
+    default = list(BENCHMARKS) + (["overhead"] if mode == "quick" else [])
+    names = args.benchmarks or default
+    unknown = [n for n in names if n not in BENCHMARKS and n != "overhead"]
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from "
+                         f"{list(BENCHMARKS) + ['overhead']}")
+    run_overhead = "overhead" in names
+    names = [n for n in names if n != "overhead"]
     threads = args.threads or MODES[mode].get("threads")
     if threads:
         torch.set_num_threads(threads)
@@ -293,10 +300,13 @@ def run(args: argparse.Namespace) -> int:
             share = max(0.0, total.remaining()) * BUDGET_WEIGHTS[name] / left
         docs.append(_run_one(name, args, mode, device, timing.Deadline(share), out_dir, command))
     lines = report.summary_lines(docs)
+    written: list[str] = []
+    if run_overhead:
+        lines += [""] + _run_overhead(args, mode, out_dir, command)
+        written += ["overhead.json", "overhead.md"]
     (out_dir / "summary.txt").write_text("\n".join(lines) + "\n")
     print()
     print("\n".join(lines))
-    written: list[str] = []
     for d in docs:
         art = d.get("artifacts", {})
         written += [f"{d['benchmark']}.json", art.get("markdown")]
@@ -304,6 +314,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nresults in {out_dir}/: {', '.join(w for w in written if w)}, summary.txt")
     failed = sum(1 for d in docs for r in d["rows"] if r.get("status") == "failed")
     return 1 if failed else 0
+
+
+def _run_overhead(args: argparse.Namespace, mode: str, out_dir: Path, command: str) -> list[str]:
+    """The CPU step ratios and host-overhead table (``fisherforget.bench.overhead``)."""
+    started = time.monotonic()
+    doc = overhead_bench.run(quick=mode != "full")
+    doc.update(
+        environment=environment.environment(torch.device("cpu")), command=command,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        wall_seconds=round(time.monotonic() - started, 1),
+    )
+    (out_dir / "overhead.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out_dir / "overhead.md").write_text("\n".join(doc["markdown"]) + "\n")
+    return doc["markdown"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -176,17 +176,16 @@ class StepBenchmark:
         if _uses_mask(setting):
             state["mask"] = list(masks)
         beta1, beta2 = HYPER["betas"]
+        tensors = ops.StepTensors(
+            params, grads, state["exp_avg"], state["exp_avg_sq"], [], state.get("fisher", []),
+            masks, state["step"], state.get("fisher_count", []))
+        hyper = ops.StepHyper(
+            lr=HYPER["lr"], beta1=beta1, beta2=beta2, eps=HYPER["eps"],
+            weight_decay=HYPER["weight_decay"],
+            fisher_mode="ema" if _uses_fisher(setting) else None, fisher_beta=FISHER_BETA)
 
         def call() -> None:
-            ops.fused_step(
-                params, grads, state["exp_avg"], state["exp_avg_sq"], [],
-                state.get("fisher", []), masks, state["step"], state.get("fisher_count", []),
-                lr=HYPER["lr"], beta1=beta1, beta2=beta2, eps=HYPER["eps"],
-                weight_decay=HYPER["weight_decay"], amsgrad=False, maximize=False,
-                fisher_mode="ema" if _uses_fisher(setting) else None, fisher_beta=FISHER_BETA,
-                fisher_scale=0.0, freeze_above=None, freeze_below=None,
-                backend=variant.backend,
-            )
+            ops.fused_step(tensors, hyper, backend=variant.backend)
 
         return Built(call=call, inputs=params + grads, state=lambda: state, dtypes=kinds)
 

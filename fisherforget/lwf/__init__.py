@@ -3,7 +3,8 @@
 1. :func:`generate_self_knowledge`: the model answers the forgetting task's prompts (``D_self``);
    :func:`encode_pairs` makes training samples of the answers.
 2. :func:`forgetting_confidence`: FC of each sample from the learning task's gradient and Fisher
-   (and the terms of the ``fisher_alignment`` / ``fisher_overlap`` scorers, in the same pass);
+   (``docs/design.md``; the terms of the ``fisher_alignment`` / ``fisher_overlap`` scorers come
+   from the same pass);
    :func:`control_scores` gives every ranking, including the random / reversed controls.
 3. :class:`UnlearningSchedule` and :func:`select`: every ``every`` learning steps, ``steps``
    unlearning steps through ``FisherAdamW.unlearning``, each ascending on the top ``fraction`` of

@@ -3,7 +3,7 @@
 For a sample ``s`` of ``D_self`` with token-averaged NLL ``l_s`` and gradient ``g_s`` (optionally
 ``g_s / ||g_s||``), the unlearning update is the ascent step ``u_s = +eta * g_s``. With ``gbar_L``
 the learning-task gradient and ``F_L`` the learning-task diagonal Fisher, the second-order
-prediction of the learning-loss change is (DESIGN section 2)::
+prediction of the learning-loss change is (``docs/design.md``)::
 
     dL(s) = eta * <gbar_L, g_s> + 0.5 * eta^2 * sum_i F_L[i] * g_s[i]^2
     FC(s) = -dL(s)          high FC: unlearning s helps, or barely hurts, the learning task

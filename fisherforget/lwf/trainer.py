@@ -116,6 +116,12 @@ class LWFCallback(TrainerCallback):
             self.trainer.log(dict(stats))
         else:
             state.log_history.append({**stats, "step": state.global_step})
+            # Printed as the Trainer prints its own logs (str(logs), main process only);
+            # tqdm.write keeps a running progress bar intact.
+            if state.is_world_process_zero:
+                from tqdm.auto import tqdm
+
+                tqdm.write(str(dict(stats)))
 
 
 class LWFTrainer(Trainer):

@@ -2,13 +2,15 @@
 
 Without a GPU (CI):
 * the extension is built by ``make test`` (``pip install -e .``) against the CUDA build of torch;
-  it imports and registers the ops with the schemas the Python side expects;
+  it imports and registers the ops with the schemas the Python side expects (its native CPU
+  kernels are tested in test_cpu.py);
 * each torch-free ``.cu`` compiles with plain ``nvcc -c`` for sm_80 and sm_90;
-* the launch planner (chunked address tables) is checked by a small C++ program;
-* the kernels' own code runs on the host: the extension registers, for CPU tensors, an emulation
-  that executes the same per-thread code one simulated thread at a time. It is compared with the
-  reference backend on fresh random inputs, so the math, the vector/scalar paths, the tables and
-  the relaunches are tested here too.
+* the launch geometry (tables, planner, compiled code) is tested in test_cuda_geometry.py;
+* the kernels' own code runs on the host: the extension registers test-only ops
+  (``fisherforget_C::emulated_*``) that execute the same per-thread code on CPU tensors one
+  simulated thread at a time; the tests on device "cpu" route the CUDA glue to them. They are
+  compared with the reference backend on fresh random inputs, so the math, the vector/scalar
+  paths, the tables and the relaunches are tested here too.
 
 With a GPU (``-m cuda``, the same comparisons on the device plus sizes up to 2^28 and 1,000
 tensors, poisoned outputs, run-to-run determinism, CUDA-graph capture, the optimizer end to end and
@@ -30,8 +32,9 @@ import pytest
 import torch
 
 from fisherforget import FisherAdamW, ops
-from fisherforget.backends import cuda as cuda_backend
-from fisherforget.backends import cuda_jit
+from step_cases import run_step
+from fisherforget.backends.cuda import ops as cuda_backend
+from fisherforget.backends.cuda import jit as cuda_jit
 
 REPO = Path(__file__).resolve().parents[2]
 CSRC = REPO / "csrc"
@@ -50,8 +53,11 @@ def _build_expected() -> Optional[str]:
     return cuda_jit.version_problem(home)
 
 
-# Importing fisherforget._C registers torch.ops.fisherforget_C (the CPU emulation included).
+# Importing fisherforget._C registers torch.ops.fisherforget_C (with the CUDA kernels, the
+# test-only fisherforget_C::emulated_* ops too).
 _PREBUILT_ERROR = cuda_backend.load_prebuilt()
+_KERNELS = (torch.ops.fisherforget_C.build_info().split("kernels=")[-1].split(";")[0].split(",")
+            if _PREBUILT_ERROR is None else [])
 
 
 def _prebuilt_error() -> Optional[str]:
@@ -62,6 +68,23 @@ def _prebuilt_error() -> Optional[str]:
 needs_extension = pytest.mark.skipif(
     _PREBUILT_ERROR is not None, reason=f"fisherforget._C does not import: {_PREBUILT_ERROR}"
 )
+# A CPU-only build (no nvcc at build time) has neither the CUDA kernels nor their emulation.
+needs_cuda_kernels = pytest.mark.skipif(
+    "cuda" not in _KERNELS,
+    reason=f"fisherforget._C has no CUDA kernels ({_PREBUILT_ERROR or 'a CPU-only build'})")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_tensors_run_the_emulation(request, monkeypatch):
+    """On CPU tensors, torch.ops.fisherforget_C runs the native CPU kernels; a test of the CUDA
+    kernels on device "cpu" makes the CUDA glue call the host emulation of their per-thread code
+    (fisherforget_C::emulated_*) instead."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("device") != "cpu" or "cuda" not in _KERNELS:
+        return
+    for op in ("fused_step", "fisher_accumulate", "fisher_score"):
+        monkeypatch.setattr(torch.ops.fisherforget_C, op,
+                            getattr(torch.ops.fisherforget_C, f"emulated_{op}"))
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -72,11 +95,13 @@ STATE_DTYPES = [torch.float32, torch.bfloat16]
 
 
 def test_extension_is_built_where_it_can_be():
-    """`make test` builds _C whenever torch has CUDA and nvcc exists: a missing _C is a failure."""
+    """`make test` builds _C with the CUDA kernels whenever torch has CUDA and nvcc exists: a
+    missing _C, or a CPU-only one, is a failure."""
     why_not = _build_expected()
     if why_not is not None:
         pytest.skip(f"no CUDA build expected: {why_not}")
     assert _prebuilt_error() is None, f"fisherforget._C does not import: {_prebuilt_error()}"
+    assert "cuda" in _KERNELS, torch.ops.fisherforget_C.build_info()
 
 
 @needs_extension
@@ -84,6 +109,11 @@ def test_ops_are_registered_with_the_expected_schemas():
     assert _prebuilt_error() is None
     for op, schema in cuda_backend.SCHEMAS.items():
         assert str(getattr(torch.ops.fisherforget_C, op).default._schema) == schema
+        if "cuda" in _KERNELS:  # the emulation takes the same arguments
+            emulated = getattr(torch.ops.fisherforget_C, f"emulated_{op}").default._schema
+            assert str(emulated) == schema.replace(f"::{op}(", f"::emulated_{op}(")
+    if "cuda" not in _KERNELS:
+        return
     info = cuda_backend.build_info()
     assert info["archs"].startswith("sm_"), info
     major = torch.version.cuda.split(".")[0]
@@ -123,18 +153,6 @@ def test_kernel_files_compile_with_plain_nvcc(tmp_path):
     assert not failed, failed
     warned = {name: log[-3000:] for name, _, log in results if "warning" in log.lower()}
     assert not warned, warned
-
-
-def test_launch_planner_covers_every_chunk_once(tmp_path):
-    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if compiler is None:
-        pytest.skip("no C++ compiler")
-    binary = tmp_path / "plan_check"
-    subprocess.run([compiler, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", str(CSRC),
-                    str(Path(__file__).with_name("cuda_plan_check.cpp")), "-o", str(binary)],
-                   check=True, capture_output=True, text=True, timeout=300)
-    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "plan check ok" in result.stdout, result.stdout
 
 
 # --------------------------------------------------------------------------- toolkit discovery, JIT
@@ -250,7 +268,7 @@ def test_gpu_architecture_check(capability, runs, monkeypatch):
         assert "TORCH_CUDA_ARCH_LIST=7.5" in error
 
 
-@needs_extension
+@needs_cuda_kernels
 def test_compiled_archs_come_from_the_binary():
     assert _prebuilt_error() is None
     assert cuda_backend._compiled_archs()  # e.g. [(8, 0), (9, 0)] from __CUDA_ARCH_LIST__
@@ -267,13 +285,43 @@ def test_setup_rejects_a_bad_switch_and_skips_when_told():
     assert skipped.returncode == 0 and skipped.stdout.strip().endswith("fisherforget")
 
 
+@pytest.mark.parametrize("listed, requested, expected", [
+    # CUDA 11.7 knows no sm_90: the default keeps sm_80 and puts the PTX there.
+    ("compute_50 compute_80 compute_86", "8.0;9.0+PTX", "8.0+PTX"),
+    ("compute_75 compute_80 compute_90 compute_100", "8.0;9.0+PTX", "8.0;9.0+PTX"),
+    # Nothing requested is supported: the newest below the lowest request, else the oldest.
+    ("compute_52 compute_61", "8.0;9.0+PTX", "6.1+PTX"),
+    ("compute_100 compute_120", "8.0;9.0+PTX", "10.0+PTX"),
+])
+def test_default_arch_list_is_limited_to_what_nvcc_supports(tmp_path, monkeypatch, listed,
+                                                              requested, expected):
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\n" + "".join(f"echo {a}\n" for a in listed.split()))
+    nvcc.chmod(0o755)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(cuda_jit, "DEFAULT_ARCH_LIST", requested)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    archs, source = cuda_jit.arch_list(str(tmp_path))
+    assert archs == expected
+    assert ("limited to what nvcc supports" in source) == (expected != requested)
+    # An explicit list is used as given; an nvcc that cannot list leaves the default alone.
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert cuda_jit.arch_list(str(tmp_path)) == ("9.0", "$TORCH_CUDA_ARCH_LIST")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    nvcc.write_text("#!/bin/sh\nexit 1\n")
+    assert cuda_jit.arch_list(str(tmp_path))[0] == requested
+
+
 def test_doctor_reports_the_extension():
     from fisherforget import doctor
 
     report = doctor.report()["cuda_extension"]
     assert set(report) == {"prebuilt _C", "loaded", "JIT cache"}
-    if _prebuilt_error() is None:
+    if "cuda" in _KERNELS:
         assert report["prebuilt _C"].startswith("built for sm_")
+    elif _prebuilt_error() is None:
+        assert report["prebuilt _C"].startswith("built with the CPU kernels only")
     else:
         assert report["prebuilt _C"].startswith("not built")
 
@@ -407,7 +455,10 @@ def _make(config: dict, sizes, device, param_dtype, state_dtype, fisher_dtype=No
 
 def _run_cuda_step(inputs: StepInputs, kw: dict) -> None:
     # On CPU tensors this runs the host emulation of the kernels through the same glue.
-    cuda_backend.fused_step(*inputs.lists(), **kw)
+    kw = dict(kw)
+    grad_scale, found_inf = kw.pop("grad_scale", None), kw.pop("found_inf", None)
+    cuda_backend.fused_step(ops.StepTensors(*inputs.lists()), ops.StepHyper(**kw), grad_scale,
+                            found_inf)
 
 
 def _sizes(device):
@@ -418,7 +469,7 @@ def _sizes(device):
 # ------------------------------------------------------------------------------- fused_step tests
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", list(STEP_CONFIGS))
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
@@ -429,7 +480,7 @@ def test_fused_step_matches_reference(device, config, param_dtype, state_dtype):
     want = _make(conf, _sizes(device), device, param_dtype, state_dtype)
     got = want.clone()
     for _ in range(2):  # two steps: the counts advance and the second step reads them
-        ops.fused_step(*want.lists(), **kw, backend="reference")
+        run_step(want.lists(), kw, backend="reference")
         _run_cuda_step(got, kw)
         assert_step_matches(got, want)
         # Start the next step from identical state: a 1-ulp rounding difference in a bf16 moment
@@ -437,19 +488,19 @@ def test_fused_step_matches_reference(device, config, param_dtype, state_dtype):
         got = want.clone()
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_step_fp32_state_bf16_fisher(device):
     conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
     kw = _step_kwargs(conf, device)
     want = _make(conf, [5, 4099], device, torch.bfloat16, torch.float32, torch.bfloat16)
     got = want.clone()
-    ops.fused_step(*want.lists(), **kw, backend="reference")
+    run_step(want.lists(), kw, backend="reference")
     _run_cuda_step(got, kw)
     assert_step_matches(got, want)
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_found_inf_changes_nothing(device):
     conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
@@ -463,7 +514,7 @@ def test_found_inf_changes_nothing(device):
             assert (a is None and b is None) or torch.equal(a, b), name
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
 def test_frozen_elements_keep_their_bits(device, param_dtype):
@@ -480,7 +531,7 @@ def test_frozen_elements_keep_their_bits(device, param_dtype):
     want.masks[1] = torch.zeros_like(want.params[1], dtype=torch.bool)
     got = want.clone()
     before = want.clone()
-    ops.fused_step(*want.lists(), **kw, backend="reference")
+    run_step(want.lists(), kw, backend="reference")
     _run_cuda_step(got, kw)
     assert_step_matches(got, want)
     for i in poisoned:
@@ -491,7 +542,7 @@ def test_frozen_elements_keep_their_bits(device, param_dtype):
         assert torch.equal(getattr(got, name)[1], getattr(before, name)[1]), name
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_many_tensors_in_one_call(device):
     """More tensors than one kernel argument table holds (24), zero-size ones included: their
@@ -505,12 +556,12 @@ def test_many_tensors_in_one_call(device):
     kw = _step_kwargs(conf, device)
     want = _make(conf, sizes, device, torch.float32, torch.float32)
     got = want.clone()
-    ops.fused_step(*want.lists(), **kw, backend="reference")
+    run_step(want.lists(), kw, backend="reference")
     _run_cuda_step(got, kw)
     assert_step_matches(got, want)
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_misaligned_and_noncontiguous_params(device):
     """A view at an odd storage offset takes the scalar path; a transposed param is stepped
@@ -527,7 +578,7 @@ def test_misaligned_and_noncontiguous_params(device):
     got.params[0] = base.clone()[1:]
     got.params[1] = want.params[1].t().clone().t()
     assert not got.params[1].is_contiguous()
-    ops.fused_step(*want.lists(), **kw, backend="reference")
+    run_step(want.lists(), kw, backend="reference")
     _run_cuda_step(got, kw)
     assert_step_matches(got, want)
 
@@ -535,7 +586,7 @@ def test_misaligned_and_noncontiguous_params(device):
 # ------------------------------------------------------------------------- fisher_accumulate/score
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fisher_dtype", STATE_DTYPES, ids=str)
 @pytest.mark.parametrize("grad_dtype", PARAM_DTYPES, ids=str)
@@ -568,7 +619,7 @@ def _score_scale(directions, grads, fishers) -> torch.Tensor:
     return torch.stack([dot, weighted]).cpu()
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtypes", [
     (torch.float32, torch.float32, torch.float32),
@@ -588,7 +639,7 @@ def test_fisher_score_matches_reference_and_is_deterministic(device, dtypes):
     assert torch.equal(got, again)  # fixed-order reduction: bit for bit
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_fisher_score_mixed_dtypes_and_empty(device):
     directions, grads, fishers = _score_inputs(device, [5, 100], torch.float32, torch.float32,
@@ -614,7 +665,7 @@ def _direct_step_args(device="cpu"):
     return inputs, kwargs
 
 
-@needs_extension
+@needs_cuda_kernels
 @pytest.mark.parametrize("mutate, message", [
     (lambda i: i.grads.__setitem__(0, i.grads[0].double()),
      r"grads\[0\] has dtype Double but params\[0\] has Float"),
@@ -638,30 +689,33 @@ def _direct_step_args(device="cpu"):
      r"params\[0\] has dtype Double; supported: float32, bfloat16, float16"),
 ])
 def test_fused_step_errors_name_the_tensor(mutate, message):
+    # The CUDA binding's checks, on CPU tensors through the emulation (the native CPU op shares
+    # them but steps non-contiguous tensors itself: tests/backends/test_cpu.py).
     inputs, kwargs = _direct_step_args()
     mutate(inputs)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.fisherforget_C.fused_step(*inputs.lists(), **kwargs)
+        torch.ops.fisherforget_C.emulated_fused_step(*inputs.lists(), **kwargs)
 
 
-@needs_extension
+@needs_cuda_kernels
 def test_other_errors_name_the_problem():
     inputs, kwargs = _direct_step_args()
     with pytest.raises(RuntimeError, match="fisher_mode must be 'ema', 'mean', 'sum' or None"):
-        torch.ops.fisherforget_C.fused_step(*inputs.lists(), **dict(kwargs, fisher_mode="max"))
+        torch.ops.fisherforget_C.emulated_fused_step(*inputs.lists(),
+                                                     **dict(kwargs, fisher_mode="max"))
     with pytest.raises(RuntimeError, match="freeze_above needs the fishers list"):
         lists = inputs.lists()
         lists[5], lists[8] = [], []
-        torch.ops.fisherforget_C.fused_step(*lists, **dict(kwargs, freeze_above=1.0))
+        torch.ops.fisherforget_C.emulated_fused_step(*lists, **dict(kwargs, freeze_above=1.0))
     with pytest.raises(RuntimeError, match="lr_tensor must be a floating-point tensor"):
-        torch.ops.fisherforget_C.fused_step(
+        torch.ops.fisherforget_C.emulated_fused_step(
             *inputs.lists(), **dict(kwargs, lr_tensor=torch.tensor(1)))
     with pytest.raises(RuntimeError, match=r"grads has 1 tensors, expected 2 \(one per fisher\)"):
-        torch.ops.fisherforget_C.fisher_accumulate(
+        torch.ops.fisherforget_C.emulated_fisher_accumulate(
             [torch.ones(3), torch.ones(3)], [torch.ones(3)], alpha=1.0, beta=1.0, grad_scale=None)
     with pytest.raises(RuntimeError, match=r"fishers\[0\] has dtype Half"):
-        torch.ops.fisherforget_C.fisher_score([torch.ones(3)], [torch.ones(3)],
-                                              [torch.ones(3, dtype=torch.half)])
+        torch.ops.fisherforget_C.emulated_fisher_score([torch.ones(3)], [torch.ones(3)],
+                                                       [torch.ones(3, dtype=torch.half)])
     if HAS_GPU:
         with pytest.raises(RuntimeError, match=r"grads\[0\] is on cpu but the tensors must all"):
             torch.ops.fisherforget_C.fisher_accumulate(
@@ -693,7 +747,7 @@ def test_torch_compile_traces_the_ops():
     got = want.clone()
 
     def step_and_score(inputs):
-        cuda_backend.fused_step(*inputs.lists(), **kw)
+        _run_cuda_step(inputs, kw)
         return cuda_backend.fisher_score(inputs.exp_avgs, inputs.grads, inputs.fishers)
 
     expected = step_and_score(want)
@@ -714,8 +768,8 @@ def test_gpu_fused_step_2_pow_28_elements():
     want = StepInputs([2**28], "cuda", torch.bfloat16, torch.float32, amsgrad=False, masks=True)
     got = want.clone()
     kw["amsgrad"] = False
-    ops.fused_step(*want.lists(), **kw, backend="reference")
-    ops.fused_step(*got.lists(), **kw, backend="cuda")
+    run_step(want.lists(), kw, backend="reference")
+    run_step(got.lists(), kw, backend="cuda")
     assert_step_matches(got, want)
     del want, got
     torch.cuda.empty_cache()
@@ -751,8 +805,8 @@ def test_gpu_results_identical_run_to_run():
     kw = _step_kwargs(conf, "cuda")
     first = _make(conf, [7, 4097, 2**20 + 3], "cuda", torch.bfloat16, torch.bfloat16)
     second = first.clone()
-    ops.fused_step(*first.lists(), **kw, backend="cuda")
-    ops.fused_step(*second.lists(), **kw, backend="cuda")
+    run_step(first.lists(), kw, backend="cuda")
+    run_step(second.lists(), kw, backend="cuda")
     for name in StepInputs.LISTS:
         for a, b in zip(getattr(first, name), getattr(second, name)):
             assert (a is None and b is None) or torch.equal(a, b), name
@@ -772,16 +826,16 @@ def test_gpu_cuda_graph_capture_of_a_step():
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the graph, as for any capture
         scratch = want.clone()
-        ops.fused_step(*scratch.lists(), **kw, backend="cuda")
+        run_step(scratch.lists(), kw, backend="cuda")
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ops.fused_step(*got.lists(), **kw, backend="cuda")
+        run_step(got.lists(), kw, backend="cuda")
     for replay, (lr, skip) in enumerate([(3e-2, 0.0), (1e-2, 0.0), (1e-2, 1.0), (5e-3, 0.0)]):
         kw["lr"].fill_(lr)
         kw["found_inf"].fill_(skip)
         graph.replay()
-        ops.fused_step(*want.lists(), **kw, backend="reference")
+        run_step(want.lists(), kw, backend="reference")
         torch.cuda.synchronize()
         assert_step_matches(got, want)
     assert got.steps[0].item() == want.steps[0].item()
@@ -827,7 +881,7 @@ def test_gpu_jit_build_on_a_clean_cache(tmp_path):
     script = textwrap.dedent("""
         import torch
         from fisherforget import ops
-        from fisherforget.backends import cuda_jit
+        from fisherforget.backends.cuda import jit as cuda_jit
         build_dir = cuda_jit.load()
         print("built in", build_dir)
         info = torch.ops.fisherforget_C.build_info()

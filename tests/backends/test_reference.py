@@ -39,12 +39,9 @@ def test_fused_step_list_contract_is_checked_for_every_backend():
     g = [torch.randn(3)]
     m, v = [torch.zeros(3)], [torch.zeros(3)]
     steps = [torch.zeros(())]
-    common = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
-                  maximize=False, fisher_beta=0.9, freeze_below=None)
     with pytest.raises(ValueError, match="fishers is empty, but fisher_mode"):
-        ops.fused_step(p, g, m, v, [], [], [None], steps, [], fisher_mode="ema",
-                       fisher_scale=0.0, freeze_above=None, **common)
+        ops.fused_step(ops.StepTensors(p, g, m, v, [], [], [None], steps, []),
+                       ops.StepHyper(lr=1e-3, fisher_mode="ema"))
     with pytest.raises(ValueError, match="masks has 0 entries, params 1"):
-        ops.fused_step(p, g, m, v, [], [], [], steps, [], fisher_mode=None, fisher_scale=0.0,
-                       freeze_above=None, **common)
+        ops.fused_step(ops.StepTensors(p, g, m, v, [], [], [], steps, []), ops.StepHyper(lr=1e-3))
     assert steps[0].item() == 0

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from fisherforget import FisherAdamW, backends, ops
+from step_cases import run_step
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -37,7 +38,7 @@ if not backends.runs_on("triton", DEVICE):  # pragma: no cover
     pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)",
                 allow_module_level=True)
 
-from fisherforget.backends import triton as triton_backend  # noqa: E402
+from fisherforget.backends.triton import ops as triton_backend  # noqa: E402
 
 kernels = triton_backend.load_kernels()
 from fisherforget.kernels import fisher as fisher_kernels  # noqa: E402
@@ -151,8 +152,8 @@ def run_both(bucket, **overrides):
     """Run reference and triton on clones of ``bucket``; return (reference, triton) buckets."""
     hyper = dict(HYPER, **overrides)
     expected, actual = clone_bucket(bucket), clone_bucket(bucket)
-    ops.fused_step(*expected.values(), **hyper, backend="reference")
-    ops.fused_step(*actual.values(), **hyper, backend="triton")
+    run_step(expected.values(), hyper, backend="reference")
+    run_step(actual.values(), hyper, backend="triton")
     return expected, actual
 
 
@@ -308,8 +309,8 @@ def test_fused_step_non_contiguous_tensors():
     untouched = base_params[1][:, 1::3].clone()
 
     expected = clone_bucket(bucket)
-    ops.fused_step(*expected.values(), **dict(HYPER, amsgrad=True), backend="reference")
-    ops.fused_step(*bucket.values(), **dict(HYPER, amsgrad=True), backend="triton")
+    run_step(expected.values(), dict(HYPER, amsgrad=True), backend="reference")
+    run_step(bucket.values(), dict(HYPER, amsgrad=True), backend="triton")
     assert_buckets_match(expected, bucket)
     # The views were updated in place, their neighbours in the storage were not.
     assert views[0].data_ptr() == base_params[0].data_ptr()
@@ -353,8 +354,8 @@ def test_writes_stay_inside_each_tensor(aligned):
         gaps[name] = gap
     expected = clone_bucket(bucket)
     hyper = dict(HYPER, amsgrad=True, freeze_above=100.0)  # (a gap's F = 7 must not freeze)
-    ops.fused_step(*expected.values(), **hyper, backend="reference")
-    ops.fused_step(*bucket.values(), **hyper, backend="triton")
+    run_step(expected.values(), hyper, backend="reference")
+    run_step(bucket.values(), hyper, backend="triton")
     assert_buckets_match(expected, bucket)
     for name, buffer in buffers.items():
         assert bool((buffer[gaps[name]] == POISON).all()), f"{name}: a gap was written"
@@ -409,15 +410,15 @@ def _error_cases():
     case("grad_shape", lambda b: b["grads"].__setitem__(1, b["grads"][1][:3]),
          r"grads\[1\] has shape")
     case("mask_dtype", lambda b: b["masks"].__setitem__(0, torch.ones(7, device=DEVICE)),
-         r"masks\[0\] has dtype")
+         r"masks\[0\] must be a bool tensor")
     case("step_dtype", lambda b: b["steps"].__setitem__(1, b["steps"][1].double()),
-         r"steps\[1\] must be float32")
+         r"steps\[1\] must be a 0-dim float32 tensor, got shape \(\) and dtype torch.float64")
     case("step_shape", lambda b: b["steps"].__setitem__(0, torch.zeros(1, device=DEVICE)),
-         r"steps\[0\] must be a 0-dim tensor")
+         r"steps\[0\] must be a 0-dim float32 tensor, got shape \(1,\)")
     case("missing_fishers", lambda b: b["fishers"].clear(), "fishers is empty")
     case("missing_max_exp_avg_sqs", lambda b: b["max_exp_avg_sqs"].pop(),
          "max_exp_avg_sqs has 1 entries", amsgrad=True)
-    case("bad_mode", lambda b: None, "fisher_mode must be one of", fisher_mode="median")
+    case("bad_mode", lambda b: None, "Invalid fisher: 'median'", fisher_mode="median")
     case("grad_scale_shape", lambda b: None, "grad_scale must hold one value",
          grad_scale=torch.ones(2, device=DEVICE))
     return bucket, cases
@@ -432,7 +433,7 @@ def test_fused_step_rejects_bad_input_and_changes_nothing(change, match, hyper):
     change(bucket)
     before = clone_bucket(bucket)
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
-        ops.fused_step(*bucket.values(), **dict(HYPER, **hyper), backend="triton")
+        run_step(bucket.values(), dict(HYPER, **hyper), backend="triton")
     for name, values in before.items():
         for i, t in enumerate(values):
             if isinstance(t, torch.Tensor):
@@ -444,7 +445,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     bucket = random_bucket([3])
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="cannot run on cpu tensors"):
-        ops.fused_step(*bucket.values(), **HYPER, backend="triton")
+        run_step(bucket.values(), HYPER, backend="triton")
 
 
 def test_fisher_ops_reject_bad_input():
@@ -454,7 +455,7 @@ def test_fisher_ops_reject_bad_input():
     with pytest.raises(ValueError, match=r"grads\[0\] has shape"):
         ops.fisher_accumulate(f, [torch.rand(4, device=DEVICE)], alpha=1.0, beta=1.0,
                               backend="triton")
-    with pytest.raises(ValueError, match="one entry per tensor"):
+    with pytest.raises(ValueError, match="fishers has 0 entries, grads 1"):
         ops.fisher_score(f, f, [], backend="triton")
     with pytest.raises(TypeError, match=r"grads\[0\] has dtype torch.float64"):
         ops.fisher_score(f, [f[0].double()], f, backend="triton")
@@ -564,19 +565,16 @@ def test_fisher_score_empty_and_zero_sized():
 # -------------------------------------------------------------------- tables and kernels
 
 
-def test_tables_written_by_kernels_equal_the_copied_tables():
-    # The CUDA-graph path writes the tables with kernels; it must produce the same bytes.
+def test_tables_hold_every_tensor_and_chunk():
     rng = torch.Generator().manual_seed(3)
     rows = [[int(x) for x in torch.randint(1, 2**40, (9,), generator=rng)] + [n]
             for n in (1, 5000, 0, 70000, 33)]
     columns = [list(column) for column in zip(*rows)]
-    copied = multi_tensor.build_tables(columns, 4096, DEVICE, aligned=True, via_kernels=False)
-    written = multi_tensor.build_tables(columns, 4096, DEVICE, aligned=True, via_kernels=True)
-    assert copied.n_chunks == written.n_chunks == 1 + 2 + 0 + 18 + 1
-    assert torch.equal(copied.tensors.cpu(), written.tensors.cpu())
-    assert torch.equal(copied.chunks.cpu(), written.chunks.cpu())
+    tables = multi_tensor.build_tables(columns, 4096, DEVICE, aligned=True)
+    assert tables.n_chunks == 1 + 2 + 0 + 18 + 1
+    assert tables.tensors.cpu().tolist()[:50] == [v for row in rows for v in row]
     # chunk -> (tensor, chunk within the tensor)
-    chunks = copied.chunks.cpu()
+    chunks = tables.chunks.cpu()
     assert [int(c >> 32) for c in chunks[:4]] == [0, 1, 1, 3]
     assert [int(c & 0xFFFFFFFF) for c in chunks[3:6]] == [0, 1, 2]
 
@@ -624,7 +622,8 @@ def test_hyperparameters_are_runtime_arguments(kernel):
 
 def test_compiles_for_hopper_with_16_byte_accesses():
     """Compile the kernels for sm_90 without a GPU (Triton ships ptxas) and check the fused
-    step uses 16-byte loads and stores, spills nothing, and has no float atomics anywhere."""
+    step uses 16-byte loads and stores, spills nothing, contracts no fp32 multiply-add, and has
+    no float atomics anywhere."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(
         [str(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))]
@@ -646,6 +645,10 @@ def test_compiles_for_hopper_with_16_byte_accesses():
         assert variant["float_atomics"] == 0, variant
         if variant["kernel"] in ("_fused_step_kernel", "_fisher_accumulate_kernel"):
             assert variant["shared_bytes"] == 0, variant  # no layout conversions
+            # Each fp32 operation rounded on its own, as in the reference and the interpreter:
+            # a contracted a*F + b*g^2 moves F by 1 ulp and can flip a freeze threshold.
+            # (Compiled with fusion on, the fp32 Fisher step has 112 of these.)
+            assert variant["fp32_fma"] == 0, variant
         # (The score kernels' block reductions use a few bytes of shared memory.)
         # Every wide operand is read with vector accesses (16 bytes, 8 for 16-bit operands
         # beside fp32 ones), and written so unless per-element freezing masks the stores.
@@ -707,7 +710,9 @@ def test_auto_backend_selection():
     if HAS_CUDA:
         expected = "cuda" if backends.is_available("cuda") else "triton"
         assert backends.resolve("auto", torch.device("cuda"), torch.float32) == expected
-    assert backends.resolve("auto", torch.device("cpu"), torch.float32) == "reference"
+    # CPU tensors go to the extension's CPU kernels where it loads (tests/backends/test_cpu.py).
+    cpu_expected = "cpu" if backends.is_available("cpu") else "reference"
+    assert backends.resolve("auto", torch.device("cpu"), torch.float32) == cpu_expected
     assert backends.resolve("auto", torch.device("cpu"), torch.float64) == "reference"
     assert triton_backend.supports_device(torch.device("cuda"))
 
@@ -776,8 +781,7 @@ def test_cuda_graph_capture_with_tensor_lr():
 
 @pytest.mark.cuda
 def test_cuda_changing_hyperparameters_never_recompiles():
-    all_kernels = [step_kernels._fused_step_kernel, step_kernels._advance_counters_kernel,
-                   multi_tensor._write_values_kernel]
+    all_kernels = [step_kernels._fused_step_kernel, step_kernels._advance_counters_kernel]
 
     def compiled():
         return sum(len(cache[0]) for k in all_kernels for cache in k.device_caches.values())
@@ -801,3 +805,89 @@ def test_cuda_changing_hyperparameters_never_recompiles():
         opt.step()
     torch.cuda.synchronize()
     assert compiled() == before, "changing hyperparameters recompiled a kernel"
+
+
+# ------------------------------------------------------------- aligned and misaligned launches
+
+
+class _LaunchRecorder:
+    """Stands in for a jit kernel: records each launch's grid and ALIGNED, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid[0], kwargs["ALIGNED"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _misalign(tensors, i):
+    """Tensor i becomes a contiguous view one element past a 16-byte boundary, same values."""
+    t = tensors[i]
+    base = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    base[1:] = t.reshape(-1)
+    tensors[i] = base[1:].view(t.shape)
+    assert tensors[i].data_ptr() % 16 != 0
+
+
+@pytest.mark.parametrize("misaligned", ["param", "grad", "fisher"])
+def test_one_misaligned_tensor_does_not_drop_vector_access_for_the_bucket(monkeypatch, misaligned):
+    """An offset view (a DDP bucket view, a fused-QKV slice) gets its own launch; the rest of
+    the bucket keeps ALIGNED (16-byte accesses, checked by the compile report), and the results
+    are the reference's."""
+    sizes = [300, 4097, 7, 2048]
+    bucket = random_bucket(sizes, mask_every=2)
+    _misalign(bucket[{"param": "params", "grad": "grads", "fisher": "fishers"}[misaligned]], 1)
+    recorder = _LaunchRecorder(step_kernels._fused_step_kernel)
+    monkeypatch.setattr(step_kernels, "_fused_step_kernel", recorder)
+    # (Not run_both: its clones would be aligned again.)
+    expected, actual = clone_bucket(bucket), bucket
+    hyper = dict(HYPER, fisher_mode="mean")
+    run_step(expected.values(), hyper, backend="reference")
+    run_step(actual.values(), hyper, backend="triton")
+    assert_buckets_match(expected, actual)
+    block = multi_tensor.launch_config([4097], DEVICE).block
+    chunks = lambda ns: sum(-(-n // block) for n in ns)  # noqa: E731 (interpreter: 1 block/chunk)
+    assert sorted(recorder.launches) == sorted([(chunks([300, 7, 2048]), True),
+                                                (chunks([4097]), False)])
+    # All aligned: one launch.
+    recorder.launches.clear()
+    run_both(random_bucket(sizes), fisher_mode="mean")
+    assert recorder.launches == [(chunks(sizes), True)]
+
+
+def test_accumulate_and_score_split_misaligned_tensors(monkeypatch):
+    fishers = [torch.rand(n, device=DEVICE) + 0.1 for n in (300, 4097, 7)]
+    grads = [torch.randn(n, device=DEVICE) for n in (300, 4097, 7)]
+    _misalign(grads, 2)
+    directions = [torch.randn_like(g) for g in grads]
+    recorders = {}
+    for name in ("_fisher_accumulate_kernel", "_fisher_score_kernel"):
+        recorders[name] = _LaunchRecorder(getattr(fisher_kernels, name))
+        monkeypatch.setattr(fisher_kernels, name, recorders[name])
+    expected = ops.fisher_score(directions, grads, fishers, backend="reference")
+    _assert_score_close(ops.fisher_score(directions, grads, fishers, backend="triton"), expected)
+    want = [f.clone() for f in fishers]
+    ops.fisher_accumulate(want, grads, alpha=0.5, beta=0.5, backend="reference")
+    ops.fisher_accumulate(fishers, grads, alpha=0.5, beta=0.5, backend="triton")
+    for i, (a, e) in enumerate(zip(fishers, want)):
+        assert_matches(a, e, f"fishers[{i}]")
+    for recorder in recorders.values():
+        assert sorted(aligned for _, aligned in recorder.launches) == [False, True]
+
+
+def test_a_cpu_lr_tensor_under_graph_capture_is_refused_with_the_fix(monkeypatch):
+    """A CPU 0-dim lr would be copied from pageable memory at every step: not capturable, so
+    the glue says what to pass instead (before any copy is attempted: no GPU needed here)."""
+    from fisherforget.backends.staging import ScalarOnDevice
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"lr is a CPU tensor, but a CUDA graph is being "
+                                           r"captured: pass it as a 0-dim tensor on cuda:0"):
+        ScalarOnDevice(torch.tensor(0.1), "lr").on(torch.device("cuda:0"))
+    # Not capturing, or already on the device's kind: no complaint.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert ScalarOnDevice(torch.tensor(0.1), "lr").on(torch.device("cpu")).item() == \
+        pytest.approx(0.1)

@@ -16,7 +16,7 @@ WORKLOADS = "flat-1000,many-small-3x100"
 ELEMENTS = {"flat-1000": 1000, "many-small-3x100": 300}
 TENSORS = {"flat-1000": 1, "many-small-3x100": 3}
 
-# Minimum bytes per element (DESIGN section 5), by benchmark / dtype / setting / variant.
+# Minimum bytes per element (docs/benchmarks.md), by benchmark / dtype / setting / variant.
 STEP_BYTES = {
     ("fp32", "off"): 28, ("fp32", "fisher"): 36, ("fp32", "fisher+mask"): 37,
     ("bf16", "off"): 22, ("bf16", "fisher"): 30, ("bf16", "fisher+mask"): 31,

@@ -1,7 +1,7 @@
 """Forgetting-confidence scoring split over ranks: ``shard_range`` splits the samples,
 ``gather_scores`` assembles the scores on every rank, and every rank selects the same samples.
 
-The scores are the forgetting confidence of DESIGN section 2 built from ``ops.fisher_score``
+The scores are the forgetting confidence of docs/design.md built from ``ops.fisher_score``
 (``FC(s) = -(eta <gbar, g_s> + eta^2/2 sum F g_s^2)``) on per-sample gradients of a small model.
 """
 

@@ -5,7 +5,7 @@ Two users:
 * ``setup.py`` loads this file by path (it imports nothing from ``fisherforget``) to find
   ``CUDA_HOME`` and the architectures when it prebuilds ``fisherforget._C``;
 * the ``cuda`` backend calls :func:`load` when no prebuilt ``fisherforget._C`` imports but a GPU is
-  visible: the same sources are compiled with ``torch.utils.cpp_extension.load`` (ninja) into a
+  visible: the same sources (the CPU kernels included) are compiled with ``torch.utils.cpp_extension.load`` (ninja) into a
   cache directory on first use and loaded from there afterwards.
 
 Environment variables:
@@ -18,7 +18,8 @@ Environment variables:
 ``CUDA_HOME`` / ``CUDA_PATH``
     the toolkit folder (the one holding ``bin/nvcc``); found from ``nvcc`` otherwise.
 ``TORCH_CUDA_ARCH_LIST``
-    architectures to compile for (default: the visible GPUs, else ``8.0;9.0+PTX``).
+    architectures to compile for (default: the visible GPUs, else ``8.0;9.0+PTX``, either limited
+    to what ``nvcc --list-gpu-arch`` lists).
 ``MAX_JOBS``
     parallel compile jobs (ninja).
 """
@@ -36,11 +37,19 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-# Compiled when no GPU is visible: A100 and H100, plus PTX so newer GPUs can JIT the sm_90 code.
+# Compiled when no GPU is visible: A100 and H100, plus PTX so newer GPUs can JIT the sm_90 code;
+# filtered by what the toolkit supports (:func:`arch_list`).
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
-# The translation units of the extension, in csrc/ (headers: *.h, *.cuh).
-SOURCES = (
+# The translation units of the extension, relative to csrc/ (headers: *.h, *.cuh). A CPU-only build
+# (no nvcc, or torch without CUDA) compiles CPU_SOURCES; a CUDA build (and the JIT) compiles all.
+CPU_SOURCES = (
     "bindings.cpp",
+    "bindings_python.cpp",
+    "cpu/kernels.cpp",
+    "cpu/kernels_avx2.cpp",
+)
+CUDA_SOURCES = (
+    "bindings_cuda.cpp",
     "fused_step.cu",
     "fused_step_f32.cu",
     "fused_step_bf16.cu",
@@ -48,9 +57,18 @@ SOURCES = (
     "fisher_accumulate.cu",
     "fisher_score.cu",
 )
+SOURCES = CPU_SOURCES + CUDA_SOURCES
 SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
-EXTRA_CFLAGS = ["-O3"]
+# -ffp-contract=off: the kernels round every fp32 operation as the reference backend does (an
+# implicitly fused multiply-add would not); the fused ones are written as explicit fma calls.
+# OpenMP: at::parallel_for (ATen's threads are OpenMP) is inline, so the extension itself must be
+# compiled with it, or it runs on one thread; the runtime is the one torch already loaded.
+_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+EXTRA_CFLAGS = ["-O3", "-ffp-contract=off"] + _OPENMP
+EXTRA_LDFLAGS = list(_OPENMP)
 EXTRA_CUDA_CFLAGS = ["-O3"]
+# Defined in builds that include the CUDA kernels (bindings.cpp reports them in build_info).
+CUDA_DEFINE = "-DFISHERFORGET_WITH_CUDA"
 JIT_LIBRARY_NAME = "fisherforget_C_jit"
 
 
@@ -192,8 +210,45 @@ def ensure_ninja_on_path() -> bool:
     return False
 
 
-def arch_list() -> tuple[str, str]:
-    """``(TORCH_CUDA_ARCH_LIST value, where it came from)``."""
+def supported_archs(home: str) -> Optional[list[tuple[int, int]]]:
+    """The virtual architectures ``<home>/bin/nvcc --list-gpu-arch`` supports, e.g. [(7, 5), ...,
+    (12, 1)], or None when it cannot tell (an old nvcc without the option)."""
+    try:
+        result = subprocess.run([str(Path(home) / "bin" / "nvcc"), "--list-gpu-arch"],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = sorted({(int(m.group(1)) // 10, int(m.group(1)) % 10)
+                    for m in re.finditer(r"compute_(\d+)", result.stdout)})
+    return found if result.returncode == 0 and found else None
+
+
+def _parse_arch(arch: str) -> tuple[int, int]:
+    major, minor = arch.replace("+PTX", "").split(".")
+    return int(major), int(minor)
+
+
+def _filter_archs(archs: list[str], supported: list[tuple[int, int]]) -> list[str]:
+    """``archs`` (``"8.0"``, ...) that nvcc supports, the last with +PTX; when none is, the
+    newest supported architecture below the lowest requested one, else the oldest supported."""
+    kept = [a.replace("+PTX", "") for a in archs if _parse_arch(a) in supported]
+    if not kept:
+        lowest = min(_parse_arch(a) for a in archs)
+        below = [s for s in supported if s <= lowest]
+        major, minor = below[-1] if below else supported[0]
+        kept = [f"{major}.{minor}"]
+    kept[-1] += "+PTX"
+    return kept
+
+
+def arch_list(home: Optional[str] = None) -> tuple[str, str]:
+    """``(TORCH_CUDA_ARCH_LIST value, where it came from)``.
+
+    ``$TORCH_CUDA_ARCH_LIST`` is used as given. Otherwise the visible GPUs (clamped to the newest
+    architecture torch supports), else :data:`DEFAULT_ARCH_LIST`; with the toolkit ``home``, these
+    are filtered by what its nvcc supports (``nvcc --list-gpu-arch``: CUDA 11.7 has no sm_90), so
+    that a default never asks for an architecture the compiler rejects.
+    """
     value = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if value:
         return value, "$TORCH_CUDA_ARCH_LIST"
@@ -210,8 +265,17 @@ def arch_list() -> tuple[str, str]:
             capabilities.add(min(capability, newest) if newest else capability)
         archs = [f"{major}.{minor}" for major, minor in sorted(capabilities)]
         archs[-1] += "+PTX"
-        return ";".join(archs), "the visible GPUs"
-    return DEFAULT_ARCH_LIST, "default (no GPU visible)"
+        source = "the visible GPUs"
+    else:
+        archs = DEFAULT_ARCH_LIST.split(";")
+        source = "default (no GPU visible)"
+    by_nvcc = supported_archs(home) if home is not None else None
+    if by_nvcc is not None:
+        filtered = _filter_archs(archs, by_nvcc)
+        if filtered != archs:
+            source += f", limited to what nvcc supports ({', '.join(archs)} requested)"
+        archs = filtered
+    return ";".join(archs), source
 
 
 # ------------------------------------------------------------------------------------ JIT build
@@ -220,8 +284,8 @@ def arch_list() -> tuple[str, str]:
 def source_dir() -> Optional[Path]:
     """Where the kernel sources are: shipped in the package (``fisherforget/_csrc``, wheels) or
     the repository's ``csrc/`` (editable installs and source checkouts)."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parent.parent / "_csrc", here.parent.parent.parent / "csrc"):
+    package = Path(__file__).resolve().parents[2]  # fisherforget/backends/cuda/jit.py
+    for candidate in (package / "_csrc", package.parent / "csrc"):
         if all((candidate / name).is_file() for name in SOURCES):
             return candidate
     return None
@@ -240,10 +304,11 @@ def build_key(sources: Path, archs: str, cuda_version: str) -> str:
     import torch
 
     digest = hashlib.sha256()
-    for path in sorted(p for p in sources.iterdir() if p.suffix in SOURCE_SUFFIXES):
-        digest.update(path.name.encode())
+    for path in sorted(p for p in sources.rglob("*") if p.suffix in SOURCE_SUFFIXES):
+        digest.update(path.relative_to(sources).as_posix().encode())
         digest.update(path.read_bytes())
-    for part in (torch.__version__, cuda_version, archs, sys.version, str(EXTRA_CUDA_CFLAGS)):
+    for part in (torch.__version__, cuda_version, archs, sys.version, str(EXTRA_CFLAGS),
+                 str(EXTRA_CUDA_CFLAGS)):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -254,7 +319,7 @@ def jit_build_dir() -> Optional[Path]:
     home, _ = find_cuda_home()
     if sources is None or home is None:
         return None
-    archs, _ = arch_list()
+    archs, _ = arch_list(home)
     return cache_root() / f"cuda-{build_key(sources, archs, nvcc_version(home) or '?')}"
 
 
@@ -284,7 +349,7 @@ def load(verbose: bool = False) -> Path:
     use_cuda_home(home)  # before torch.utils.cpp_extension is imported: it reads CUDA_HOME once
     from torch.utils import cpp_extension
 
-    archs, _ = arch_list()
+    archs, _ = arch_list(home)
     build_dir = cache_root() / f"cuda-{build_key(sources, archs, nvcc_version(home) or '?')}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / f"{JIT_LIBRARY_NAME}.so").is_file():
@@ -297,8 +362,9 @@ def load(verbose: bool = False) -> Path:
             name=JIT_LIBRARY_NAME,
             sources=[str(sources / name) for name in SOURCES],
             extra_include_paths=[str(sources)],
-            extra_cflags=EXTRA_CFLAGS,
+            extra_cflags=EXTRA_CFLAGS + [CUDA_DEFINE],
             extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
+            extra_ldflags=EXTRA_LDFLAGS,
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=verbose,
@@ -306,7 +372,7 @@ def load(verbose: bool = False) -> Path:
     except Exception as exc:
         raise JitBuildError(
             f"building csrc/ with nvcc from {home} into {build_dir} failed: {exc} "
-            "(rerun with fisherforget.backends.cuda_jit.load(verbose=True) for the compiler log)"
+            "(rerun with fisherforget.backends.cuda.jit.load(verbose=True) for the compiler log)"
         ) from exc
     finally:
         if previous_archs is None:

@@ -2,7 +2,7 @@
 
 The kernels come from the prebuilt extension ``fisherforget._C`` (compiled by ``pip install``) or,
 where that does not import but a GPU and nvcc exist, from a JIT build of the same sources
-(:mod:`fisherforget.backends.cuda_jit`). Each op launches a few multi-tensor kernels per dtype
+(:mod:`fisherforget.backends.cuda.jit`). Each op launches a few multi-tensor kernels per dtype
 group (chunked address tables, as ``torch``'s fused optimizers); everything stays on the device:
 a tensor ``lr``, ``grad_scale``, ``found_inf`` and the step counts are read by the kernels.
 
@@ -19,19 +19,13 @@ import torch
 from torch import Tensor
 
 from fisherforget import ops
-from fisherforget.backends import cuda_jit
+from fisherforget.backends.cuda import jit as cuda_jit
 from fisherforget.backends.staging import ContiguousStaging
 
-# The op schemas, as registered by csrc/bindings.cpp (checked by tests/backends/test_cuda.py).
+# The extension's op schemas; fused_step's is generated from the op contract (a test compares
+# them with what csrc/bindings.cpp registers).
 SCHEMAS = {
-    "fused_step": (
-        "fisherforget_C::fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] fishers, "
-        "Tensor?[] masks, Tensor(f!)[] steps, Tensor(g!)[] fisher_counts, *, float lr, "
-        "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
-        "bool amsgrad, bool maximize, str? fisher_mode, float fisher_beta, float fisher_scale, "
-        "float? freeze_above, float? freeze_below, Tensor? grad_scale, Tensor? found_inf) -> ()"
-    ),
+    "fused_step": ops.fused_step_schema("fisherforget_C", backend_arg=False),
     "fisher_accumulate": (
         "fisherforget_C::fisher_accumulate(Tensor(a!)[] fishers, Tensor[] grads, *, float alpha, "
         "float beta, Tensor? grad_scale) -> ()"
@@ -182,53 +176,26 @@ def _on(value: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
 
 @ops.register("fused_step", "cuda")
 def fused_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    max_exp_avg_sqs: Sequence[Tensor],
-    fishers: Sequence[Tensor],
-    masks: Sequence[Optional[Tensor]],
-    steps: Sequence[Tensor],
-    fisher_counts: Sequence[Tensor],
-    *,
-    lr: Union[float, Tensor],
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    fisher_mode: Optional[str],
-    fisher_beta: float,
-    fisher_scale: float,
-    freeze_above: Optional[float],
-    freeze_below: Optional[float],
+    tensors: ops.StepTensors,
+    hyper: ops.StepHyper,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> None:
-    if len(params) == 0:
+    if len(tensors.params) == 0:
         return
-    device = params[0].device
+    device = tensors.params[0].device
     staging = ContiguousStaging()
-    lr_tensor = None
-    if isinstance(lr, Tensor):
+    kwargs = hyper.op_kwargs()
+    if kwargs["lr_tensor"] is not None:
         # Kept in its own dtype: a float64 lr keeps float64 math for 1 - lr * weight_decay; the
         # kernel widens bf16/fp16 to fp32, as the reference does.
-        lr_tensor = lr.to(device=device, non_blocking=True)
-        lr = 0.0
+        kwargs["lr_tensor"] = kwargs["lr_tensor"].to(device=device, non_blocking=True)
     torch.ops.fisherforget_C.fused_step(
-        staging.inplace(list(params)), staging.read(list(grads)),
-        staging.inplace(list(exp_avgs)), staging.inplace(list(exp_avg_sqs)),
-        staging.inplace(list(max_exp_avg_sqs)), staging.inplace(list(fishers)),
-        staging.read(list(masks)), list(steps), list(fisher_counts),
-        lr=float(lr), lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2),
-        eps=float(eps), weight_decay=float(weight_decay), amsgrad=bool(amsgrad),
-        maximize=bool(maximize), fisher_mode=fisher_mode, fisher_beta=float(fisher_beta),
-        fisher_scale=float(fisher_scale),
-        freeze_above=None if freeze_above is None else float(freeze_above),
-        freeze_below=None if freeze_below is None else float(freeze_below),
-        grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
+        staging.inplace(list(tensors.params)), staging.read(list(tensors.grads)),
+        staging.inplace(list(tensors.exp_avgs)), staging.inplace(list(tensors.exp_avg_sqs)),
+        staging.inplace(list(tensors.max_exp_avg_sqs)), staging.inplace(list(tensors.fishers)),
+        staging.read(list(tensors.masks)), list(tensors.steps), list(tensors.fisher_counts),
+        **kwargs, grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
     )
     staging.finish()
 

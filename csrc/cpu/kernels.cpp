@@ -1,0 +1,353 @@
+// The CPU kernels' driver: per-call and per-tensor constants, the split of all elements between
+// threads, the step/Fisher count increments, and the scalar inner loops (the reference loops on
+// every CPU; the AVX2 ones are in kernels_avx2.cpp).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/segments.h"
+
+namespace fisherforget {
+namespace cpu {
+namespace {
+
+// ------------------------------------------------------------------------- scalar inner loops
+struct ScalarLoops {
+  template <typename P, typename S, typename F>
+  static void step(const StepCall& call, const StepEntry& e, const TensorConsts& tc,
+                   int64_t begin, int64_t end) {
+    const math::StepFlags f = call.flags;
+    math::StepCallConsts<float> k{call.lerp_weight, call.lerp_weight_minus_1, call.beta2,
+                                  call.beta2_weight, call.eps, call.fisher_scale,
+                                  call.freeze_above, call.freeze_below, 1.0f};
+    math::StepTensorConsts<float> c{tc.decay, tc.step_size, tc.bias_correction2_sqrt,
+                                    tc.fisher_a, tc.fisher_b, call.grad_scale};
+    const bool may_freeze = e.mask != nullptr || f.freeze_above || f.freeze_below;
+    P* param = static_cast<P*>(e.param);
+    const P* grad = static_cast<const P*>(e.grad);
+    S* exp_avg = static_cast<S*>(e.exp_avg);
+    S* exp_avg_sq = static_cast<S*>(e.exp_avg_sq);
+    S* max_exp_avg_sq = static_cast<S*>(e.max_exp_avg_sq);
+    F* fisher = static_cast<F*>(e.fisher);
+    for (int64_t i = begin; i < end; ++i) {
+      float p = static_cast<float>(param[i]), m = static_cast<float>(exp_avg[i]),
+            v = static_cast<float>(exp_avg_sq[i]);
+      float vmax = f.amsgrad ? static_cast<float>(max_exp_avg_sq[i]) : 0.0f;
+      float fi = fisher != nullptr ? static_cast<float>(fisher[i]) : 0.0f;
+      const bool may_update = e.mask == nullptr || e.mask[i];
+      math::step_lane(f, k, c, may_freeze, may_update, static_cast<float>(grad[i]), p, m, v, vmax,
+                      fi);
+      param[i] = static_cast<P>(p);
+      exp_avg[i] = static_cast<S>(m);
+      exp_avg_sq[i] = static_cast<S>(v);
+      if (f.amsgrad) max_exp_avg_sq[i] = static_cast<S>(vmax);
+      if (f.accumulate) fisher[i] = static_cast<F>(fi);
+    }
+  }
+
+  template <typename F, typename G>
+  static void accumulate(const AccumulateCall& call, const AccumulateEntry& e, int64_t begin,
+                         int64_t end) {
+    F* fisher = static_cast<F*>(e.fisher);
+    const G* grad = static_cast<const G*>(e.grad);
+    for (int64_t i = begin; i < end; ++i) {
+      fisher[i] = static_cast<F>(math::accumulate_lane(call.scaled, call.grad_scale, call.alpha,
+                                                       call.beta, static_cast<float>(fisher[i]),
+                                                       static_cast<float>(grad[i])));
+    }
+  }
+
+  // Element begin + 8j + l goes to lane l; a last partial group also adds +0.0 to its missing
+  // lanes, exactly as the AVX2 loop's zero-padded tail does (so both give the same bits).
+  template <typename D, typename G, typename F>
+  static void score(const ScoreEntry& e, int64_t begin, int64_t end, double dot[8],
+                    double weighted[8]) {
+    const D* direction = static_cast<const D*>(e.direction);
+    const G* grad = static_cast<const G*>(e.grad);
+    const F* fisher = static_cast<const F*>(e.fisher);
+    for (int64_t group = begin; group < end; group += 8) {
+      for (int64_t l = 0; l < 8; ++l) {
+        const int64_t i = group + l;
+        const bool in = i < end;
+        const double g = in ? static_cast<double>(static_cast<float>(grad[i])) : 0.0;
+        const double d = in ? static_cast<double>(static_cast<float>(direction[i])) : 0.0;
+        const double f = in ? static_cast<double>(static_cast<float>(fisher[i])) : 0.0;
+        dot[l] += d * g;
+        weighted[l] += (f * g) * g;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------- instruction set choice
+enum class Isa : int { kScalar = 0, kAvx2 = 1 };
+
+bool cpu_has_avx2() {
+#if defined(FF_CPU_HAVE_AVX2) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+std::atomic<int>& isa_setting() {
+  static std::atomic<int> setting{static_cast<int>(cpu_has_avx2() ? Isa::kAvx2 : Isa::kScalar)};
+  return setting;
+}
+
+Isa current_isa() { return static_cast<Isa>(isa_setting().load(std::memory_order_relaxed)); }
+
+StepSegmentFn step_segment(Isa isa, DType p, DType s, DType f) {
+#ifdef FF_CPU_HAVE_AVX2
+  if (isa == Isa::kAvx2) return step_segment_avx2(p, s, f);
+#endif
+  return step_segment_scalar(p, s, f);
+}
+AccumulateSegmentFn accumulate_segment(Isa isa, DType f, DType g) {
+#ifdef FF_CPU_HAVE_AVX2
+  if (isa == Isa::kAvx2) return accumulate_segment_avx2(f, g);
+#endif
+  return accumulate_segment_scalar(f, g);
+}
+ScoreSegmentFn score_segment(Isa isa, DType d, DType g, DType f) {
+#ifdef FF_CPU_HAVE_AVX2
+  if (isa == Isa::kAvx2) return score_segment_avx2(d, g, f);
+#endif
+  return score_segment_scalar(d, g, f);
+}
+
+// ------------------------------------------------------------------------------ work splitting
+// Threads get contiguous ranges of all elements (the tensors in order, as one range) in units of
+// kBlock elements; below kGrain elements in all, one thread does everything (a parallel region
+// costs microseconds).
+constexpr int64_t kBlock = 64;
+constexpr int64_t kGrain = 16384;
+
+// Calls fn(entry index, begin, end) for the pieces of the tensors that overlap [first, last) of
+// the concatenated range; `offsets` are the tensors' starts in it (offsets[n] = total).
+template <typename Fn>
+void for_each_piece(const std::vector<int64_t>& offsets, int64_t first, int64_t last, Fn&& fn) {
+  int64_t i = std::upper_bound(offsets.begin(), offsets.end(), first) - offsets.begin() - 1;
+  const int64_t n = static_cast<int64_t>(offsets.size()) - 1;
+  for (; i < n && offsets[i] < last; ++i) {
+    const int64_t begin = std::max(first, offsets[i]) - offsets[i];
+    const int64_t end = std::min(last, offsets[i + 1]) - offsets[i];
+    if (begin < end) fn(i, begin, end);
+  }
+}
+
+template <typename Fn>
+void parallel_over_elements(const std::vector<int64_t>& offsets, Fn&& fn) {
+  const int64_t total = offsets.back();
+  if (total == 0) return;
+  const int64_t blocks = (total + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, kGrain / kBlock, [&](int64_t b0, int64_t b1) {
+    for_each_piece(offsets, b0 * kBlock, std::min(b1 * kBlock, total), fn);
+  });
+}
+
+float read_low_precision(const void* p, LrKind kind) {
+  switch (kind) {
+    case LrKind::kBFloat16:
+      return static_cast<float>(*static_cast<const c10::BFloat16*>(p));
+    case LrKind::kFloat16:
+      return static_cast<float>(*static_cast<const c10::Half*>(p));
+    default:
+      return *static_cast<const float*>(p);
+  }
+}
+
+}  // namespace
+
+StepSegmentFn step_segment_scalar(DType param, DType state, DType fisher) {
+  return pick_step<ScalarLoops>(param, state, fisher);
+}
+AccumulateSegmentFn accumulate_segment_scalar(DType fisher, DType grad) {
+  return pick_accumulate<ScalarLoops>(fisher, grad);
+}
+ScoreSegmentFn score_segment_scalar(DType direction, DType grad, DType fisher) {
+  return pick_score<ScalarLoops>(direction, grad, fisher);
+}
+
+const char* isa() { return current_isa() == Isa::kAvx2 ? "avx2" : "scalar"; }
+
+bool set_isa(const char* name) {
+  if (std::strcmp(name, "scalar") == 0) {
+    isa_setting().store(static_cast<int>(Isa::kScalar));
+    return true;
+  }
+  if (std::strcmp(name, "avx2") == 0 && cpu_has_avx2()) {
+    isa_setting().store(static_cast<int>(Isa::kAvx2));
+    return true;
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------------------------- fused step
+
+void fused_step(const StepEntry* entries, int64_t n, const StepSettings& s) {
+  if (n == 0) return;
+  if (s.found_inf != nullptr && *s.found_inf > 0.0f) return;  // a skipped step changes nothing
+
+  StepCall call;
+  call.flags.scaled_grad = s.grad_scale != nullptr;
+  call.flags.maximize = s.maximize;
+  call.flags.accumulate = s.has_fisher && s.fisher_mode != FisherMode::kNone;
+  call.flags.freeze_above = s.has_freeze_above;
+  call.flags.freeze_below = s.has_freeze_below;
+  call.flags.amsgrad = s.amsgrad;
+  call.flags.fisher_scale = s.has_fisher && s.fisher_scale != 0.0;
+  // torch's lerp takes its weight in fp32 and picks a formula by |weight| < 0.5.
+  call.lerp_weight = static_cast<float>(1.0 - s.beta1);
+  call.flags.lerp_small = std::fabs(call.lerp_weight) < 0.5f;
+  call.lerp_weight_minus_1 = call.lerp_weight - 1.0f;
+  call.beta2 = static_cast<float>(s.beta2);
+  call.beta2_weight = static_cast<float>(1.0 - s.beta2);
+  call.eps = static_cast<float>(s.eps);
+  call.fisher_scale = static_cast<float>(s.fisher_scale);
+  call.freeze_above = static_cast<float>(s.freeze_above);
+  call.freeze_below = static_cast<float>(s.freeze_below);
+  call.grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
+
+  // The learning rate, and 1 - lr * weight_decay rounded as the reference rounds it: in double
+  // for a Python float or a float64 tensor, in fp32 for an fp32 tensor (bf16/fp16 widened first).
+  double lr = s.lr;
+  float decay;
+  if (s.lr_kind == LrKind::kHost || s.lr_kind == LrKind::kFloat64) {
+    if (s.lr_kind == LrKind::kFloat64) lr = *static_cast<const double*>(s.lr_tensor);
+    decay = static_cast<float>(1.0 - lr * s.weight_decay);
+  } else {
+    const float value = read_low_precision(s.lr_tensor, s.lr_kind);
+    lr = value;
+    decay = 1.0f - value * static_cast<float>(s.weight_decay);
+  }
+
+  // Per tensor: constants from its counts (pow only when the step differs from the previous
+  // tensor's, as it rarely does), the inner loop for its dtypes, its start in the element range.
+  struct Work {
+    TensorConsts consts;
+    StepSegmentFn fn;
+  };
+  std::vector<Work> work(static_cast<size_t>(n));
+  std::vector<int64_t> offsets(static_cast<size_t>(n) + 1);
+  const Isa isa = current_isa();
+  const float fisher_a = s.fisher_mode == FisherMode::kEma ? static_cast<float>(s.fisher_beta)
+                                                           : 1.0f;
+  const float fisher_b =
+      s.fisher_mode == FisherMode::kEma ? static_cast<float>(1.0 - s.fisher_beta) : 1.0f;
+  float last_step = -1.0f;
+  double bias_correction1 = 1.0;
+  float bias_correction2_sqrt = 1.0f;
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const StepEntry& e = entries[i];
+    Work& w = work[static_cast<size_t>(i)];
+    const float t = *e.step + 1.0f;  // the step count after this step (fp32, as the reference)
+    if (t != last_step) {
+      last_step = t;
+      bias_correction1 = 1.0 - std::pow(s.beta1, static_cast<double>(t));
+      bias_correction2_sqrt =
+          static_cast<float>(std::sqrt(1.0 - std::pow(s.beta2, static_cast<double>(t))));
+    }
+    w.consts.decay = decay;
+    w.consts.step_size = static_cast<float>(lr / bias_correction1);
+    w.consts.bias_correction2_sqrt = bias_correction2_sqrt;
+    w.consts.fisher_a = fisher_a;
+    w.consts.fisher_b = fisher_b;
+    if (call.flags.accumulate && s.fisher_mode == FisherMode::kMean) {
+      // n = count + 1 accumulations including this one: F = (n-1)/n * F + 1/n * g^2.
+      const float count = *e.fisher_count + 1.0f;
+      w.consts.fisher_a = (count - 1.0f) / count;
+      w.consts.fisher_b = 1.0f / count;
+    }
+    w.fn = step_segment(isa, e.param_dtype, e.state_dtype, e.fisher_dtype);
+    offsets[static_cast<size_t>(i)] = total;
+    total += e.numel;
+  }
+  offsets[static_cast<size_t>(n)] = total;
+  // Every constant above was computed from the old counts: advance them now.
+  for (int64_t i = 0; i < n; ++i) {
+    *entries[i].step += 1.0f;
+    if (call.flags.accumulate) *entries[i].fisher_count += 1.0f;
+  }
+
+  parallel_over_elements(offsets, [&](int64_t i, int64_t begin, int64_t end) {
+    const Work& w = work[static_cast<size_t>(i)];
+    w.fn(call, entries[i], w.consts, begin, end);
+  });
+}
+
+// --------------------------------------------------------------------------- fisher accumulate
+
+void fisher_accumulate(const AccumulateEntry* entries, int64_t n, double alpha, double beta,
+                       const float* grad_scale) {
+  if (n == 0) return;
+  AccumulateCall call{grad_scale != nullptr, grad_scale != nullptr ? *grad_scale : 1.0f,
+                      static_cast<float>(alpha), static_cast<float>(beta)};
+  std::vector<AccumulateSegmentFn> fns(static_cast<size_t>(n));
+  std::vector<int64_t> offsets(static_cast<size_t>(n) + 1);
+  const Isa isa = current_isa();
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    fns[static_cast<size_t>(i)] =
+        accumulate_segment(isa, entries[i].fisher_dtype, entries[i].grad_dtype);
+    offsets[static_cast<size_t>(i)] = total;
+    total += entries[i].numel;
+  }
+  offsets[static_cast<size_t>(n)] = total;
+  parallel_over_elements(offsets, [&](int64_t i, int64_t begin, int64_t end) {
+    fns[static_cast<size_t>(i)](call, entries[i], begin, end);
+  });
+}
+
+// -------------------------------------------------------------------------------- fisher score
+
+void fisher_score(const ScoreEntry* entries, int64_t n, double* out) {
+  out[0] = 0.0;
+  out[1] = 0.0;
+  if (n == 0) return;
+  std::vector<ScoreSegmentFn> fns(static_cast<size_t>(n));
+  std::vector<int64_t> offsets(static_cast<size_t>(n) + 1);
+  const Isa isa = current_isa();
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    fns[static_cast<size_t>(i)] = score_segment(isa, entries[i].direction_dtype,
+                                                entries[i].grad_dtype, entries[i].fisher_dtype);
+    offsets[static_cast<size_t>(i)] = total;
+    total += entries[i].numel;
+  }
+  offsets[static_cast<size_t>(n)] = total;
+  if (total == 0) return;
+  // Fixed chunks of the element range, each reduced on its own into 8 lanes per sum, summed in a
+  // fixed tree, then the chunk sums in chunk order: the same bits for any number of threads.
+  const int64_t chunks = (total + kScoreChunk - 1) / kScoreChunk;
+  std::vector<double> partials(static_cast<size_t>(2 * chunks));
+  at::parallel_for(0, chunks, std::max<int64_t>(1, kGrain / kScoreChunk), [&](int64_t c0,
+                                                                              int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double dot[8] = {0, 0, 0, 0, 0, 0, 0, 0}, weighted[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for_each_piece(offsets, c * kScoreChunk, std::min((c + 1) * kScoreChunk, total),
+                     [&](int64_t i, int64_t begin, int64_t end) {
+                       fns[static_cast<size_t>(i)](entries[i], begin, end, dot, weighted);
+                     });
+      auto tree = [](const double* x) {
+        return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+      };
+      partials[static_cast<size_t>(2 * c)] = tree(dot);
+      partials[static_cast<size_t>(2 * c + 1)] = tree(weighted);
+    }
+  });
+  for (int64_t c = 0; c < chunks; ++c) {
+    out[0] += partials[static_cast<size_t>(2 * c)];
+    out[1] += partials[static_cast<size_t>(2 * c + 1)];
+  }
+}
+
+}  // namespace cpu
+}  // namespace fisherforget

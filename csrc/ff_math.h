@@ -1,0 +1,201 @@
+// The per-element math of one Fisher-AdamW step (docs/design.md section 2), written once as a
+// template over the lane type V: `float` (one element: the CPU scalar path, and device code) or a
+// SIMD vector of floats (the CPU AVX2 path, csrc/cpu/simd_avx2.h). Torch-free and CUDA-free, so
+// g++ compiles it without a toolkit; under nvcc the functions are __host__ __device__.
+//
+// The order of fp32 operations is the reference backend's (fisherforget/backends/reference.py),
+// one op at a time, each rounded to fp32, except where torch's own CPU kernels fuse a multiply-add
+// (single rounding), which `fma` reproduces:
+//   lerp(m, g, w)          torch: w small ? fma(w, g - m, m) : fma(w - 1, g - m, g)
+//   v*b2 + (w2*g)*g        torch's addcmul: fma(w2 * g, g, v * b2)
+// so that the kernels agree with the reference bit for bit on CPU. Everything else (the Fisher
+// update, which decides freezing, in particular) is separately rounded products and sums.
+//
+// A lane type provides: add, sub, mul, div, fma, neg, sqrt, max_nan (NaN-propagating maximum, as
+// torch.maximum), gt, lt (ordered compares giving a mask), mask_or, mask_not and select(mask, a, b)
+// (a where mask, else b). The float overloads are below.
+#pragma once
+
+// Internal linkage (static): a translation unit that compiles these for a wider instruction set
+// (csrc/cpu/kernels_avx2.cpp) keeps its own copies, which the linker can never substitute for the
+// baseline ones of another unit.
+#if defined(__CUDACC__)
+#define FF_MATH_FN static __host__ __device__ __forceinline__
+#else
+#define FF_MATH_FN static inline
+#endif
+
+#include <cmath>
+
+namespace fisherforget {
+namespace math {
+
+// ------------------------------------------------------------------------- float lanes (scalar)
+// On the device the _rn intrinsics keep nvcc from contracting a*b+c into one rounding; host code
+// is compiled with -ffp-contract=off (setup.py) for the same reason.
+FF_MATH_FN float add(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FF_MATH_FN float sub(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+FF_MATH_FN float mul(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FF_MATH_FN float div(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+// a * b + c with one rounding (a library call where the CPU lacks FMA: slow but exact).
+FF_MATH_FN float fma(float a, float b, float c) {
+#ifdef __CUDA_ARCH__
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+FF_MATH_FN float neg(float a) { return -a; }
+FF_MATH_FN float sqrt(float a) {
+#ifdef __CUDA_ARCH__
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+FF_MATH_FN float max_nan(float a, float b) {
+  if (a != a) return a;
+  if (b != b) return b;
+  return a > b ? a : b;
+}
+FF_MATH_FN bool gt(float a, float b) { return a > b; }
+FF_MATH_FN bool lt(float a, float b) { return a < b; }
+FF_MATH_FN bool mask_or(bool a, bool b) { return a || b; }
+FF_MATH_FN bool mask_not(bool a) { return !a; }
+FF_MATH_FN float select(bool mask, float a, float b) { return mask ? a : b; }
+
+// ------------------------------------------------------------------------------------ the step
+
+// Switches that hold for a whole call (the branches on them are uniform).
+struct StepFlags {
+  bool scaled_grad;   // divide the gradient by grad_scale
+  bool maximize;      // ascend: g = -g
+  bool accumulate;    // F = a*F + b*g^2 (fishers present and fisher_mode set)
+  bool freeze_above;  // freeze where F > above
+  bool freeze_below;  // freeze where F < below
+  bool amsgrad;       // the denominator uses max(vmax, v)
+  bool fisher_scale;  // update /= 1 + fisher_scale * F (fishers present, fisher_scale != 0)
+  bool lerp_small;    // |1 - beta1| < 0.5: which of torch's two lerp formulas applies
+};
+
+// The same switches fixed at compile time for the most common step: AdamW, with the Fisher
+// accumulated or not, nothing else (a loop instantiated with these has no branches on the
+// switches; the general one tests them per group, which costs instruction issue slots).
+template <bool kAccumulate>
+struct PlainStepFlags {
+  static constexpr bool scaled_grad = false, maximize = false, accumulate = kAccumulate,
+                        freeze_above = false, freeze_below = false, amsgrad = false,
+                        fisher_scale = false, lerp_small = true;
+};
+
+// Whether a call with switches `f` is the plain step (PlainStepFlags<f.accumulate>).
+FF_MATH_FN bool is_plain(const StepFlags& f) {
+  return !f.scaled_grad && !f.maximize && !f.freeze_above && !f.freeze_below && !f.amsgrad &&
+         !f.fisher_scale && f.lerp_small;
+}
+
+// Per-call constants, as lanes (a vector path broadcasts them once per call).
+template <typename V>
+struct StepCallConsts {
+  V lerp_weight;          // (float)(1 - beta1)
+  V lerp_weight_minus_1;  // lerp_weight - 1 (the large-weight formula)
+  V beta2;                // (float)beta2
+  V beta2_weight;         // (float)(1 - beta2)
+  V eps;
+  V fisher_scale;
+  V freeze_above, freeze_below;
+  V one;
+};
+
+// Per-tensor constants (they depend on the tensor's step and Fisher counts).
+template <typename V>
+struct StepTensorConsts {
+  V decay;                  // 1 - lr * weight_decay
+  V step_size;              // lr / (1 - beta1^t)
+  V bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  V fisher_a, fisher_b;     // F = a*F + b*g^2
+  V grad_scale;
+};
+
+// One step of one lane. `f` is a StepFlags or a PlainStepFlags. `may_update` is the mask (true:
+// the element may change); `may_freeze` says whether anything can freeze here (a mask or a
+// threshold), else the selects are skipped.
+// On return p, m, v, vmax hold the new values (the old ones where frozen) and fisher the new
+// Fisher (every element accumulates, frozen or not).
+template <typename V, typename M, typename Flags>
+FF_MATH_FN void step_lane(const Flags& f, const StepCallConsts<V>& k,
+                          const StepTensorConsts<V>& c, bool may_freeze, M may_update, V grad,
+                          V& p, V& m, V& v, V& vmax, V& fisher) {
+  V g = grad;
+  if (f.scaled_grad) g = div(g, c.grad_scale);
+  if (f.maximize) g = neg(g);
+  const V g2 = mul(g, g);
+  V fisher_new = fisher;
+  if (f.accumulate) fisher_new = add(mul(c.fisher_a, fisher), mul(c.fisher_b, g2));
+
+  const V p_new = mul(p, c.decay);
+  const V diff = sub(g, m);
+  const V m_new = f.lerp_small ? fma(k.lerp_weight, diff, m) : fma(k.lerp_weight_minus_1, diff, g);
+  const V v_new = fma(mul(k.beta2_weight, g), g, mul(v, k.beta2));
+  V second_moment = v_new;
+  V vmax_new = vmax;
+  if (f.amsgrad) {
+    vmax_new = max_nan(vmax, v_new);
+    second_moment = vmax_new;
+  }
+  const V denom = add(div(sqrt(second_moment), c.bias_correction2_sqrt), k.eps);
+  V update = div(m_new, denom);
+  if (f.fisher_scale) update = div(update, add(k.one, mul(k.fisher_scale, fisher_new)));
+  const V p_stepped = sub(p_new, mul(c.step_size, update));
+
+  fisher = fisher_new;
+  if (may_freeze) {
+    M frozen = mask_not(may_update);
+    if (f.freeze_above) frozen = mask_or(frozen, gt(fisher_new, k.freeze_above));
+    if (f.freeze_below) frozen = mask_or(frozen, lt(fisher_new, k.freeze_below));
+    p = select(frozen, p, p_stepped);
+    m = select(frozen, m, m_new);
+    v = select(frozen, v, v_new);
+    if (f.amsgrad) vmax = select(frozen, vmax, vmax_new);
+  } else {
+    p = p_stepped;
+    m = m_new;
+    v = v_new;
+    vmax = vmax_new;
+  }
+}
+
+// fisher_accumulate: F = a*F + b*(g / grad_scale)^2, separately rounded as in the reference.
+template <typename V>
+FF_MATH_FN V accumulate_lane(bool scaled_grad, V grad_scale, V a, V b, V fisher, V grad) {
+  V g = grad;
+  if (scaled_grad) g = div(g, grad_scale);
+  return add(mul(a, fisher), mul(b, mul(g, g)));
+}
+
+}  // namespace math
+}  // namespace fisherforget

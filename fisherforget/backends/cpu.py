@@ -1,0 +1,154 @@
+"""CPU backend: the native CPU kernels of the compiled extension ``fisherforget._C`` (``csrc/cpu/``).
+
+Each op is one call into the extension over all of its tensors: the extension checks every tensor (dtype, shape, device) before writing anything, steps non-contiguous ones
+through contiguous copies, and splits the elements of all tensors between ATen's threads
+(``torch.set_num_threads``). The inner loops run 8 fp32 lanes with AVX2/FMA/F16C where the CPU has
+them, else a scalar loop with identical results (``torch.ops.fisherforget_C.cpu_isa()`` says
+which). Params fp32/bf16/fp16; optimizer state and the Fisher fp32/bf16.
+
+This glue does no per-tensor work: the optimizer and :mod:`fisherforget.ops` have checked the
+lists, and the extension checks the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fisherforget import ops
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+_KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
+_STATE_DTYPE_SET = frozenset(STATE_DTYPES)
+_CPU = torch.device("cpu")
+
+_load_error: Optional[str] = None
+_loaded = False
+_kernels = None  # the module fisherforget._C, once loaded
+
+
+def _load() -> Optional[str]:
+    """Import ``fisherforget._C``; None when its CPU kernels are registered, else why not."""
+    global _load_error, _loaded, _kernels
+    if _loaded or _load_error is not None:
+        return _load_error
+    try:
+        import fisherforget._C as kernels  # also registers torch.ops.fisherforget_C
+    except ImportError as exc:
+        _load_error = (f"fisherforget._C is not built ({type(exc).__name__}: {exc}); reinstall "
+                       "with `pip install --no-build-isolation .` and a C++ compiler")
+        return _load_error
+    info = build_info()
+    if "cpu" not in info.get("kernels", "").split(","):
+        _load_error = (f"fisherforget._C was built without the CPU kernels ({info}); rebuild it "
+                       "from this version's csrc/")
+        return _load_error
+    _kernels = kernels
+    _loaded = True
+    return None
+
+
+def availability_error() -> Optional[str]:
+    return _load()
+
+
+def supports_device(device: Union[str, torch.device]) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def build_info() -> dict[str, str]:
+    """The extension's build facts, e.g. ``{"kernels": "cpu,cuda", "cpu_isa": "avx2", ...}``."""
+    try:
+        text = torch.ops.fisherforget_C.build_info()
+    except (AttributeError, RuntimeError):
+        return {}
+    return dict(item.split("=", 1) for item in text.split(";") if "=" in item)
+
+
+def isa() -> str:
+    """The CPU inner loops in use: ``"avx2"`` or ``"scalar"``."""
+    return torch.ops.fisherforget_C.cpu_isa()
+
+
+# ------------------------------------------------------------------------------- preflight
+
+
+def _first_bad_dtype(name: str, tensors: Sequence[Tensor], allowed: frozenset,
+                     backend_supports: tuple) -> None:
+    if not {t.dtype for t in tensors} <= allowed:
+        i = next(i for i, t in enumerate(tensors) if t.dtype not in allowed)
+        raise TypeError(f"{name}[{i}] has dtype {tensors[i].dtype}; backend 'cpu' supports "
+                        f"{backend_supports} (use backend='reference' for others)")
+
+
+@ops.register_check("fused_step", "cpu")
+def check_fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper) -> None:
+    """What only this backend requires beyond the op contract: CPU tensors of the kernel dtypes
+    (so that an optimizer step with several buckets fails before its first bucket runs)."""
+    t = tensors
+    if {p.device.type for p in t.params} - {"cpu"}:
+        i = next(i for i, p in enumerate(t.params) if p.device.type != "cpu")
+        raise RuntimeError(f"params[{i}] is on {t.params[i].device}; backend 'cpu' runs on CPU "
+                           "tensors")
+    _first_bad_dtype("params", t.params, _KERNEL_DTYPE_SET, KERNEL_DTYPES)
+    if [g.dtype for g in t.grads] != [p.dtype for p in t.params]:
+        i = next(i for i, (g, p) in enumerate(zip(t.grads, t.params)) if g.dtype != p.dtype)
+        raise TypeError(f"grads[{i}] has dtype {t.grads[i].dtype}, its param {t.params[i].dtype}:"
+                        " backend 'cpu' needs them equal")
+    for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "fishers"):
+        _first_bad_dtype(name, getattr(t, name), _STATE_DTYPE_SET, STATE_DTYPES)
+
+
+# ---------------------------------------------------------------------------------------- glue
+# The ops are the extension's Python functions fisherforget._C.{fused_step, fisher_accumulate,
+# fisher_score}: the same checks and kernels as torch.ops.fisherforget_C on CPU tensors, without
+# the conversion of every tensor list that a torch.ops call costs (milliseconds for 2,000 params).
+
+
+def _require():
+    """The extension module, or a RuntimeError saying why it is not there."""
+    error = _load()
+    if error is not None:
+        raise RuntimeError(f"backend 'cpu' is not available: {error}")
+    return _kernels
+
+
+def _scalar(value: Optional[Tensor]) -> Optional[Tensor]:
+    """A grad_scale/found_inf as the extension reads it: fp32 on the CPU (no copy when it is)."""
+    if value is None or (value.dtype == torch.float32 and value.device == _CPU):
+        return value
+    return value.to(device=_CPU, dtype=torch.float32)
+
+
+def hyper_args(hyper: ops.StepHyper) -> tuple:
+    """The StepHyper fields in the order of the fused_step schema (``lr`` then ``lr_tensor``, as
+    ``StepHyper.op_kwargs``), read directly: this runs once per bucket and step."""
+    lr = hyper.lr
+    lr_tensor = None
+    if isinstance(lr, Tensor):
+        # Its own dtype is kept: a float64 lr keeps float64 math for 1 - lr * weight_decay.
+        lr, lr_tensor = 0.0, (lr if lr.device == _CPU else lr.to(_CPU))
+    return (lr, lr_tensor, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+            hyper.amsgrad, hyper.maximize, hyper.fisher_mode, hyper.fisher_beta,
+            hyper.fisher_scale, hyper.freeze_above, hyper.freeze_below)
+
+
+@ops.register("fused_step", "cpu")
+def fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper,
+               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    (_kernels or _require()).fused_step(*tensors, *hyper_args(hyper), _scalar(grad_scale), _scalar(found_inf))
+
+
+@ops.register("fisher_accumulate", "cpu")
+def fisher_accumulate(fishers: Sequence[Tensor], grads: Sequence[Tensor], *, alpha: float,
+                      beta: float, grad_scale: Optional[Tensor] = None) -> None:
+    (_kernels or _require()).fisher_accumulate(fishers, grads, alpha, beta, _scalar(grad_scale))
+
+
+@ops.register("fisher_score", "cpu")
+def fisher_score(directions: Sequence[Tensor], grads: Sequence[Tensor],
+                 fishers: Sequence[Tensor]) -> Tensor:
+    return (_kernels or _require()).fisher_score(directions, grads, fishers)

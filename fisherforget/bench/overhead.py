@@ -1,0 +1,196 @@
+"""The CPU step and host-overhead benchmark (``fisherforget bench overhead``; part of ``--quick``).
+
+Two tables, each measured side by side in one process with interleaved repeats (variant A, B, C,
+A, B, C, ...) and reported as medians, so a noisy shared machine shifts every variant alike:
+
+``cpu``
+    ``FisherAdamW(backend="auto")`` with the Fisher off and with ``fisher="ema"`` against
+    ``torch.optim.AdamW(fused=True)`` on CPU tensors, for one 2^22 fp32 tensor, 200 x (32, 32)
+    and 2,000 x (1,) (all overhead), with 1 and 2 torch threads. The ratio is ours / torch.
+``host``
+    ``FisherAdamW.step()`` over 2,000 params of one element with each backend's device launch
+    replaced by a no-op: the host cost of the optimizer (validation, plans, gathering) plus the
+    backend's glue (buckets, staging, Triton's address tables). It runs on CPU tensors whatever
+    the backend's device (the device checks are bypassed, nothing is launched), so it measures
+    the Python path a GPU step pays. The CUDA row excludes the C++ binding's own checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from fisherforget import backends, ops
+from fisherforget.bench import baselines
+from fisherforget.optim import FisherAdamW
+
+CPU_WORKLOADS = {
+    "one 2^22 fp32 tensor": [(2**22,)],
+    "200 x (32, 32)": [(32, 32)] * 200,
+    "2,000 x (1,)": [(1,)] * 2000,
+}
+HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+
+
+def _params(shapes, seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+        p.grad = torch.randn(shape, generator=gen) * 1e-3
+        out.append(p)
+    return out
+
+
+def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each entry, timed round-robin."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def cpu_rows(threads_list=(1, 2), repeats: int = 15) -> list[dict]:
+    rows = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            for workload, shapes in CPU_WORKLOADS.items():
+                reps = max(5, repeats // 3) if len(shapes) == 1 else repeats
+                calls = {
+                    "torch-adamw-fused": baselines.torch_adamw(
+                        _params(shapes), impl="fused", **HYPER).step,
+                    "fisherforget fisher=None": FisherAdamW(
+                        _params(shapes), **HYPER, fisher=None).step,
+                    "fisherforget fisher=ema": FisherAdamW(
+                        _params(shapes), **HYPER, fisher="ema").step,
+                }
+                medians = interleaved_medians(calls, reps)
+                torch_s = medians["torch-adamw-fused"]
+                for variant, seconds in medians.items():
+                    rows.append(dict(table="cpu", workload=workload, threads=threads,
+                                     variant=variant, median_ms=seconds * 1e3,
+                                     ratio=seconds / torch_s, repeats=reps,
+                                     backend=_auto_backend()))
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
+def _auto_backend() -> str:
+    return backends.resolve("auto", torch.device("cpu"), torch.float32)
+
+
+@contextlib.contextmanager
+def _no_launch(backend: str) -> Iterator[None]:
+    """Replace ``backend``'s device launch by a no-op and let it accept CPU tensors."""
+    undo: list[Callable[[], None]] = []
+
+    def patch(obj, name, value):
+        old = getattr(obj, name)
+        setattr(obj, name, value)
+        undo.append(lambda: setattr(obj, name, old))
+
+    backends.load(backend)
+    module = backends._modules.get(backend)
+    if backend in ("reference", "cpu"):
+        impls = ops._IMPLS["fused_step"]
+        old = impls[backend]
+        impls[backend] = lambda *args, **kwargs: None
+        undo.append(lambda: impls.__setitem__(backend, old))
+    elif backend == "triton":
+        from triton.runtime.jit import KernelInterface
+
+        # Every Triton kernel launch (`kernel[grid](...)`) becomes a no-op; the glue and the
+        # address-table building still run.
+        patch(KernelInterface, "__getitem__", lambda self, grid: (lambda *a, **k: None))
+        patch(module.ops if hasattr(module, "ops") else module, "supports_device",
+              lambda device: True)
+    elif backend == "cuda":
+        glue = module.ops
+
+        class _NoOps:
+            def __getattr__(self, name):
+                return lambda *args, **kwargs: None
+
+        class _Torch:  # the glue's `torch`, with torch.ops.fisherforget_C.* as no-ops
+            def __getattr__(self, name):
+                if name == "ops":
+                    return type("O", (), {"fisherforget_C": _NoOps()})()
+                return getattr(torch, name)
+
+        patch(glue, "torch", _Torch())
+    resolve = backends.resolve
+    patch(backends, "resolve", lambda requested, device, dtype: backend)
+    try:
+        yield
+    finally:
+        for step in reversed(undo):
+            step()
+        assert backends.resolve is resolve
+
+
+def host_rows(n_params: int = 2000, repeats: int = 30) -> list[dict]:
+    rows = []
+    for name in ("reference", "cpu", "triton", "cuda"):
+        if name not in backends.BACKEND_CHOICES:
+            continue
+        try:
+            backends.load(name)
+            if name not in backends._modules:
+                raise RuntimeError(backends.unavailable_reason(name))
+        except Exception as exc:  # a backend that does not import here cannot be measured
+            rows.append(dict(table="host", backend=name, status="skipped", reason=str(exc)))
+            continue
+        for fisher in (None, "ema"):
+            params = _params([(1,)] * n_params)
+            with _no_launch(name):
+                opt = FisherAdamW(params, **HYPER, fisher=fisher)
+                seconds = interleaved_medians({"step": opt.step}, repeats)["step"]
+            rows.append(dict(table="host", backend=name, fisher=fisher, status="ok",
+                             n_params=n_params, median_ms=seconds * 1e3, repeats=repeats))
+    return rows
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    lines = ["### CPU step vs torch.optim.AdamW(fused=True) (interleaved medians)", "",
+             "| workload | threads | torch fused | ours fisher=None | ours fisher=ema |",
+             "|---|---|---|---|---|"]
+    cpu = [r for r in rows if r["table"] == "cpu"]
+    for key in dict.fromkeys((r["workload"], r["threads"]) for r in cpu):
+        members = {r["variant"]: r for r in cpu if (r["workload"], r["threads"]) == key}
+        torch_row = members["torch-adamw-fused"]
+        lines.append(
+            f"| {key[0]} | {key[1]} | {torch_row['median_ms']:.3f} ms | "
+            f"{members['fisherforget fisher=None']['ratio']:.2f}x | "
+            f"{members['fisherforget fisher=ema']['ratio']:.2f}x |")
+    if cpu:
+        lines += ["", f"`auto` picks backend `{cpu[0]['backend']}` for CPU fp32 tensors."]
+    lines += ["", "### Host overhead per step, launch replaced by a no-op (2,000 params)", "",
+              "| backend | fisher=None | fisher=ema |", "|---|---|---|"]
+    host = [r for r in rows if r["table"] == "host"]
+    for name in dict.fromkeys(r["backend"] for r in host):
+        members = [r for r in host if r["backend"] == name]
+        if members[0]["status"] != "ok":
+            lines.append(f"| {name} | skipped: {members[0]['reason'][:60]} | |")
+            continue
+        by = {r["fisher"]: r for r in members}
+        lines.append(f"| {name} | {by[None]['median_ms']:.2f} ms | {by['ema']['median_ms']:.2f} ms |")
+    return lines
+
+
+def run(quick: bool = True) -> dict:
+    rows = cpu_rows(repeats=9 if quick else 25) + host_rows(repeats=15 if quick else 40)
+    return dict(benchmark="overhead", rows=rows, markdown=markdown(rows))
