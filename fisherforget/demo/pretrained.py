@@ -189,7 +189,7 @@ def _train_run(model, method: str, lr: float, seed: int, train: list[dict], d_se
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if lwf is not None:
             lwf.step()
     return {"wall_s": time.perf_counter() - start, "train_loss_last": losses[-1],
