@@ -6,6 +6,7 @@
 // the tensors are grouped by dtype (the CUDA kernels are templated on it) and handed to the
 // torch-free launchers of ff_kernels.h.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "binding_checks.h"
+#include "bindings_cuda.h"
 #include "ff_kernels.h"
 
 namespace {
@@ -61,26 +63,41 @@ std::vector<std::vector<size_t>> group_by(const std::vector<Key>& keys) {
 
 // ------------------------------------------------------------------------------------ fused_step
 
-template <Target kTarget>
-void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                     at::TensorList fishers, const c10::List<std::optional<at::Tensor>>& masks,
-                     at::TensorList steps, at::TensorList fisher_counts, double lr,
-                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-                     double eps, double weight_decay, bool amsgrad, bool maximize,
-                     std::optional<c10::string_view> fisher_mode, double fisher_beta,
-                     double fisher_scale, std::optional<double> freeze_above,
-                     std::optional<double> freeze_below,
-                     const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
-  Checker check{kTarget == Target::kCuda ? "fisherforget_C::fused_step"
-                                         : "fisherforget_C::emulated_fused_step",
-                kTarget};
+// The whole op for tensor-list views (at::TensorList from torch.ops, or the Python lists of
+// bindings_python.cpp): check, group by dtype, plan the launch tables, launch. With
+// launch == false (the host-overhead benchmark) everything but the kernel launches runs.
+template <typename Tensors, typename Masks>
+void fused_step_views(Target target_kind, bool launch, const Tensors& params,
+                      const Tensors& grads, const Tensors& exp_avgs, const Tensors& exp_avg_sqs,
+                      const Tensors& max_exp_avg_sqs, const Tensors& fishers, const Masks& masks,
+                      const Tensors& steps, const Tensors& fisher_counts, double lr,
+                      const std::optional<at::Tensor>& lr_tensor_arg, double beta1, double beta2,
+                      double eps, double weight_decay, bool amsgrad, bool maximize,
+                      std::optional<c10::string_view> fisher_mode, double fisher_beta,
+                      double fisher_scale, std::optional<double> freeze_above,
+                      std::optional<double> freeze_below,
+                      const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf) {
+  Checker check{target_kind == Target::kCuda ? "fisherforget_C::fused_step"
+                                             : "fisherforget_C::emulated_fused_step",
+                target_kind};
+  // Non-contiguous tensors are stepped through contiguous copies, written back after the
+  // kernels (stream-ordered), so the Python glue does no per-tensor work.
+  check.stage_noncontiguous = true;
+  // A CPU lr tensor next to CUDA params is moved once per call (without a host sync); a graph
+  // cannot capture that copy and would replay the value seen at capture.
+  std::optional<at::Tensor> lr_tensor = lr_tensor_arg;
+  if (target_kind == Target::kCuda && lr_tensor.has_value() && lr_tensor->defined() &&
+      lr_tensor->is_cpu() && params.size() > 0 && params[0].is_cuda()) {
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
+                    c10::cuda::CaptureStatus::None,
+                check.op, ": lr is a CPU tensor, but a CUDA graph is being captured: pass it as a "
+                "0-dim tensor on ", params[0].device(), " (updating it in place between replays)");
+    lr_tensor = lr_tensor->to(params[0].device(), /*non_blocking=*/true);
+  }
   ff::cpu::StepSettings s;
-  const std::vector<std::optional<at::Tensor>> mask_values = masks.vec();
   const std::vector<ff::cpu::StepEntry> table = ff::binding::check_fused_step(
-      check, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers,
-      ff::binding::OptionalTensorsView{mask_values}, steps,
+      check, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
       fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
       fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale, found_inf,
       s);
@@ -114,7 +131,8 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   }
   std::optional<c10::cuda::CUDAGuard> guard;  // the CUDA tensors' device, for the launches
   if (check.on_cuda()) guard.emplace(check.device);
-  const ff::ExecTarget target = exec_target(check);
+  ff::ExecTarget target = exec_target(check);
+  target.launch = launch;
   for (const std::vector<size_t>& group : group_by(keys)) {
     // Gather this dtype group's pointers into contiguous arrays.
     const size_t m = group.size();
@@ -151,6 +169,27 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     problem.fisher_counts = accumulates ? g_counts.data() : nullptr;
     run_kernels(check.op, [&] { ff::fused_step(problem, target); });
   }
+  check.finish();
+}
+
+template <Target kTarget>
+void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                     at::TensorList fishers, const c10::List<std::optional<at::Tensor>>& masks,
+                     at::TensorList steps, at::TensorList fisher_counts, double lr,
+                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                     double eps, double weight_decay, bool amsgrad, bool maximize,
+                     std::optional<c10::string_view> fisher_mode, double fisher_beta,
+                     double fisher_scale, std::optional<double> freeze_above,
+                     std::optional<double> freeze_below,
+                     const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf) {
+  const std::vector<std::optional<at::Tensor>> mask_values = masks.vec();
+  fused_step_views(kTarget, /*launch=*/true, params, grads, exp_avgs, exp_avg_sqs,
+                   max_exp_avg_sqs, fishers, ff::binding::OptionalTensorsView{mask_values},
+                   steps, fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad,
+                   maximize, fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below,
+                   grad_scale, found_inf);
 }
 
 // ----------------------------------------------------------------------------- fisher_accumulate
@@ -251,6 +290,32 @@ at::Tensor fisher_score_cuda(at::TensorList directions, at::TensorList grads,
 }
 
 }  // namespace
+
+namespace fisherforget {
+namespace binding {
+
+void fused_step_from_python(bool launch, const python::PyTensors& params,
+                            const python::PyTensors& grads, const python::PyTensors& exp_avgs,
+                            const python::PyTensors& exp_avg_sqs,
+                            const python::PyTensors& max_exp_avg_sqs,
+                            const python::PyTensors& fishers, const python::PyTensors& masks,
+                            const python::PyTensors& steps,
+                            const python::PyTensors& fisher_counts, double lr,
+                            const std::optional<at::Tensor>& lr_tensor, double beta1,
+                            double beta2, double eps, double weight_decay, bool amsgrad,
+                            bool maximize, std::optional<c10::string_view> fisher_mode,
+                            double fisher_beta, double fisher_scale,
+                            std::optional<double> freeze_above, std::optional<double> freeze_below,
+                            const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
+  fused_step_views(launch ? Target::kCuda : Target::kEmulation, launch, params, grads, exp_avgs,
+                   exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps, fisher_counts, lr,
+                   lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, fisher_mode,
+                   fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale, found_inf);
+}
+
+}  // namespace binding
+}  // namespace fisherforget
 
 TORCH_LIBRARY_IMPL(fisherforget_C, CUDA, m) {
   m.impl("fused_step", &fused_step_cuda<Target::kCuda>);

@@ -1,6 +1,8 @@
 // The Python module fisherforget._C: importing it registers the torch.ops.fisherforget_C ops
-// (bindings.cpp, bindings_cuda.cpp), and it offers the CPU ops as plain Python functions,
-// fisherforget._C.{fused_step, fisher_accumulate, fisher_score}, which the 'cpu' backend calls.
+// (bindings.cpp, bindings_cuda.cpp), and it offers the ops as plain Python functions,
+// fisherforget._C.{fused_step, fisher_accumulate, fisher_score}, which the 'cpu' backend calls
+// (and the 'cuda' backend for fused_step, which also takes CUDA tensors in CUDA builds), plus the
+// host helpers of host_tables.h (layout_key, address_rows) and dry_run_fused_step.
 //
 // Why a second entry point: a torch.ops call converts every tensor list into a boxed IValue list
 // and then into a vector of tensors, and each copy of a tensor that only its Python object holds
@@ -16,103 +18,39 @@
 
 #include <optional>
 #include <string_view>
+#include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "binding_checks.h"
 #include "cpu/ff_cpu.h"
+#include "host_tables.h"
+#include "python_views.h"
+#ifdef FISHERFORGET_WITH_CUDA
+#include "bindings_cuda.h"
+#endif
 
 namespace {
 
 namespace ff = fisherforget;
-
-// A Python list or tuple of tensors, read in place (the views binding_checks.h expects).
-class PyTensors {
- public:
-  PyTensors(PyObject* sequence, const char* op, const char* name, bool allow_none = false) {
-    fast_ = PySequence_Fast(sequence, "");
-    if (fast_ == nullptr) {
-      PyErr_Clear();
-      TORCH_CHECK_TYPE(false, op, ": ", name, " must be a list or tuple of tensors, got ",
-                       Py_TYPE(sequence)->tp_name);
-    }
-    items_ = PySequence_Fast_ITEMS(fast_);
-    size_ = static_cast<size_t>(PySequence_Fast_GET_SIZE(fast_));
-    for (size_t i = 0; i < size_; ++i) {
-      PyObject* item = items_[i];
-      TORCH_CHECK_TYPE((allow_none && item == Py_None) || THPVariable_Check(item), op, ": ", name,
-                       "[", i, "] must be a tensor", allow_none ? " or None" : "", ", got ",
-                       Py_TYPE(item)->tp_name);
-    }
-  }
-  PyTensors(const PyTensors&) = delete;
-  PyTensors& operator=(const PyTensors&) = delete;
-  ~PyTensors() { Py_XDECREF(fast_); }
-
-  size_t size() const { return size_; }
-  bool empty() const { return size_ == 0; }
-  const at::Tensor& operator[](size_t i) const { return THPVariable_Unpack(items_[i]); }
-  const at::Tensor* at(size_t i) const {  // mask lists: null for None
-    return items_[i] == Py_None ? nullptr : &THPVariable_Unpack(items_[i]);
-  }
-
- private:
-  PyObject* fast_ = nullptr;
-  PyObject* const* items_ = nullptr;
-  size_t size_ = 0;
-};
-
-double to_double(PyObject* value, const char* op, const char* name) {
-  const double out = PyFloat_AsDouble(value);
-  if (out == -1.0 && PyErr_Occurred()) {
-    PyErr_Clear();
-    TORCH_CHECK_TYPE(false, op, ": ", name, " must be a number, got ", Py_TYPE(value)->tp_name);
-  }
-  return out;
-}
-
-std::optional<double> to_optional_double(PyObject* value, const char* op, const char* name) {
-  if (value == Py_None) return std::nullopt;
-  return to_double(value, op, name);
-}
-
-bool to_bool(PyObject* value, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(PyBool_Check(value), op, ": ", name, " must be a bool, got ",
-                   Py_TYPE(value)->tp_name);
-  return value == Py_True;
-}
-
-std::optional<at::Tensor> to_optional_tensor(PyObject* value, const char* op, const char* name) {
-  if (value == Py_None) return std::nullopt;
-  TORCH_CHECK_TYPE(THPVariable_Check(value), op, ": ", name, " must be a tensor or None, got ",
-                   Py_TYPE(value)->tp_name);
-  return THPVariable_Unpack(value);
-}
-
-std::optional<c10::string_view> to_optional_str(PyObject* value, const char* op,
-                                                const char* name) {
-  if (value == Py_None) return std::nullopt;
-  Py_ssize_t size = 0;
-  const char* text = PyUnicode_Check(value) ? PyUnicode_AsUTF8AndSize(value, &size) : nullptr;
-  if (text == nullptr) {
-    PyErr_Clear();
-    TORCH_CHECK_TYPE(false, op, ": ", name, " must be a str or None, got ",
-                     Py_TYPE(value)->tp_name);
-  }
-  return c10::string_view(text, static_cast<size_t>(size));
-}
-
-void check_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char* op, const char* signature) {
-  TORCH_CHECK_TYPE(nargs == expected, op, " takes ", expected, " positional arguments (",
-                   signature, "), got ", nargs);
-}
+using ff::python::check_nargs;
+using ff::python::PyTensors;
+using ff::python::to_bool;
+using ff::python::to_double;
+using ff::python::to_optional_double;
+using ff::python::to_optional_str;
+using ff::python::to_optional_tensor;
 
 // fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
 //            fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
 //            fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale,
 //            found_inf): the schema of fisherforget_C::fused_step, all positional.
-PyObject* py_fused_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  const char* op = "fisherforget._C.fused_step";
+// Where a fused_step call runs: the native CPU kernels, the CUDA kernels, or (dry run) the CUDA
+// binding's host work on CPU tensors without any kernel.
+enum class StepRoute { kByDevice, kDryRun };
+
+PyObject* fused_step_entry(PyObject* const* args, Py_ssize_t nargs, const char* op,
+                           StepRoute route) {
   check_nargs(nargs, 24, op, "the lists of StepTensors, the StepHyper fields with lr_tensor "
                              "after lr, grad_scale, found_inf");
   const PyTensors params(args[0], op, "params"), grads(args[1], op, "grads"),
@@ -120,17 +58,110 @@ PyObject* py_fused_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       max_exp_avg_sqs(args[4], op, "max_exp_avg_sqs"), fishers(args[5], op, "fishers"),
       masks(args[6], op, "masks", /*allow_none=*/true), steps(args[7], op, "steps"),
       fisher_counts(args[8], op, "fisher_counts");
-  ff::binding::fused_step_on_cpu(
-      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
-      fisher_counts, to_double(args[9], op, "lr"), to_optional_tensor(args[10], op, "lr_tensor"),
-      to_double(args[11], op, "beta1"), to_double(args[12], op, "beta2"),
-      to_double(args[13], op, "eps"), to_double(args[14], op, "weight_decay"),
-      to_bool(args[15], op, "amsgrad"), to_bool(args[16], op, "maximize"),
-      to_optional_str(args[17], op, "fisher_mode"), to_double(args[18], op, "fisher_beta"),
-      to_double(args[19], op, "fisher_scale"), to_optional_double(args[20], op, "freeze_above"),
-      to_optional_double(args[21], op, "freeze_below"),
-      to_optional_tensor(args[22], op, "grad_scale"), to_optional_tensor(args[23], op, "found_inf"));
+  const bool on_cuda = !params.empty() && params[0].is_cuda();
+  const auto run = [&](auto&& body) {
+    body(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+         fisher_counts, to_double(args[9], op, "lr"),
+         to_optional_tensor(args[10], op, "lr_tensor"), to_double(args[11], op, "beta1"),
+         to_double(args[12], op, "beta2"), to_double(args[13], op, "eps"),
+         to_double(args[14], op, "weight_decay"), to_bool(args[15], op, "amsgrad"),
+         to_bool(args[16], op, "maximize"), to_optional_str(args[17], op, "fisher_mode"),
+         to_double(args[18], op, "fisher_beta"), to_double(args[19], op, "fisher_scale"),
+         to_optional_double(args[20], op, "freeze_above"),
+         to_optional_double(args[21], op, "freeze_below"),
+         to_optional_tensor(args[22], op, "grad_scale"),
+         to_optional_tensor(args[23], op, "found_inf"));
+  };
+  if (route == StepRoute::kByDevice && !on_cuda) {
+    run([](const auto&... a) { ff::binding::fused_step_on_cpu(a...); });
+    Py_RETURN_NONE;
+  }
+#ifdef FISHERFORGET_WITH_CUDA
+  const bool launch = route == StepRoute::kByDevice;
+  run([launch](const auto&... a) { ff::binding::fused_step_from_python(launch, a...); });
   Py_RETURN_NONE;
+#else
+  TORCH_CHECK(false, op, ": this build of fisherforget._C has the CPU kernels only (no CUDA "
+              "kernels were compiled); ", on_cuda ? "params are CUDA tensors" : "the dry run "
+              "needs the CUDA binding");
+#endif
+}
+
+// fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+//            fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+//            fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale,
+//            found_inf): the schema of fisherforget_C::fused_step, all positional. CPU tensors
+// run the native CPU kernels, CUDA tensors the CUDA kernels (on the current stream).
+PyObject* py_fused_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  return fused_step_entry(args, nargs, "fisherforget._C.fused_step", StepRoute::kByDevice);
+  END_HANDLE_TH_ERRORS
+}
+
+// dry_run_fused_step(<the arguments of fused_step>, on CPU tensors): the CUDA binding's checks,
+// dtype groups and launch tables, with no kernel run (the host-overhead benchmark).
+PyObject* py_dry_run_fused_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  return fused_step_entry(args, nargs, "fisherforget._C.dry_run_fused_step", StepRoute::kDryRun);
+  END_HANDLE_TH_ERRORS
+}
+
+// layout_key(tensors) -> bytes (host_tables.h)
+PyObject* py_layout_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* op = "fisherforget._C.layout_key";
+  check_nargs(nargs, 1, op, "tensors");
+  return ff::python::layout_key(PyTensors(args[0], op, "tensors"));
+  END_HANDLE_TH_ERRORS
+}
+
+// address_rows(columns, aligned_columns) -> (rows, regular, aligned) (host_tables.h); columns is
+// a sequence of tensor lists (items may be None) or None for an absent list.
+PyObject* py_address_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* op = "fisherforget._C.address_rows";
+  check_nargs(nargs, 2, op, "columns, aligned_columns");
+  PyObject* fast = PySequence_Fast(args[0], "");
+  if (fast == nullptr) {
+    PyErr_Clear();
+    TORCH_CHECK_TYPE(false, op, ": columns must be a list or tuple, got ",
+                     Py_TYPE(args[0])->tp_name);
+  }
+  const Py_ssize_t k = PySequence_Fast_GET_SIZE(fast);
+  std::vector<std::unique_ptr<PyTensors>> owned;
+  std::vector<const PyTensors*> columns;
+  try {
+    TORCH_CHECK(k > 0 && PySequence_Fast_GET_ITEM(fast, 0) != Py_None, op,
+                ": the first column must be a list of tensors");
+    for (Py_ssize_t c = 0; c < k; ++c) {
+      PyObject* item = PySequence_Fast_GET_ITEM(fast, c);
+      if (item == Py_None) {
+        columns.push_back(nullptr);
+      } else {
+        owned.push_back(std::make_unique<PyTensors>(item, op, "a column", /*allow_none=*/c > 0));
+        columns.push_back(owned.back().get());
+      }
+    }
+  } catch (...) {
+    Py_DECREF(fast);
+    throw;
+  }
+  const long aligned_columns = PyLong_AsLong(args[1]);
+  if (aligned_columns == -1 && PyErr_Occurred()) {
+    Py_DECREF(fast);
+    return nullptr;
+  }
+  ff::python::AddressRows rows;
+  try {
+    rows = ff::python::address_rows(columns, static_cast<size_t>(std::max(aligned_columns, 0L)),
+                                    op);
+  } catch (...) {
+    Py_DECREF(fast);
+    throw;
+  }
+  Py_DECREF(fast);
+  return Py_BuildValue("(NOO)", THPVariable_Wrap(rows.rows), rows.regular ? Py_True : Py_False,
+                       rows.aligned ? Py_True : Py_False);
   END_HANDLE_TH_ERRORS
 }
 
@@ -160,8 +191,18 @@ PyObject* py_fisher_score(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyMethodDef methods[] = {
     {"fused_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_fused_step)),
-     METH_FASTCALL, "One Fisher-AdamW step on CPU tensors (fisherforget_C::fused_step's arguments, "
-                    "positional)."},
+     METH_FASTCALL, "One Fisher-AdamW step on CPU or CUDA tensors (fisherforget_C::fused_step's "
+                    "arguments, positional)."},
+    {"dry_run_fused_step",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_dry_run_fused_step)),
+     METH_FASTCALL, "fused_step's host work in the CUDA binding on CPU tensors, no kernel run "
+                    "(benchmarks)."},
+    {"layout_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_layout_key)),
+     METH_FASTCALL, "Bytes equal for two tensor lists with the same types, dtypes, devices, "
+                    "layouts and shapes, index by index."},
+    {"address_rows", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_address_rows)),
+     METH_FASTCALL, "(rows, regular, aligned): the int64 address table of tensor lists with "
+                    "the first list's element counts last."},
     {"fisher_accumulate",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_fisher_accumulate)),
      METH_FASTCALL, "F = alpha*F + beta*(g/grad_scale)^2 on CPU tensors."},

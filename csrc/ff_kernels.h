@@ -28,6 +28,9 @@ enum class LrKind : int { kHost = 0, kFloat32 = 1, kFloat64 = 2, kBFloat16 = 3, 
 struct ExecTarget {
   bool emulate_on_host = false;
   void* stream = nullptr;  // cudaStream_t
+  // false: plan every launch (tables, grids) but run nothing; the host-overhead benchmark times
+  // the host work of a step this way, on CPU tensors (fused_step only).
+  bool launch = true;
 };
 
 // One fused Fisher-AdamW step over `num_tensors` tensors of one dtype combination.

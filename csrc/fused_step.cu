@@ -114,7 +114,9 @@ void advance_other_counts(const FusedStepProblem& problem, const ExecTarget& tar
   args.has_fisher_counts = problem.fishers != nullptr && problem.fisher_mode != FisherMode::kNone;
   args.num_tensors = 0;
   const auto launch = [&] {
-    if (target.emulate_on_host) {
+    if (!target.launch) {
+      // planned only
+    } else if (target.emulate_on_host) {
       for (int i = 0; i < args.num_tensors; ++i) advance_one(args, i);
     } else {
       const int blocks = (args.num_tensors + kBlockSize - 1) / kBlockSize;

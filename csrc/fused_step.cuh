@@ -411,7 +411,9 @@ void run_fused_step(const FusedStepProblem& problem, const ExecTarget& target) {
   plan_table_launches(args.table, present, problem.num_tensors, problem.numels, get,
                       [&](const StepTable& table) {
     const int grid = grid_blocks(table.num_chunks, max_grid);
-    if (target.emulate_on_host) {
+    if (!target.launch) {
+      return;
+    } else if (target.emulate_on_host) {
       emulate_fused_step<P, S, F>(args, grid);
     } else {
       fused_step_kernel<P, S, F><<<grid, kBlockSize, 0, as_stream(target)>>>(args);

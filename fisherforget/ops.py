@@ -139,9 +139,22 @@ class StepHyper:
         is_tensor = isinstance(lr, Tensor)
         return dict(lr=0.0 if is_tensor else lr, lr_tensor=lr if is_tensor else None, **values)
 
+    def op_args(self) -> tuple:
+        """The same values positionally, in schema order (``lr``, ``lr_tensor``, the other
+        fields): the arguments the extension's Python entry points take after the lists."""
+        lr = self.lr
+        if isinstance(lr, Tensor):
+            lr, lr_tensor = 0.0, lr
+        else:
+            lr_tensor = None
+        return (lr, lr_tensor) + tuple(getattr(self, name) for name in _FIELDS_AFTER_LR)
+
     @classmethod
     def from_op_kwargs(cls, lr: float, lr_tensor: Optional[Tensor], **values) -> "StepHyper":
         return cls(lr=lr if lr_tensor is None else lr_tensor, **values)
+
+
+_FIELDS_AFTER_LR = tuple(f.name for f in dataclasses.fields(StepHyper))[1:]
 
 
 def _is_number(x) -> bool:

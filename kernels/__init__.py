@@ -3,7 +3,8 @@
 Three multi-tensor kernels, each covering a whole bucket of tensors (same device and dtypes) in
 one launch through device-resident address tables (``multi_tensor``):
 
-- ``fused_step``: the Fisher-AdamW step (math: ``fisherforget.ops``), one pass over the data;
+- ``fused_step``: the Fisher-AdamW step (math: ``fisherforget.ops``), one pass over the data
+  (``step_rows`` reads a bucket's address table and says whether it is regular enough for it);
 - ``fisher_accumulate``: ``F = alpha*F + beta*(g/grad_scale)^2``;
 - ``fisher_score``: ``[<d, g>, sum F*g^2]``, float64, deterministic two-stage reduction.
 
@@ -12,11 +13,12 @@ checked entry point that the op contract dispatches to. See ``NOTES.md`` for the
 """
 
 from .fisher import fisher_accumulate, fisher_score
-from .step import fused_step
+from .step import fused_step, step_rows
 from .multi_tensor import LaunchConfig, interpreting, launch_config
 
 __all__ = [
     "fused_step",
+    "step_rows",
     "fisher_accumulate",
     "fisher_score",
     "LaunchConfig",

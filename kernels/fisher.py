@@ -21,7 +21,7 @@ import triton.language as tl
 from .multi_tensor import (
     EXACT_FP32,
     program_chunk,
-    all_aligned,
+    address_rows,
     build_tables,
     launch_config,
     vector_elems,
@@ -177,18 +177,15 @@ def fisher_accumulate(
     if not fishers:
         return
     device = fishers[0].device
-    address = torch.Tensor.data_ptr
-    addresses = [list(map(address, fishers)), list(map(address, grads))]
-    split = split_by_alignment(addresses, len(fishers))
+    rows = address_rows([fishers, grads], aligned_columns=2)
+    split = split_by_alignment(rows, 2)
     if split is not None:  # the aligned part keeps 16-byte accesses
         for index in split:
             fisher_accumulate([fishers[i] for i in index], [grads[i] for i in index],
                               alpha=alpha, beta=beta, grad_scale=grad_scale)
         return
-    numels = list(map(torch.Tensor.numel, fishers))
-    config = launch_config(numels, device)
-    tables = build_tables(addresses + [numels], config.chunk_elems, device,
-                          aligned=all_aligned(addresses))
+    config = launch_config(rows.rows[:, -1], device)
+    tables = build_tables(rows.rows, config.chunk_elems, device, aligned=rows.aligned)
     if not tables.n_chunks:
         return
     with on_device(device):
@@ -212,20 +209,19 @@ def fisher_score(
     bucket into a shared partials buffer, then one fixed-order reduction."""
     plans = []
     n_partials = 0
-    address = torch.Tensor.data_ptr
     parts = []
     for bucket in buckets:  # the aligned part of a bucket keeps 16-byte accesses
-        split = split_by_alignment([list(map(address, t)) for t in bucket], len(bucket[1]))
-        parts += [bucket] if split is None else [
-            tuple([t[i] for i in index] for t in bucket) for index in split]
-    for directions, grads, fishers in parts:
-        addresses = [list(map(address, directions)), list(map(address, grads)),
-                     list(map(address, fishers))]
-        numels = list(map(torch.Tensor.numel, grads))
-        config = dataclasses.replace(launch_config(numels, device),
+        rows = address_rows(list(bucket), aligned_columns=3)
+        split = split_by_alignment(rows, 3)
+        if split is None:
+            parts.append((bucket, rows.rows, rows.aligned))
+        else:
+            parts += [(tuple([t[i] for i in index] for t in bucket), rows.rows[index], aligned)
+                      for index, aligned in zip(split, (True, False))]
+    for (directions, grads, fishers), rows, aligned in parts:
+        config = dataclasses.replace(launch_config(rows[:, -1], device),
                                      blocks_per_chunk=_SCORE_BLOCKS_PER_CHUNK)
-        tables = build_tables(addresses + [numels], config.chunk_elems, device,
-                              aligned=all_aligned(addresses))
+        tables = build_tables(rows, config.chunk_elems, device, aligned=aligned)
         plans.append((directions, grads, fishers, config, tables, n_partials))
         n_partials += tables.n_chunks
     out = torch.empty(2, dtype=torch.float64, device=device)

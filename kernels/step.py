@@ -32,17 +32,17 @@ import triton.language as tl
 from .multi_tensor import (
     EXACT_FP32,
     program_chunk,
-    all_aligned,
+    Rows,
+    address_rows,
     build_tables,
     launch_config,
     on_device,
-    optional_ptr,
     split_by_alignment,
     triton_dtype,
     vector_elems,
 )
 
-__all__ = ["fused_step", "FIELDS"]
+__all__ = ["fused_step", "step_rows", "FIELDS"]
 
 # Columns of the tensor table (the element count must stay last: see multi_tensor.build_tables).
 _P, _G, _M, _V, _VMAX, _F, _MASK, _STEP, _COUNT, _NUMEL = range(10)
@@ -270,21 +270,53 @@ def _advance_counters_kernel(
 _COUNTERS_BLOCK = 128
 
 
+def step_rows(tensors, hyper) -> Rows:
+    """The host table rows (columns :data:`FIELDS`) of a fused-step bucket, and whether it is
+    regular (contiguous, one dtype per list, one device) as :func:`fused_step` requires."""
+    (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+     fisher_counts) = tensors
+    has_fisher = len(fishers) > 0
+    accumulates = has_fisher and hyper.fisher_mode is not None
+    return address_rows(
+        [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if hyper.amsgrad else None,
+         fishers if has_fisher else None, masks, steps, fisher_counts if accumulates else None],
+        aligned_columns=_MASK + 1)
+
+
 def fused_step(
     tensors,
     hyper,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    rows: Optional[Rows] = None,
 ) -> None:
-    """One launch of the fused step (plus the counter kernel) over one bucket.
+    """One launch of the fused step (plus the counter kernel) over one bucket (two when it mixes
+    16-byte aligned and misaligned tensors).
 
     ``tensors`` holds the nine lists of ``fisherforget.ops.StepTensors`` and ``hyper`` is a
     ``fisherforget.ops.StepHyper``. The caller (``fisherforget.backends.triton``) has validated
     the arguments: every tensor is contiguous and on one device, each list has one dtype, masks
     are bool, ``steps`` and ``fisher_counts`` are 0-dim fp32, ``lr``/``grad_scale``/``found_inf``
     tensors are on the device. ``fishers`` is empty when no Fisher is used; ``fisher_counts`` may
-    be empty when the Fisher does not accumulate.
+    be empty when the Fisher does not accumulate. ``rows`` are :func:`step_rows` of ``tensors``
+    when the caller has them already.
     """
+    if len(tensors.params) == 0:
+        return
+    if rows is None:
+        rows = step_rows(tensors, hyper)
+    split = split_by_alignment(rows, _MASK + 1)
+    if split is None:
+        _launch(tensors, hyper, rows.rows, rows.aligned, grad_scale, found_inf)
+        return
+    for index, aligned in zip(split, (True, False)):
+        part = type(tensors)(*[[values[i] for i in index] if values else values
+                               for values in tensors])
+        _launch(part, hyper, rows.rows[index], aligned, grad_scale, found_inf)
+
+
+def _launch(tensors, hyper, rows: torch.Tensor, aligned: bool,
+            grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
     (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
      fisher_counts) = tensors
     lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
@@ -292,38 +324,12 @@ def fused_step(
     fisher_mode, fisher_beta, fisher_scale = hyper.fisher_mode, hyper.fisher_beta, hyper.fisher_scale
     freeze_above, freeze_below = hyper.freeze_above, hyper.freeze_below
     n_tensors = len(params)
-    if n_tensors == 0:
-        return
     device = params[0].device
     has_fisher = len(fishers) > 0
-    any_mask = any(mask is not None for mask in masks)
     accumulates = has_fisher and fisher_mode is not None
-
-    # Table columns, one C-level map each (a bucket may hold a thousand tensors).
-    address = torch.Tensor.data_ptr
-    absent = [0] * n_tensors
-    addresses = [
-        list(map(address, params)), list(map(address, grads)),
-        list(map(address, exp_avgs)), list(map(address, exp_avg_sqs)),
-        list(map(address, max_exp_avg_sqs)) if amsgrad else absent,
-        list(map(address, fishers)) if has_fisher else absent,
-        list(map(optional_ptr, masks)) if any_mask else absent,
-    ]
-    split = split_by_alignment(addresses, n_tensors)
-    if split is not None:
-        for index in split:
-            fused_step(type(tensors)(*[[values[i] for i in index] if values else values
-                                       for values in tensors]),
-                       hyper, grad_scale=grad_scale, found_inf=found_inf)
-        return
-    numels = list(map(torch.Tensor.numel, params))
-    counters = [
-        list(map(address, steps)),
-        list(map(address, fisher_counts)) if accumulates else absent,
-    ]
-    config = launch_config(numels, device)
-    tables = build_tables(addresses + counters + [numels], config.chunk_elems, device,
-                          aligned=all_aligned(addresses))
+    any_mask = bool(rows[:, _MASK].any())
+    config = launch_config(rows[:, _NUMEL], device)
+    tables = build_tables(rows, config.chunk_elems, device, aligned=aligned)
 
     if fisher_mode == "ema":
         fisher_a, fisher_b = fisher_beta, 1.0 - fisher_beta

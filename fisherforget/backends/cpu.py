@@ -123,23 +123,20 @@ def _scalar(value: Optional[Tensor]) -> Optional[Tensor]:
     return value.to(device=_CPU, dtype=torch.float32)
 
 
-def hyper_args(hyper: ops.StepHyper) -> tuple:
-    """The StepHyper fields in the order of the fused_step schema (``lr`` then ``lr_tensor``, as
-    ``StepHyper.op_kwargs``), read directly: this runs once per bucket and step."""
+def _on_cpu(hyper: ops.StepHyper) -> ops.StepHyper:
+    """The hyperparameters with a tensor lr on the CPU, where the kernels read it (its dtype is
+    kept: a float64 lr keeps float64 math for ``1 - lr * weight_decay``)."""
     lr = hyper.lr
-    lr_tensor = None
-    if isinstance(lr, Tensor):
-        # Its own dtype is kept: a float64 lr keeps float64 math for 1 - lr * weight_decay.
-        lr, lr_tensor = 0.0, (lr if lr.device == _CPU else lr.to(_CPU))
-    return (lr, lr_tensor, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
-            hyper.amsgrad, hyper.maximize, hyper.fisher_mode, hyper.fisher_beta,
-            hyper.fisher_scale, hyper.freeze_above, hyper.freeze_below)
+    if isinstance(lr, Tensor) and lr.device != _CPU:
+        return hyper.replace(lr=lr.to(_CPU))
+    return hyper
 
 
 @ops.register("fused_step", "cpu")
 def fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper,
                grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    (_kernels or _require()).fused_step(*tensors, *hyper_args(hyper), _scalar(grad_scale), _scalar(found_inf))
+    (_kernels or _require()).fused_step(*tensors, *_on_cpu(hyper).op_args(), _scalar(grad_scale),
+                                        _scalar(found_inf))
 
 
 @ops.register("fisher_accumulate", "cpu")

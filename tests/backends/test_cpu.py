@@ -479,13 +479,14 @@ def test_other_errors_name_the_problem():
 
 
 def test_positional_hyperparameters_follow_the_schema():
-    """The glue passes StepHyper positionally to fisherforget._C.fused_step: in the order of
-    StepHyper.op_kwargs (the schema's), a tensor lr as lr_tensor."""
+    """The glue (cpu and cuda backends) passes StepHyper.op_args() positionally to
+    fisherforget._C.fused_step: in the order of StepHyper.op_kwargs (the schema's), a tensor lr
+    as lr_tensor."""
     hyper = ops.StepHyper(lr=torch.tensor(0.5, dtype=torch.float64), beta1=0.1, beta2=0.2,
                           eps=0.3, weight_decay=0.4, amsgrad=True, maximize=True,
                           fisher_mode="sum", fisher_beta=0.6, fisher_scale=0.7,
                           freeze_above=0.8, freeze_below=0.05)
     expected = list(hyper.op_kwargs().values())
-    got = list(cpu_backend.hyper_args(hyper))
+    got = list(hyper.op_args())
     assert got[1] is expected[1] and got[:1] + got[2:] == expected[:1] + expected[2:]
-    assert cpu_backend.hyper_args(hyper.replace(lr=0.25))[:2] == (0.25, None)
+    assert hyper.replace(lr=0.25).op_args()[:2] == (0.25, None)

@@ -20,6 +20,7 @@ a JIT build on a clean cache).
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import os
 import shutil
 import subprocess
@@ -666,6 +667,25 @@ def _direct_step_args(device="cpu"):
 
 
 @needs_cuda_kernels
+def test_fused_step_steps_non_contiguous_tensors_through_copies():
+    # The CUDA binding stages a strided tensor in a contiguous copy and writes it back (the
+    # Python glue does no per-tensor work); the result equals the contiguous call's.
+    inputs, kwargs = _direct_step_args()
+    strided, contiguous = copy.deepcopy(inputs), copy.deepcopy(inputs)
+    base = torch.zeros(20)
+    base[::2] = strided.exp_avgs[0]
+    strided.exp_avgs[0] = base[::2]
+    assert not strided.exp_avgs[0].is_contiguous()
+    torch.ops.fisherforget_C.emulated_fused_step(*strided.lists(), **kwargs)
+    torch.ops.fisherforget_C.emulated_fused_step(*contiguous.lists(), **kwargs)
+    for got, want in zip(strided.lists(), contiguous.lists()):
+        for a, b in zip(got, want):
+            if a is not None:
+                assert torch.equal(a, b)
+    assert torch.equal(base[1::2], torch.zeros(10))  # the gaps are untouched
+
+
+@needs_cuda_kernels
 @pytest.mark.parametrize("mutate, message", [
     (lambda i: i.grads.__setitem__(0, i.grads[0].double()),
      r"grads\[0\] has dtype Double but params\[0\] has Float"),
@@ -675,8 +695,6 @@ def _direct_step_args(device="cpu"):
      r"exp_avg_sqs\[0\] has dtype BFloat16 but exp_avgs\[0\] has Float"),
     (lambda i: i.fishers.__setitem__(0, i.fishers[0][:5]),
      r"fishers\[0\] has shape \[5\] but params\[0\] has shape \[10\]"),
-    (lambda i: i.exp_avgs.__setitem__(0, torch.randn(20)[::2]),
-     r"exp_avgs\[0\] must be contiguous"),
     (lambda i: i.steps.__setitem__(0, torch.zeros(2)),
      r"steps\[0\] must hold one element"),
     (lambda i: i.fisher_counts.__setitem__(0, torch.zeros((), dtype=torch.float64)),

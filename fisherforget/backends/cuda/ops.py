@@ -6,9 +6,12 @@ where that does not import but a GPU and nvcc exist, from a JIT build of the sam
 group (chunked address tables, as ``torch``'s fused optimizers); everything stays on the device:
 a tensor ``lr``, ``grad_scale``, ``found_inf`` and the step counts are read by the kernels.
 
-This module is the Python glue: it passes contiguous tensors (working on contiguous copies of
-non-contiguous ones and writing them back), moves scalar tensors to the params' device, and
-registers fake implementations so ``torch.compile`` can trace the ops.
+This module is the Python glue. ``fused_step`` (the optimizer's hot path) does no per-tensor work:
+it calls ``fisherforget._C.fused_step``, which reads the tensor lists in place (a ``torch.ops``
+call would convert nine lists of thousands of tensors), checks them, steps non-contiguous tensors
+through contiguous copies and launches; a JIT build is called through ``torch.ops``. The Fisher
+ops pass contiguous tensors (working on contiguous copies, written back). Fake implementations
+let ``torch.compile`` trace the ops.
 """
 
 from __future__ import annotations
@@ -174,6 +177,16 @@ def _on(value: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return value.to(device=device, dtype=torch.float32, non_blocking=True)
 
 
+def _python_entry():
+    """``fisherforget._C`` when it is the loaded library (its ``fused_step`` reads the Python lists
+    in place), else None (a JIT build is reached through ``torch.ops`` only)."""
+    if _library_source is None or "JIT" in _library_source:
+        return None
+    import fisherforget._C as module
+
+    return module if hasattr(module, "dry_run_fused_step") else None
+
+
 @ops.register("fused_step", "cuda")
 def fused_step(
     tensors: ops.StepTensors,
@@ -181,23 +194,19 @@ def fused_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> None:
+    # No per-tensor work here: the binding checks every tensor, steps non-contiguous ones
+    # through contiguous copies and moves a CPU lr tensor to the device.
     if len(tensors.params) == 0:
         return
     device = tensors.params[0].device
-    staging = ContiguousStaging()
-    kwargs = hyper.op_kwargs()
-    if kwargs["lr_tensor"] is not None:
-        # Kept in its own dtype: a float64 lr keeps float64 math for 1 - lr * weight_decay; the
-        # kernel widens bf16/fp16 to fp32, as the reference does.
-        kwargs["lr_tensor"] = kwargs["lr_tensor"].to(device=device, non_blocking=True)
-    torch.ops.fisherforget_C.fused_step(
-        staging.inplace(list(tensors.params)), staging.read(list(tensors.grads)),
-        staging.inplace(list(tensors.exp_avgs)), staging.inplace(list(tensors.exp_avg_sqs)),
-        staging.inplace(list(tensors.max_exp_avg_sqs)), staging.inplace(list(tensors.fishers)),
-        staging.read(list(tensors.masks)), list(tensors.steps), list(tensors.fisher_counts),
-        **kwargs, grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
-    )
-    staging.finish()
+    scale, inf = _on(grad_scale, device), _on(found_inf, device)
+    entry = _python_entry()
+    if entry is not None:
+        # A tensor lr keeps its dtype (float64 keeps float64 math for 1 - lr * weight_decay).
+        entry.fused_step(*tensors, *hyper.op_args(), scale, inf)
+        return
+    torch.ops.fisherforget_C.fused_step(*map(list, tensors), **hyper.op_kwargs(),
+                                        grad_scale=scale, found_inf=inf)
 
 
 @ops.register("fisher_accumulate", "cuda")

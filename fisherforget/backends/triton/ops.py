@@ -132,10 +132,26 @@ def fused_step(
     params = tensors.params
     if len(params) == 0:
         return
+    lr_on = ScalarOnDevice(hyper.lr, "lr") if isinstance(hyper.lr, Tensor) else None
+    scale_on = ScalarOnDevice(grad_scale, "grad_scale")
+    found_inf_on = ScalarOnDevice(found_inf, "found_inf")
+
+    def launch(bucket: ops.StepTensors, rows=None) -> None:
+        device = bucket.params[0].device
+        bucket_hyper = hyper if lr_on is None else hyper.replace(lr=lr_on.on(device))
+        kernels.fused_step(bucket, bucket_hyper, grad_scale=scale_on.on(device),
+                           found_inf=found_inf_on.on(device), rows=rows)
+
+    # The common case, an optimizer bucket: one device, one dtype per list, contiguous. The
+    # address table is read in one pass and that is all the per-tensor work of the step.
+    rows = kernels.step_rows(tensors, hyper)
+    if rows.regular:
+        launch(tensors, rows)
+        return
+
+    # Otherwise one launch per (device, dtype of every operand), on contiguous stand-ins.
     has_fisher = len(tensors.fishers) > 0
     accumulates = has_fisher and hyper.fisher_mode is not None
-
-    # One launch per (device, dtype of every operand); usually the whole list is one bucket.
     keyed = [params, tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs]
     if hyper.amsgrad:
         keyed.append(tensors.max_exp_avg_sqs)
@@ -143,14 +159,9 @@ def fused_step(
         keyed.append(tensors.fishers)
     columns = [[p.device for p in params]] + [[t.dtype for t in lst] for lst in keyed]
     buckets = _group(list(zip(*columns)))
-
-    lr_on = ScalarOnDevice(hyper.lr, "lr") if isinstance(hyper.lr, Tensor) else None
-    scale_on = ScalarOnDevice(grad_scale, "grad_scale")
-    found_inf_on = ScalarOnDevice(found_inf, "found_inf")
     contiguous = ContiguousStaging()
-    for key, index in buckets.items():
-        device = key[0]
-        bucket = ops.StepTensors(
+    for index in buckets.values():
+        launch(ops.StepTensors(
             contiguous.inplace(_pick(params, index)),
             contiguous.read(_pick(tensors.grads, index)),
             contiguous.inplace(_pick(tensors.exp_avgs, index)),
@@ -160,10 +171,7 @@ def fused_step(
             contiguous.read(_pick(tensors.masks, index)),
             _pick(tensors.steps, index),
             _pick(tensors.fisher_counts, index) if accumulates else [],
-        )
-        bucket_hyper = hyper if lr_on is None else hyper.replace(lr=lr_on.on(device))
-        kernels.fused_step(bucket, bucket_hyper, grad_scale=scale_on.on(device),
-                           found_inf=found_inf_on.on(device))
+        ))
     contiguous.finish()
 
 
