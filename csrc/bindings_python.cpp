@@ -20,6 +20,7 @@
 #include <string_view>
 #include <algorithm>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "binding_checks.h"
@@ -138,7 +139,8 @@ PyObject* py_address_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       if (item == Py_None) {
         columns.push_back(nullptr);
       } else {
-        owned.push_back(std::make_unique<PyTensors>(item, op, "a column", /*allow_none=*/c > 0));
+        const std::string name = "columns[" + std::to_string(c) + "]";
+        owned.push_back(std::make_unique<PyTensors>(item, op, name.c_str(), /*allow_none=*/c > 0));
         columns.push_back(owned.back().get());
       }
     }

@@ -8,7 +8,9 @@ the ops of :mod:`fisherforget.ops`; it never touches kernels. The math is stated
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import operator
 import numbers
 import warnings
 from collections import defaultdict
@@ -23,6 +25,7 @@ from fisherforget import distributed as _dist
 
 __all__ = ["FisherAdamW"]
 
+_GRAD = operator.attrgetter("grad")
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Every key a FisherAdamW param group carries; a state_dict whose groups lack them was not ours.
@@ -159,28 +162,72 @@ class _Bucket:
         return self.tensors._replace(grads=picked)
 
 
+def _with_grads(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The params that have a gradient, and their gradients: C-level passes when none is missing
+    (the usual step), plain comprehensions when traced."""
+    if torch.compiler.is_compiling():
+        params = [p for p in params if p.grad is not None]
+        return params, [p.grad for p in params]
+    grads = list(map(_GRAD, params))
+    if any(map(operator.is_, grads, itertools.repeat(None))):
+        params = [p for p, g in zip(params, grads) if g is not None]
+        grads = [g for g in grads if g is not None]
+    return params, grads
+
+
 class _Plan:
     """A group's launches, built once and reused while its params-with-grad, state layout and
-    settings stay the same (the key). Per step only the gradients are gathered and checked."""
+    settings stay the same (the key). Per step only the gradients are gathered and compared, as
+    a set, with the gradients the plan was checked with."""
 
-    __slots__ = ("key", "buckets", "shapes", "dtypes", "devices", "distributed")
+    __slots__ = ("key", "buckets", "shapes", "dtypes", "devices", "distributed", "grads_key",
+                 "checked_hyper")
 
-    def __init__(self, key: tuple, buckets: list[_Bucket], params: list[Tensor]):
+    def __init__(self, key: tuple, buckets: list[_Bucket], params: list[Tensor],
+                 grads: list[Tensor]):
         self.key = key
         self.buckets = buckets
         self.shapes = [p.shape for p in params]
         self.dtypes = [p.dtype for p in params]
         self.devices = [p.device for p in params]
         self.distributed = any(map(_dist.is_dtensor, params))
+        # A compiled step is traced once (no plan is kept): the Python comparison traces.
+        self.grads_key = None if torch.compiler.is_compiling() else _layout_key(grads)
+        self.checked_hyper: Optional[ops.StepHyper] = None  # the backends' preflight passed
 
     def grads_match(self, grads: list[Tensor]) -> bool:
-        """One pass per property over the gradients; no strings are built."""
-        return (not self.distributed
-                and [g.shape for g in grads] == self.shapes
+        """Whether ``grads`` have the types, dtypes, devices, layouts and shapes of the
+        gradients the plan was checked with: one C++ pass where the extension is built, else
+        one Python pass per property. No strings are built."""
+        if self.distributed:
+            return False
+        if self.grads_key is not None:
+            return _layout_key(grads) == self.grads_key
+        return ([g.shape for g in grads] == self.shapes
                 and [g.dtype for g in grads] == self.dtypes
                 and [g.device for g in grads] == self.devices
                 and {g.layout for g in grads} == _STRIDED
                 and {type(g) for g in grads} <= _PLAIN_TENSOR_TYPES)
+
+
+def _layout_key(tensors: list[Tensor]) -> Optional[bytes]:
+    """``fisherforget._C.layout_key`` (None without the extension): bytes equal exactly when two
+    lists hold tensors of the same type, dtype, device, layout and shape, index by index."""
+    native = _native_helpers()
+    return None if native is None else native.layout_key(tensors)
+
+
+_NATIVE: list = []
+
+
+def _native_helpers():
+    if not _NATIVE:
+        try:
+            import fisherforget._C as native
+        except ImportError:
+            native = None
+        _NATIVE.append(native if hasattr(native, "layout_key") else None)
+    return _NATIVE[0]
 
 
 _STRIDED = {torch.strided}
@@ -368,7 +415,7 @@ class FisherAdamW(Optimizer):
         return cached.hyper
 
     def _plan(self, gi: int, group: dict[str, Any], hyper: ops.StepHyper,
-              params: list[Tensor]) -> _Plan:
+              params: list[Tensor], grads: list[Tensor]) -> _Plan:
         key = (self._state_epoch, id(self.state), group["backend"], hyper.amsgrad,
                hyper.uses_fisher, group["state_dtype"], group["fisher_dtype"],
                tuple(map(id, params)))
@@ -413,7 +460,7 @@ class FisherAdamW(Optimizer):
             buckets.append(_Bucket(None if whole else index, tensors, resolved[bucket_key]))
         # _init_state may have added entries; the key records the epoch after it.
         key = (self._state_epoch,) + key[1:]
-        plan = _Plan(key, buckets, params)
+        plan = _Plan(key, buckets, params, grads)
         if not torch.compiler.is_compiling():
             self._plans[gi] = plan
         return plan
@@ -470,20 +517,29 @@ class FisherAdamW(Optimizer):
         # Everything is checked and planned (state, buckets, backends) before any launch, so a
         # failure leaves params and state unchanged.
         launches = []
+        unchecked = []  # plans whose launches the backends have not preflighted with these values
         for gi, group in enumerate(self.param_groups):
             hyper = self._hyper(gi, group)
-            params = [p for p in group["params"] if p.grad is not None]
+            params, grads = _with_grads(group["params"])
             if not params:
                 continue
-            plan = self._plan(gi, group, hyper, params)
-            grads = [p.grad for p in params]
+            plan = self._plan(gi, group, hyper, params, grads)
             if not plan.grads_match(grads):
                 self._check_grads_one_by_one(gi, group)
                 grads = [_dist.local(g) for g in grads]
+                plan.checked_hyper = None
+            if plan.checked_hyper is not hyper:
+                unchecked.append((plan, hyper, len(launches)))
             for bucket in plan.buckets:
                 launches.append((bucket.with_grads(grads), hyper, bucket))
-        for tensors, hyper, bucket in launches:
-            ops.preflight_fused_step(tensors, hyper, bucket.backend)
+        # The backends' own checks (dtypes their kernels take, devices) depend only on what the
+        # plan and the gradient layout fix: they run when either changes, for every launch of
+        # the step before the first launch.
+        for plan, hyper, first in unchecked:
+            for tensors, _, bucket in launches[first:first + len(plan.buckets)]:
+                ops.preflight_fused_step(tensors, hyper, bucket.backend)
+        for plan, hyper, _ in unchecked:
+            plan.checked_hyper = hyper
         for tensors, hyper, bucket in launches:
             ops.dispatch_fused_step(tensors, hyper, grad_scale, found_inf, bucket.backend)
         if "frozen" not in self._warned and not torch.compiler.is_compiling():

@@ -12,7 +12,8 @@ A, B, C, ...) and reported as medians, so a noisy shared machine shifts every va
     replaced by a no-op: the host cost of the optimizer (validation, plans, gathering) plus the
     backend's glue (buckets, staging, Triton's address tables). It runs on CPU tensors whatever
     the backend's device (the device checks are bypassed, nothing is launched), so it measures
-    the Python path a GPU step pays. The CUDA row excludes the C++ binding's own checks.
+    the host path a GPU step pays. The CUDA row includes the C++ binding's checks, dtype groups
+    and launch tables (``fisherforget._C.dry_run_fused_step``: everything but the launches).
 """
 
 from __future__ import annotations
@@ -119,19 +120,14 @@ def _no_launch(backend: str) -> Iterator[None]:
         patch(module.ops if hasattr(module, "ops") else module, "supports_device",
               lambda device: True)
     elif backend == "cuda":
-        glue = module.ops
+        import fisherforget._C as native
 
-        class _NoOps:
-            def __getattr__(self, name):
-                return lambda *args, **kwargs: None
-
-        class _Torch:  # the glue's `torch`, with torch.ops.fisherforget_C.* as no-ops
-            def __getattr__(self, name):
-                if name == "ops":
-                    return type("O", (), {"fisherforget_C": _NoOps()})()
-                return getattr(torch, name)
-
-        patch(glue, "torch", _Torch())
+        if not hasattr(native, "dry_run_fused_step"):
+            raise RuntimeError("fisherforget._C was built without the CUDA binding")
+        # The glue calls the CUDA binding's host work (checks, dtype groups, launch tables) on
+        # the CPU tensors, and no kernel runs.
+        dry_run = type("DryRun", (), {"fused_step": staticmethod(native.dry_run_fused_step)})
+        patch(module.ops, "_python_entry", lambda: dry_run)
     resolve = backends.resolve
     patch(backends, "resolve", lambda requested, device, dtype: backend)
     try:

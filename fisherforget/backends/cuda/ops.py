@@ -179,8 +179,9 @@ def _on(value: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
 
 def _python_entry():
     """``fisherforget._C`` when it is the loaded library (its ``fused_step`` reads the Python lists
-    in place), else None (a JIT build is reached through ``torch.ops`` only)."""
-    if _library_source is None or "JIT" in _library_source:
+    in place), else None: a JIT build is reached through ``torch.ops`` only, and so is a traced
+    call (``torch.compile`` traces ``torch.ops``, not extension functions)."""
+    if _library_source is None or "JIT" in _library_source or torch.compiler.is_compiling():
         return None
     import fisherforget._C as module
 
