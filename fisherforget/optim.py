@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fisherforget import backends, ops
+from fisherforget import _native, backends, ops
 from fisherforget import distributed as _dist
 
 __all__ = ["FisherAdamW"]
@@ -213,21 +213,8 @@ class _Plan:
 def _layout_key(tensors: list[Tensor]) -> Optional[bytes]:
     """``fisherforget._C.layout_key`` (None without the extension): bytes equal exactly when two
     lists hold tensors of the same type, dtype, device, layout and shape, index by index."""
-    native = _native_helpers()
+    native = _native.helpers()
     return None if native is None else native.layout_key(tensors)
-
-
-_NATIVE: list = []
-
-
-def _native_helpers():
-    if not _NATIVE:
-        try:
-            import fisherforget._C as native
-        except ImportError:
-            native = None
-        _NATIVE.append(native if hasattr(native, "layout_key") else None)
-    return _NATIVE[0]
 
 
 _STRIDED = {torch.strided}

@@ -33,6 +33,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
+
+from fisherforget import _native
 import triton.language as tl
 
 __all__ = [
@@ -174,7 +176,7 @@ def address_rows(columns: Sequence[Optional[Sequence[Optional[torch.Tensor]]]],
     """The :class:`Rows` of tensor lists ``columns`` (``None`` for an absent list; the element
     counts are the first list's). One pass in C++ when ``fisherforget._C`` is built
     (``address_rows``), else the same in Python."""
-    native = _native_helpers()
+    native = _native.helpers()
     if native is not None:
         return Rows(*native.address_rows(columns, aligned_columns))
     return _address_rows_python(columns, aligned_columns)
@@ -206,20 +208,6 @@ def _address_rows_python(columns, aligned_columns: int) -> Rows:
     rows = torch.frombuffer(flat, dtype=torch.int64).clone() if flat else torch.empty(
         0, dtype=torch.int64)
     return Rows(rows.view(n, len(columns) + 1), regular, bits & (ALIGNMENT_BYTES - 1) == 0)
-
-
-_NATIVE: list = []  # [fisherforget._C or None], resolved once
-
-
-def _native_helpers():
-    """``fisherforget._C`` when it is built with the host helpers, else None."""
-    if not _NATIVE:
-        try:
-            import fisherforget._C as native
-        except ImportError:
-            native = None
-        _NATIVE.append(native if hasattr(native, "address_rows") else None)
-    return _NATIVE[0]
 
 
 # Host tables of captured calls. A captured host-to-device copy reads its pinned source at every

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from fisherforget import FisherAdamW, optim, ops
+from fisherforget import FisherAdamW, _native, ops
 from fisherforget.backends.triton import ops as triton_backend
 
 triton_backend.load_kernels()  # fisherforget.kernels, also from a source checkout
@@ -117,8 +117,7 @@ def _model_and_grads(dtype=torch.float32):
 def helpers(request, monkeypatch):
     """Run a test with the extension's host helpers and with the Python fallbacks."""
     if request.param == "python":
-        monkeypatch.setattr(optim, "_NATIVE", [None])
-        monkeypatch.setattr(multi_tensor, "_NATIVE", [None])
+        monkeypatch.setattr(_native, "_RESOLVED", [None])
     return request.param
 
 
