@@ -186,99 +186,114 @@ struct OptionalTensorsView {
 
 // ------------------------------------------------------------------------------------ fused_step
 
+// The arguments of fused_step, in the order of its schema, for any tensor-list view (the
+// at::TensorList of a torch.ops call, or the Python lists of bindings_python.cpp).
+template <typename Tensors, typename Masks>
+struct StepArgs {
+  const Tensors& params;
+  const Tensors& grads;
+  const Tensors& exp_avgs;
+  const Tensors& exp_avg_sqs;
+  const Tensors& max_exp_avg_sqs;
+  const Tensors& fishers;
+  const Masks& masks;
+  const Tensors& steps;
+  const Tensors& fisher_counts;
+  double lr;
+  std::optional<at::Tensor> lr_tensor;
+  double beta1, beta2, eps, weight_decay;
+  bool amsgrad, maximize;
+  std::optional<c10::string_view> fisher_mode;
+  double fisher_beta, fisher_scale;
+  std::optional<double> freeze_above, freeze_below;
+  std::optional<at::Tensor> grad_scale, found_inf;
+};
+
 // Checks every argument of fused_step and returns the table and the settings; throws (changing
 // nothing) on the first problem. `settings.found_inf` etc. point into the argument tensors.
 template <typename Tensors, typename Masks>
-std::vector<cpu::StepEntry> check_fused_step(
-    Checker& check, const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
-    const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs, const Tensors& fishers,
-    const Masks& masks, const Tensors& steps,
-    const Tensors& fisher_counts, double lr, const std::optional<at::Tensor>& lr_tensor,
-    double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
-    std::optional<c10::string_view> fisher_mode, double fisher_beta, double fisher_scale,
-    std::optional<double> freeze_above, std::optional<double> freeze_below,
-    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-    cpu::StepSettings& settings) {
-  const size_t n = params.size();
-  check.list_length(grads.size(), n, "grads", "one per param");
-  check.list_length(exp_avgs.size(), n, "exp_avgs", "one per param");
-  check.list_length(exp_avg_sqs.size(), n, "exp_avg_sqs", "one per param");
-  check.list_length(masks.size(), n, "masks", "one per param, None for no mask");
-  check.list_length(steps.size(), n, "steps", "one per param");
-  if (amsgrad) check.list_length(max_exp_avg_sqs.size(), n, "max_exp_avg_sqs", "amsgrad=True");
-  const bool has_fisher = !fishers.empty();
-  if (has_fisher) check.list_length(fishers.size(), n, "fishers", "one per param, or none");
-  const FisherMode mode = parse_fisher_mode(check.op, fisher_mode);
+std::vector<cpu::StepEntry> check_fused_step(Checker& check, const StepArgs<Tensors, Masks>& a,
+                                             cpu::StepSettings& settings) {
+  const size_t n = a.params.size();
+  check.list_length(a.grads.size(), n, "grads", "one per param");
+  check.list_length(a.exp_avgs.size(), n, "exp_avgs", "one per param");
+  check.list_length(a.exp_avg_sqs.size(), n, "exp_avg_sqs", "one per param");
+  check.list_length(a.masks.size(), n, "masks", "one per param, None for no mask");
+  check.list_length(a.steps.size(), n, "steps", "one per param");
+  if (a.amsgrad) check.list_length(a.max_exp_avg_sqs.size(), n, "max_exp_avg_sqs", "amsgrad=True");
+  const bool has_fisher = !a.fishers.empty();
+  if (has_fisher) check.list_length(a.fishers.size(), n, "fishers", "one per param, or none");
+  const FisherMode mode = parse_fisher_mode(check.op, a.fisher_mode);
   const bool accumulates = has_fisher && mode != FisherMode::kNone;
   if (accumulates) {
-    check.list_length(fisher_counts.size(), n, "fisher_counts", "the Fisher accumulates");
+    check.list_length(a.fisher_counts.size(), n, "fisher_counts", "the Fisher accumulates");
   }
-  TORCH_CHECK(has_fisher || !freeze_above.has_value(), check.op,
+  TORCH_CHECK(has_fisher || !a.freeze_above.has_value(), check.op,
               ": freeze_above needs the fishers list");
-  TORCH_CHECK(has_fisher || !freeze_below.has_value(), check.op,
+  TORCH_CHECK(has_fisher || !a.freeze_below.has_value(), check.op,
               ": freeze_below needs the fishers list");
 
-  settings.lr = lr;
-  settings.beta1 = beta1;
-  settings.beta2 = beta2;
-  settings.eps = eps;
-  settings.weight_decay = weight_decay;
-  settings.amsgrad = amsgrad;
-  settings.maximize = maximize;
+  settings.lr = a.lr;
+  settings.beta1 = a.beta1;
+  settings.beta2 = a.beta2;
+  settings.eps = a.eps;
+  settings.weight_decay = a.weight_decay;
+  settings.amsgrad = a.amsgrad;
+  settings.maximize = a.maximize;
   settings.has_fisher = has_fisher;
   settings.fisher_mode = mode;
-  settings.fisher_beta = fisher_beta;
-  settings.fisher_scale = fisher_scale;
-  settings.has_freeze_above = freeze_above.has_value();
-  settings.freeze_above = freeze_above.value_or(0.0);
-  settings.has_freeze_below = freeze_below.has_value();
-  settings.freeze_below = freeze_below.value_or(0.0);
+  settings.fisher_beta = a.fisher_beta;
+  settings.fisher_scale = a.fisher_scale;
+  settings.has_freeze_above = a.freeze_above.has_value();
+  settings.freeze_above = a.freeze_above.value_or(0.0);
+  settings.has_freeze_below = a.freeze_below.has_value();
+  settings.freeze_below = a.freeze_below.value_or(0.0);
   std::vector<cpu::StepEntry> table;
   if (n == 0) return table;
 
-  check.set_device(params[0], item("params", 0));
+  check.set_device(a.params[0], item("params", 0));
   table.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
+    const at::Tensor& p = a.params[i];
     const Name p_name = item("params", i);
     cpu::StepEntry& e = table[i];
     check.tensor(p, p_name);
     e.param_dtype = check.dtype(p, p_name, true);
     const Name g_name = item("grads", i);
-    check.tensor(grads[i], g_name);
-    check.same_shape(grads[i], g_name, p, p_name);
-    check.same_dtype(grads[i], g_name, p, p_name);
+    check.tensor(a.grads[i], g_name);
+    check.same_shape(a.grads[i], g_name, p, p_name);
+    check.same_dtype(a.grads[i], g_name, p, p_name);
     const Name m_name = item("exp_avgs", i);
-    check.tensor(exp_avgs[i], m_name);
-    check.same_shape(exp_avgs[i], m_name, p, p_name);
-    e.state_dtype = check.dtype(exp_avgs[i], m_name, false);
+    check.tensor(a.exp_avgs[i], m_name);
+    check.same_shape(a.exp_avgs[i], m_name, p, p_name);
+    e.state_dtype = check.dtype(a.exp_avgs[i], m_name, false);
     auto same_state = [&](const at::Tensor& t, Name name) {
       check.tensor(t, name);
       check.same_shape(t, name, p, p_name);
-      check.same_dtype(t, name, exp_avgs[i], m_name);
+      check.same_dtype(t, name, a.exp_avgs[i], m_name);
     };
-    same_state(exp_avg_sqs[i], item("exp_avg_sqs", i));
+    same_state(a.exp_avg_sqs[i], item("exp_avg_sqs", i));
     e.max_exp_avg_sq = nullptr;
-    if (amsgrad) {
-      same_state(max_exp_avg_sqs[i], item("max_exp_avg_sqs", i));
-      e.max_exp_avg_sq = check.data(max_exp_avg_sqs[i], true);
+    if (a.amsgrad) {
+      same_state(a.max_exp_avg_sqs[i], item("max_exp_avg_sqs", i));
+      e.max_exp_avg_sq = check.data(a.max_exp_avg_sqs[i], true);
     }
     e.fisher = nullptr;
     e.fisher_dtype = DType::kFloat32;
     if (has_fisher) {
       const Name f_name = item("fishers", i);
-      check.tensor(fishers[i], f_name);
-      check.same_shape(fishers[i], f_name, p, p_name);
-      e.fisher_dtype = check.dtype(fishers[i], f_name, false);
-      e.fisher = check.data(fishers[i], accumulates);
+      check.tensor(a.fishers[i], f_name);
+      check.same_shape(a.fishers[i], f_name, p, p_name);
+      e.fisher_dtype = check.dtype(a.fishers[i], f_name, false);
+      e.fisher = check.data(a.fishers[i], accumulates);
     }
     e.fisher_count = nullptr;
     if (accumulates) {
-      check.scalar_f32(fisher_counts[i], item("fisher_counts", i));
-      e.fisher_count = static_cast<float*>(fisher_counts[i].data_ptr());
+      check.scalar_f32(a.fisher_counts[i], item("fisher_counts", i));
+      e.fisher_count = static_cast<float*>(a.fisher_counts[i].data_ptr());
     }
     e.mask = nullptr;
-    if (const at::Tensor* mask = masks.at(i)) {
+    if (const at::Tensor* mask = a.masks.at(i)) {
       const Name k_name = item("masks", i);
       check.tensor(*mask, k_name);
       check.same_shape(*mask, k_name, p, p_name);
@@ -286,20 +301,20 @@ std::vector<cpu::StepEntry> check_fused_step(
                   " must be a bool tensor, got ", mask->scalar_type());
       e.mask = static_cast<const bool*>(check.data(*mask, false));
     }
-    check.scalar_f32(steps[i], item("steps", i));
-    e.step = static_cast<float*>(steps[i].data_ptr());
+    check.scalar_f32(a.steps[i], item("steps", i));
+    e.step = static_cast<float*>(a.steps[i].data_ptr());
     e.numel = p.numel();
     e.param = check.data(p, true);
-    e.grad = check.data(grads[i], false);
-    e.exp_avg = check.data(exp_avgs[i], true);
-    e.exp_avg_sq = check.data(exp_avg_sqs[i], true);
+    e.grad = check.data(a.grads[i], false);
+    e.exp_avg = check.data(a.exp_avgs[i], true);
+    e.exp_avg_sq = check.data(a.exp_avg_sqs[i], true);
   }
 
-  if (lr_tensor.has_value() && lr_tensor->defined()) {
-    check.tensor(*lr_tensor, arg("lr_tensor"), false);
-    TORCH_CHECK(lr_tensor->numel() == 1, check.op, ": lr_tensor must hold one element, got shape ",
-                lr_tensor->sizes());
-    switch (lr_tensor->scalar_type()) {
+  if (a.lr_tensor.has_value() && a.lr_tensor->defined()) {
+    check.tensor(*a.lr_tensor, arg("lr_tensor"), false);
+    TORCH_CHECK(a.lr_tensor->numel() == 1, check.op, ": lr_tensor must hold one element, got shape ",
+                a.lr_tensor->sizes());
+    switch (a.lr_tensor->scalar_type()) {
       case at::kFloat:
         settings.lr_kind = LrKind::kFloat32;
         break;
@@ -314,17 +329,17 @@ std::vector<cpu::StepEntry> check_fused_step(
         break;
       default:
         TORCH_CHECK(false, check.op, ": lr_tensor must be a floating-point tensor, got ",
-                    lr_tensor->scalar_type());
+                    a.lr_tensor->scalar_type());
     }
-    settings.lr_tensor = lr_tensor->data_ptr();
+    settings.lr_tensor = a.lr_tensor->data_ptr();
   }
-  if (grad_scale.has_value() && grad_scale->defined()) {
-    check.scalar_f32(*grad_scale, arg("grad_scale"));
-    settings.grad_scale = grad_scale->data_ptr<float>();
+  if (a.grad_scale.has_value() && a.grad_scale->defined()) {
+    check.scalar_f32(*a.grad_scale, arg("grad_scale"));
+    settings.grad_scale = a.grad_scale->template data_ptr<float>();
   }
-  if (found_inf.has_value() && found_inf->defined()) {
-    check.scalar_f32(*found_inf, arg("found_inf"));
-    settings.found_inf = found_inf->data_ptr<float>();
+  if (a.found_inf.has_value() && a.found_inf->defined()) {
+    check.scalar_f32(*a.found_inf, arg("found_inf"));
+    settings.found_inf = a.found_inf->template data_ptr<float>();
   }
   return table;
 }
@@ -393,17 +408,41 @@ std::vector<cpu::ScoreEntry> check_fisher_score(Checker& check, const Tensors& d
   return table;
 }
 
+// The torch.ops signature of fused_step (its schema), forwarding to Run: one function per
+// dispatch key is an instantiation of this template.
+using TorchStepArgs = StepArgs<at::TensorList, OptionalTensorsView>;
+
+template <void (*Run)(const TorchStepArgs&)>
+void fused_step_unboxed(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                        at::TensorList fishers, const c10::List<std::optional<at::Tensor>>& masks,
+                        at::TensorList steps, at::TensorList fisher_counts, double lr,
+                        const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                        double eps, double weight_decay, bool amsgrad, bool maximize,
+                        std::optional<c10::string_view> fisher_mode, double fisher_beta,
+                        double fisher_scale, std::optional<double> freeze_above,
+                        std::optional<double> freeze_below,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
+  const std::vector<std::optional<at::Tensor>> mask_values = masks.vec();
+  const OptionalTensorsView mask_view{mask_values};
+  Run(TorchStepArgs{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, mask_view,
+                    steps, fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad,
+                    maximize, fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below,
+                    grad_scale, found_inf});
+}
+
 // ------------------------------------------------------------------------------ CPU op bodies
 // The CPU ops, shared by their two entry points (the torch.ops impls in bindings.cpp and the Python
 // functions in bindings_python.cpp): check everything, run the kernel over the whole table, write
 // back staged copies. The arguments are those of the matching check_* function, minus the checker.
 
-template <typename... Args>
-void fused_step_on_cpu(const Args&... args) {
+template <typename Tensors, typename Masks>
+void fused_step_on_cpu(const StepArgs<Tensors, Masks>& args) {
   Checker check{"fisherforget_C::fused_step", Target::kCpu};
   check.stage_noncontiguous = true;
   cpu::StepSettings settings;
-  const std::vector<cpu::StepEntry> table = check_fused_step(check, args..., settings);
+  const std::vector<cpu::StepEntry> table = check_fused_step(check, args, settings);
   cpu::fused_step(table.data(), static_cast<int64_t>(table.size()), settings);
   check.finish();
 }

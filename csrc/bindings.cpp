@@ -21,23 +21,8 @@ namespace {
 
 namespace ff = fisherforget;
 
-void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                    at::TensorList fishers, const c10::List<std::optional<at::Tensor>>& masks,
-                    at::TensorList steps, at::TensorList fisher_counts, double lr,
-                    const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-                    double eps, double weight_decay, bool amsgrad, bool maximize,
-                    std::optional<c10::string_view> fisher_mode, double fisher_beta,
-                    double fisher_scale, std::optional<double> freeze_above,
-                    std::optional<double> freeze_below,
-                    const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  const std::vector<std::optional<at::Tensor>> mask_values = masks.vec();
-  ff::binding::fused_step_on_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers,
-                                 ff::binding::OptionalTensorsView{mask_values}, steps,
-                                 fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay,
-                                 amsgrad, maximize, fisher_mode, fisher_beta, fisher_scale,
-                                 freeze_above, freeze_below, grad_scale, found_inf);
+void run_fused_step_cpu(const ff::binding::TorchStepArgs& args) {
+  ff::binding::fused_step_on_cpu(args);
 }
 
 void fisher_accumulate_cpu(at::TensorList fishers, at::TensorList grads, double alpha,
@@ -95,7 +80,7 @@ TORCH_LIBRARY(fisherforget_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(fisherforget_C, CPU, m) {
-  m.impl("fused_step", &fused_step_cpu);
+  m.impl("fused_step", &ff::binding::fused_step_unboxed<run_fused_step_cpu>);
   m.impl("fisher_accumulate", &fisher_accumulate_cpu);
   m.impl("fisher_score", &fisher_score_cpu);
 }

@@ -23,6 +23,7 @@ namespace {
 
 namespace ff = fisherforget;
 using ff::binding::Checker;
+using ff::binding::StepArgs;
 using ff::binding::Target;
 
 ff::ExecTarget exec_target(const Checker& check) {
@@ -67,17 +68,7 @@ std::vector<std::vector<size_t>> group_by(const std::vector<Key>& keys) {
 // bindings_python.cpp): check, group by dtype, plan the launch tables, launch. With
 // launch == false (the host-overhead benchmark) everything but the kernel launches runs.
 template <typename Tensors, typename Masks>
-void fused_step_views(Target target_kind, bool launch, const Tensors& params,
-                      const Tensors& grads, const Tensors& exp_avgs, const Tensors& exp_avg_sqs,
-                      const Tensors& max_exp_avg_sqs, const Tensors& fishers, const Masks& masks,
-                      const Tensors& steps, const Tensors& fisher_counts, double lr,
-                      const std::optional<at::Tensor>& lr_tensor_arg, double beta1, double beta2,
-                      double eps, double weight_decay, bool amsgrad, bool maximize,
-                      std::optional<c10::string_view> fisher_mode, double fisher_beta,
-                      double fisher_scale, std::optional<double> freeze_above,
-                      std::optional<double> freeze_below,
-                      const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf) {
+void fused_step_views(Target target_kind, bool launch, const StepArgs<Tensors, Masks>& given) {
   Checker check{target_kind == Target::kCuda ? "fisherforget_C::fused_step"
                                              : "fisherforget_C::emulated_fused_step",
                 target_kind};
@@ -86,21 +77,19 @@ void fused_step_views(Target target_kind, bool launch, const Tensors& params,
   check.stage_noncontiguous = true;
   // A CPU lr tensor next to CUDA params is moved once per call (without a host sync); a graph
   // cannot capture that copy and would replay the value seen at capture.
-  std::optional<at::Tensor> lr_tensor = lr_tensor_arg;
-  if (target_kind == Target::kCuda && lr_tensor.has_value() && lr_tensor->defined() &&
-      lr_tensor->is_cpu() && params.size() > 0 && params[0].is_cuda()) {
+  StepArgs<Tensors, Masks> args = given;
+  const std::optional<at::Tensor>& lr = args.lr_tensor;
+  if (target_kind == Target::kCuda && lr.has_value() && lr->defined() && lr->is_cpu() &&
+      args.params.size() > 0 && args.params[0].is_cuda()) {
+    const at::Device device = args.params[0].device();
     TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
                     c10::cuda::CaptureStatus::None,
                 check.op, ": lr is a CPU tensor, but a CUDA graph is being captured: pass it as a "
-                "0-dim tensor on ", params[0].device(), " (updating it in place between replays)");
-    lr_tensor = lr_tensor->to(params[0].device(), /*non_blocking=*/true);
+                "0-dim tensor on ", device, " (updating it in place between replays)");
+    args.lr_tensor = lr->to(device, /*non_blocking=*/true);
   }
   ff::cpu::StepSettings s;
-  const std::vector<ff::cpu::StepEntry> table = ff::binding::check_fused_step(
-      check, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
-      fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-      fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale, found_inf,
-      s);
+  const std::vector<ff::cpu::StepEntry> table = ff::binding::check_fused_step(check, args, s);
   const size_t n = table.size();
   if (n == 0) return;
 
@@ -173,23 +162,8 @@ void fused_step_views(Target target_kind, bool launch, const Tensors& params,
 }
 
 template <Target kTarget>
-void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                     at::TensorList fishers, const c10::List<std::optional<at::Tensor>>& masks,
-                     at::TensorList steps, at::TensorList fisher_counts, double lr,
-                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-                     double eps, double weight_decay, bool amsgrad, bool maximize,
-                     std::optional<c10::string_view> fisher_mode, double fisher_beta,
-                     double fisher_scale, std::optional<double> freeze_above,
-                     std::optional<double> freeze_below,
-                     const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
-  const std::vector<std::optional<at::Tensor>> mask_values = masks.vec();
-  fused_step_views(kTarget, /*launch=*/true, params, grads, exp_avgs, exp_avg_sqs,
-                   max_exp_avg_sqs, fishers, ff::binding::OptionalTensorsView{mask_values},
-                   steps, fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad,
-                   maximize, fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below,
-                   grad_scale, found_inf);
+void run_fused_step_cuda(const ff::binding::TorchStepArgs& args) {
+  fused_step_views(kTarget, /*launch=*/true, args);
 }
 
 // ----------------------------------------------------------------------------- fisher_accumulate
@@ -294,31 +268,15 @@ at::Tensor fisher_score_cuda(at::TensorList directions, at::TensorList grads,
 namespace fisherforget {
 namespace binding {
 
-void fused_step_from_python(bool launch, const python::PyTensors& params,
-                            const python::PyTensors& grads, const python::PyTensors& exp_avgs,
-                            const python::PyTensors& exp_avg_sqs,
-                            const python::PyTensors& max_exp_avg_sqs,
-                            const python::PyTensors& fishers, const python::PyTensors& masks,
-                            const python::PyTensors& steps,
-                            const python::PyTensors& fisher_counts, double lr,
-                            const std::optional<at::Tensor>& lr_tensor, double beta1,
-                            double beta2, double eps, double weight_decay, bool amsgrad,
-                            bool maximize, std::optional<c10::string_view> fisher_mode,
-                            double fisher_beta, double fisher_scale,
-                            std::optional<double> freeze_above, std::optional<double> freeze_below,
-                            const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf) {
-  fused_step_views(launch ? Target::kCuda : Target::kEmulation, launch, params, grads, exp_avgs,
-                   exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps, fisher_counts, lr,
-                   lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, fisher_mode,
-                   fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale, found_inf);
+void fused_step_from_python(bool launch, const PythonStepArgs& args) {
+  fused_step_views(launch ? Target::kCuda : Target::kEmulation, launch, args);
 }
 
 }  // namespace binding
 }  // namespace fisherforget
 
 TORCH_LIBRARY_IMPL(fisherforget_C, CUDA, m) {
-  m.impl("fused_step", &fused_step_cuda<Target::kCuda>);
+  m.impl("fused_step", &ff::binding::fused_step_unboxed<run_fused_step_cuda<Target::kCuda>>);
   m.impl("fisher_accumulate", &fisher_accumulate_cuda<Target::kCuda>);
   m.impl("fisher_score", &fisher_score_cuda<Target::kCuda>);
 }
@@ -339,7 +297,8 @@ TORCH_LIBRARY_FRAGMENT(fisherforget_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(fisherforget_C, CPU, m) {
-  m.impl("emulated_fused_step", &fused_step_cuda<Target::kEmulation>);
+  m.impl("emulated_fused_step",
+         &ff::binding::fused_step_unboxed<run_fused_step_cuda<Target::kEmulation>>);
   m.impl("emulated_fisher_accumulate", &fisher_accumulate_cuda<Target::kEmulation>);
   m.impl("emulated_fisher_score", &fisher_score_cuda<Target::kEmulation>);
 }

@@ -59,27 +59,23 @@ PyObject* fused_step_entry(PyObject* const* args, Py_ssize_t nargs, const char* 
       max_exp_avg_sqs(args[4], op, "max_exp_avg_sqs"), fishers(args[5], op, "fishers"),
       masks(args[6], op, "masks", /*allow_none=*/true), steps(args[7], op, "steps"),
       fisher_counts(args[8], op, "fisher_counts");
+  const ff::binding::StepArgs<PyTensors, PyTensors> step{
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
+      fisher_counts, to_double(args[9], op, "lr"), to_optional_tensor(args[10], op, "lr_tensor"),
+      to_double(args[11], op, "beta1"), to_double(args[12], op, "beta2"),
+      to_double(args[13], op, "eps"), to_double(args[14], op, "weight_decay"),
+      to_bool(args[15], op, "amsgrad"), to_bool(args[16], op, "maximize"),
+      to_optional_str(args[17], op, "fisher_mode"), to_double(args[18], op, "fisher_beta"),
+      to_double(args[19], op, "fisher_scale"), to_optional_double(args[20], op, "freeze_above"),
+      to_optional_double(args[21], op, "freeze_below"),
+      to_optional_tensor(args[22], op, "grad_scale"), to_optional_tensor(args[23], op, "found_inf")};
   const bool on_cuda = !params.empty() && params[0].is_cuda();
-  const auto run = [&](auto&& body) {
-    body(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
-         fisher_counts, to_double(args[9], op, "lr"),
-         to_optional_tensor(args[10], op, "lr_tensor"), to_double(args[11], op, "beta1"),
-         to_double(args[12], op, "beta2"), to_double(args[13], op, "eps"),
-         to_double(args[14], op, "weight_decay"), to_bool(args[15], op, "amsgrad"),
-         to_bool(args[16], op, "maximize"), to_optional_str(args[17], op, "fisher_mode"),
-         to_double(args[18], op, "fisher_beta"), to_double(args[19], op, "fisher_scale"),
-         to_optional_double(args[20], op, "freeze_above"),
-         to_optional_double(args[21], op, "freeze_below"),
-         to_optional_tensor(args[22], op, "grad_scale"),
-         to_optional_tensor(args[23], op, "found_inf"));
-  };
   if (route == StepRoute::kByDevice && !on_cuda) {
-    run([](const auto&... a) { ff::binding::fused_step_on_cpu(a...); });
+    ff::binding::fused_step_on_cpu(step);
     Py_RETURN_NONE;
   }
 #ifdef FISHERFORGET_WITH_CUDA
-  const bool launch = route == StepRoute::kByDevice;
-  run([launch](const auto&... a) { ff::binding::fused_step_from_python(launch, a...); });
+  ff::binding::fused_step_from_python(/*launch=*/route == StepRoute::kByDevice, step);
   Py_RETURN_NONE;
 #else
   TORCH_CHECK(false, op, ": this build of fisherforget._C has the CPU kernels only (no CUDA "
