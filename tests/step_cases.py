@@ -100,7 +100,9 @@ class StepCase:
     get a random mask (about 70% True), the others ``None``; ``noncontiguous``: params, grads and
     first moments of odd index are strided views; ``grad_scale``: the grads are multiplied by it
     and it is passed as ``grad_scale``; ``found_inf``: passed as a 0-dim tensor. ``chained``:
-    steps taken one after the other (fresh grads each). ``moved``: the least fraction of param
+    steps taken one after the other (fresh grads each). ``counts``: ``(step, fisher_count)`` of
+    every tensor (default: random per tensor, steps 0-29, counts 0-11). ``inputs_seed``: the seed
+    of the random inputs (default: from the name). ``moved``: the least fraction of param
     elements a step must change (a check that the comparison is not vacuous). ``backends``: the
     backends that run it (their checks accept it; the Triton interpreter gets the small cases).
     """
@@ -117,6 +119,8 @@ class StepCase:
     found_inf: Optional[float] = None
     lr_dtype: Optional[torch.dtype] = None
     chained: int = 1
+    counts: Optional[tuple] = None
+    inputs_seed: Optional[int] = None
     moved: float = 0.0
     backends: tuple = ALL_BACKENDS
 
@@ -133,7 +137,7 @@ class StepCase:
 
     @property
     def seed(self) -> int:
-        return zlib.crc32(self.name.encode())
+        return zlib.crc32(self.name.encode()) if self.inputs_seed is None else self.inputs_seed
 
     @property
     def amsgrad(self) -> bool:
@@ -152,7 +156,7 @@ class StepCase:
         return f"StepCase({self.name})"
 
 
-def _short(dtype: torch.dtype) -> str:
+def short_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
             torch.float64: "fp64"}[dtype]
 
@@ -204,11 +208,12 @@ def _matrix_cases() -> list:
                 if config not in _FROM_CUDA:
                     lay.setdefault("grad_scale", None if param_dtype == torch.float16 else 2.0)
                 cases.append(StepCase(
-                    f"{config}-{_short(param_dtype)}-{_short(state_dtype)}",
+                    f"{config}-{short_name(param_dtype)}-{short_name(state_dtype)}",
                     dict(_CPU_BASE, **hyper),
                     shapes=CUDA_SIZES if config in _FROM_CUDA else CPU_SIZES,
                     param_dtype=param_dtype, state_dtype=state_dtype, chained=2,
-                    backends=NO_TRITON, **lay))
+                    counts=None if config in _FROM_CUDA else (3, 2),
+                    inputs_seed=None if config in _FROM_CUDA else 0, backends=NO_TRITON, **lay))
     return cases
 
 
@@ -249,7 +254,7 @@ def _other_cases() -> list:
     for dtype in PARAM_DTYPES:
         # bf16/fp16 params move visibly only with a large lr relative to their spacing.
         cases.append(StepCase(
-            f"odd_sizes-{_short(dtype)}",
+            f"odd_sizes-{short_name(dtype)}",
             dict(_TRITON_BASE, lr=3e-2 if dtype == torch.float32 else 0.2),
             shapes=((1,), (7,), (4097,), (2**16 + 3,)), param_dtype=dtype,
             moved=0.99 if dtype == torch.float32 else 0.5))
@@ -257,7 +262,7 @@ def _other_cases() -> list:
                                  (torch.float32, torch.bfloat16, torch.bfloat16),
                                  (torch.bfloat16, torch.bfloat16, torch.float16)):
         cases.append(StepCase(
-            f"low_precision_state-p{_short(param)}-s{_short(state)}-f{_short(fisher)}",
+            f"low_precision_state-p{short_name(param)}-s{short_name(state)}-f{short_name(fisher)}",
             dict(_TRITON_BASE, amsgrad=True, lr=0.2, fisher_mode="sum"), shapes=((7,), (4097,)),
             param_dtype=param, state_dtype=state, fisher_dtype=fisher))
     cases += [
@@ -283,7 +288,7 @@ def _other_cases() -> list:
                  shapes=((7,), (4097,)), masks=True, found_inf=0.0),
     ]
     for lr_dtype in (torch.float32, torch.float64, torch.bfloat16):
-        cases.append(StepCase(f"tensor_lr-{_short(lr_dtype)}", dict(ema_amsgrad, weight_decay=0.3),
+        cases.append(StepCase(f"tensor_lr-{short_name(lr_dtype)}", dict(ema_amsgrad, weight_decay=0.3),
                               shapes=CPU_SIZES, masks=True, grad_scale=2.0, lr_dtype=lr_dtype,
                               chained=2, backends=NO_TRITON))
     return cases
@@ -302,16 +307,18 @@ def cases_for(backend: str) -> list:
 # ----------------------------------------------------------------------------------- builder
 
 
-def _values(shape, gen, *, scale=1.0, positive=False, low=0.0) -> torch.Tensor:
+def _values(shape, gen, *, scale=1.0, positive=False) -> torch.Tensor:
     if positive:
-        return torch.rand(shape, generator=gen) * scale + low
+        return torch.rand(shape, generator=gen) * scale
     values = torch.randn(shape, generator=gen) * scale
     return torch.where(values == 0, torch.full_like(values, 0.5 * scale), values)  # never zero
 
 
-def _place(values: torch.Tensor, dtype, device, noncontiguous=False) -> torch.Tensor:
+def _place(values: torch.Tensor, dtype, device, noncontiguous=False, low=0.0) -> torch.Tensor:
     values = values.to(dtype=dtype, device=device)
-    if noncontiguous and values.dim() >= 1 and values.numel() > 1:
+    if low:
+        values = values + low  # (in ``dtype``)
+    if noncontiguous and values.dim() >= 1:
         # The same values, stored strided so that the tensor is not contiguous.
         wide = torch.empty(values.shape + (2,), dtype=dtype, device=device)
         wide[..., 0] = values
@@ -331,21 +338,26 @@ def make_inputs(case: StepCase, device="cpu", seed: Optional[int] = None):
         params=[_place(_values(s, gen), case.param_dtype, device, c) for s, c in zip(shapes, nc)],
         grads=[],
         exp_avgs=[_place(_values(s, gen, scale=0.1), sd, device, c) for s, c in zip(shapes, nc)],
-        exp_avg_sqs=[_place(_values(s, gen, scale=0.1, positive=True, low=1e-4), sd, device)
+        exp_avg_sqs=[_place(_values(s, gen, scale=0.1, positive=True), sd, device, low=1e-4)
                      for s in shapes],
         # Independent of exp_avg_sqs: the maximum is taken either way.
-        max_exp_avg_sqs=[_place(_values(s, gen, scale=0.2, positive=True, low=1e-4), sd, device)
+        max_exp_avg_sqs=[_place(_values(s, gen, scale=0.2, positive=True), sd, device, low=1e-4)
                          for s in shapes] if case.amsgrad else [],
-        fishers=[_place(_values(s, gen, scale=2.0, positive=True, low=0.01), fd, device)
+        fishers=[_place(_values(s, gen, scale=2.0, positive=True), fd, device)
                  for s in shapes] if fd is not None else [],
         masks=[(torch.rand(s, generator=gen) > 0.3).to(device) if case.masks and i % 2 == 0
                else None for i, s in enumerate(shapes)],
-        # Per-tensor counts that differ from tensor to tensor; t = step + 1 >= 1.
-        steps=[torch.tensor(float(torch.randint(0, 30, (), generator=gen)), device=device)
-               for _ in shapes],
-        fisher_counts=[torch.tensor(float(torch.randint(0, 12, (), generator=gen)),
-                                    device=device) for _ in shapes] if case.accumulates else [],
     )
+    # Per-tensor counts that differ from tensor to tensor (t = step + 1 >= 1), or fixed ones.
+    if case.counts is None:
+        draw = lambda high: float(torch.randint(0, high, (), generator=gen))  # noqa: E731
+        steps = [draw(30) for _ in shapes]
+        counts = [draw(12) for _ in shapes]
+    else:
+        steps, counts = [[float(v)] * len(shapes) for v in case.counts]
+    data["steps"] = [torch.tensor(v, device=device) for v in steps]
+    data["fisher_counts"] = ([torch.tensor(v, device=device) for v in counts]
+                             if case.accumulates else [])
     return data, gen
 
 
