@@ -752,12 +752,13 @@ ERROR_CASES = [
               r"grads\[{i}\] must be a torch.Tensor"),
     ErrorCase("grad_shape", _set("grads", lambda old, c: old[:3]), ValueError,
               r"grads\[{i}\] has shape \(3,\), its param \(10,\)"),
-    ErrorCase("mask_dtype", _set("masks", lambda old, c: torch.ones(10)), TypeError,
+    ErrorCase("mask_dtype", _set("masks", lambda old, c: c.lists["params"][0].new_ones(10)),
+              TypeError,
               r"masks\[{i}\] must be a bool tensor"),
     ErrorCase("step_dtype", _set("steps", lambda old, c: old.double()), ValueError,
               r"steps\[{i}\] must be a 0-dim float32 tensor, got shape \(\) and dtype "
               r"torch.float64"),
-    ErrorCase("step_shape", _set("steps", lambda old, c: torch.zeros(1)), ValueError,
+    ErrorCase("step_shape", _set("steps", lambda old, c: torch.zeros(1, device=old.device)), ValueError,
               r"steps\[{i}\] must be a 0-dim float32 tensor, got shape \(1,\)"),
     ErrorCase("missing_fishers", _clear("fishers"), ValueError,
               r"fishers is empty, but fisher_mode, fisher_scale or a freeze threshold uses"),
@@ -830,11 +831,11 @@ def errors_for(backend: str, level: str = "ops") -> list:
 
 
 def check_error(error: ErrorCase, backend: str, n: int, index: int,
-                call_binding: Optional[Callable] = None) -> None:
+                call_binding: Optional[Callable] = None, device="cpu") -> None:
     """Corrupt a valid call of ``n`` params at param ``index`` as ``error`` says; the call (through
     ``ops.fused_step``, or ``call_binding(lists, op_kwargs)`` for the binding's checks) raises
     the expected error with the expected message and changes no tensor."""
-    call = _valid_call(n, index)
+    call = _valid_call(n, index, device)
     error.corrupt(call)
     kind, match = error.expected(backend, call)
     before = {k: [t.clone() if isinstance(t, torch.Tensor) else t for t in v]
