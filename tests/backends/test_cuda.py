@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from fisherforget import FisherAdamW, ops
-from step_cases import (CASES_BY_NAME, assert_close_ulp, cases_for, check_against_oracle,
+from step_cases import (CASES_BY_NAME, CPU_SIZES, assert_close_ulp, cases_for, check_against_oracle,
                         check_against_reference, check_error, errors_for, make_grads,
                         make_hyper, make_inputs, make_scalars, replace_case, run_step, short_name)
 from fisherforget.backends.cuda import ops as cuda_backend
@@ -459,9 +459,11 @@ def test_step_cases_match_reference(device, case):
     check_against_reference(_on(case, device), "cuda", _compare, device=device)
 
 
+# (The emulation runs one simulated thread at a time: the cases of the CPU kernels' 70,001-element
+# sizes, compared with the reference above, skip the oracle, which they meet on backend "cpu".)
 @needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", cases_for("cuda"))
+@pytest.mark.parametrize("case", [c for c in cases_for("cuda") if c.values[0].shapes != CPU_SIZES])
 def test_step_cases_match_float64_oracle(device, case):
     check_against_oracle(_on(case, device), "cuda", device=device)
 
