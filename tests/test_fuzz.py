@@ -13,8 +13,10 @@ The examples are derandomized (the same every run, so CI cannot flake); set
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fisherforget import backends, ops
-from oracle import OracleState, oracle_step
+import step_cases as table
+from oracle import oracle_step
 from step_cases import ulp
 
 _FRESH = int(os.environ.get("FISHERFORGET_FUZZ_EXAMPLES", "0"))
@@ -147,6 +150,11 @@ def _clone(data):
 
 
 def _run(data, grads, case, found_inf, backend):
+    with table.emulated_cuda(backend, data["params"]):
+        _fused_step(data, grads, case, found_inf, backend)
+
+
+def _fused_step(data, grads, case, found_inf, backend):
     ops.fused_step(
         ops.StepTensors(data["params"], grads, data["exp_avgs"], data["exp_avg_sqs"],
                         data["max_exp_avg_sqs"], data["fishers"], data["masks"], data["steps"],
@@ -158,29 +166,13 @@ def _run(data, grads, case, found_inf, backend):
 
 
 def _near_threshold(fisher: Optional[torch.Tensor], hyper: dict) -> Optional[torch.Tensor]:
-    """Elements whose Fisher is within rounding of a freezing threshold (their freeze decision
-    may legitimately differ between fp32 and float64)."""
-    near = None
-    for thr in (hyper["freeze_above"], hyper["freeze_below"]):
-        if thr is not None and fisher is not None:
-            close = (fisher - thr).abs() <= 1e-5 * max(thr, 1e-6) + 1e-7
-            near = close if near is None else near | close
-    return near
+    return table.near_threshold(fisher, hyper)
 
 
 # ------------------------------------------------------------ reference vs float64 oracle
 
 
-def _oracle_state(data, i) -> OracleState:
-    def wide(key):
-        return data[key][i].double().clone() if data[key] else None
-
-    return OracleState(
-        param=data["params"][i].double().clone(), exp_avg=wide("exp_avgs"),
-        exp_avg_sq=wide("exp_avg_sqs"), max_exp_avg_sq=wide("max_exp_avg_sqs"),
-        fisher=wide("fishers"), step=int(data["steps"][i]),
-        fisher_count=int(data["fisher_counts"][i]) if data["fisher_counts"] else 0,
-    )
+_oracle_state = table.oracle_state
 
 
 @_settings(examples=150)
@@ -213,48 +205,40 @@ def test_reference_matches_float64_oracle(case):
 
 
 def _check_against_oracle(case, data, before, grads, i, new, frozen):
-    h = case.hyper
-    sd = data["exp_avgs"][i].dtype
-    near = _near_threshold(new.fisher, h)
-    check = torch.ones_like(frozen) if near is None else ~near
-    p, p_old = data["params"][i], before["params"][i]
-    # Frozen elements keep param and moments bit for bit.
-    for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
-        if data[key]:
-            assert torch.equal(data[key][i][frozen & check], before[key][i][frozen & check]), key
-    # fp32 rounding is relative to the size of the terms a result is made of, not to the result:
-    # m = beta1*m + (1-beta1)*g can cancel to ~0, and the param update inherits that noise. The
-    # weight 1-beta1 itself is rounded to fp32 (as in torch's AdamW), an error of up to 2^-24
-    # times |m| + |g| whatever beta1 (the last term, scaled to the 4e-6 used below).
-    g = grads[i].double().abs() / (case.grad_scale or 1.0)
-    m_old = before["exp_avgs"][i].double().abs()
-    m_terms = h["beta1"] * m_old + (1 - h["beta1"]) * g + 0.03 * (m_old + g)
-    second = new.max_exp_avg_sq if h["amsgrad"] else new.exp_avg_sq
-    t = new.step
-    denom = second.sqrt() / math.sqrt(1 - h["beta2"] ** t) + h["eps"]
-    damping = 1.0 if h["fisher_scale"] == 0 else 1 / (1 + h["fisher_scale"] * new.fisher)
-    update_bound = h["lr"] / (1 - h["beta1"] ** t) * damping * m_terms / denom
-    decayed = p_old.double() * (1 - h["lr"] * h["weight_decay"])
-    # Param: 1 ulp of its dtype (storage rounding) plus fp32 noise of the decayed value and of
-    # the update.
-    tol = ulp(new.param, case.dtype) + 4e-6 * (decayed.abs() + update_bound) + 1e-30
-    err = (p.double() - new.param).abs()
-    assert bool((err[check] <= tol[check]).all()), f"param err {(err - tol)[check].max()}"
-    # State, stored in state_dtype: its ulp plus fp32 noise of the terms (all non-negative but
-    # the first moment's).
-    for key, value in (("exp_avgs", new.exp_avg), ("exp_avg_sqs", new.exp_avg_sq),
-                       ("max_exp_avg_sqs", new.max_exp_avg_sq), ("fishers", new.fisher)):
-        if not data[key]:
-            continue
-        got = data[key][i]
-        assert got.dtype == sd
-        terms = m_terms if key == "exp_avgs" else value.abs()
-        tol = ulp(value, sd) + 4e-6 * terms + 1e-30
-        err = (got.double() - value).abs()
-        assert bool((err[check] <= tol[check]).all()), f"{key} err {(err - tol)[check].max()}"
-    assert int(data["steps"][i]) == new.step
-    if data["fisher_counts"]:
-        assert int(data["fisher_counts"][i]) == new.fisher_count
+    table.assert_matches_oracle(case.hyper, case.dtype, case.grad_scale, data, before, grads, i,
+                                new, frozen)
+
+
+# The same oracle test on the kernel backends (the CUDA kernels through their host emulation on
+# CPU tensors); Triton interpreted, with few, small examples.
+# (Not the id "cuda": tests/conftest.py skips tests with that keyword when there is no GPU.)
+_KERNEL_ORACLE = [pytest.param(b, marks=table.skip_unless_available(b), id=name)
+                  for b, name in (("cpu", "cpu"), ("cuda", "cuda_emulated"))]
+
+
+@contextlib.contextmanager
+def _on_backend(backend):
+    """test_reference_matches_float64_oracle's steps run on ``backend`` instead."""
+    run = _run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys.modules[__name__], "_run", lambda data, grads, case, found_inf, _:
+                      run(data, grads, case, found_inf, backend))
+        yield
+
+
+def _valid(case) -> bool:
+    """StepHyper refuses freeze_above < freeze_below (every element frozen), which step_cases()
+    can draw."""
+    above, below = case.hyper["freeze_above"], case.hyper["freeze_below"]
+    return above is None or below is None or above >= below
+
+
+@pytest.mark.parametrize("backend", _KERNEL_ORACLE)
+@_settings(examples=150)
+@given(case=step_cases().filter(_valid))
+def test_kernel_backend_matches_float64_oracle(backend, case):
+    with _on_backend(backend):
+        test_reference_matches_float64_oracle.hypothesis.inner_test(case)
 
 
 # --------------------------------------------------- fisher_accumulate / fisher_score
@@ -349,6 +333,15 @@ def test_triton_matches_reference(case):
                 for key in triton_data:
                     for new, old in zip(triton_data[key], triton_before[key]):
                         assert new is None or torch.equal(new, old), key
+
+
+@needs_triton
+@pytest.mark.skipif(_DEVICE != "cpu", reason="the oracle test's tensors are on CPU")
+@_settings(examples=16)
+@given(case=step_cases(max_numel_shapes=small_shapes).filter(_valid))
+def test_triton_matches_float64_oracle(case):
+    with _on_backend("triton"):
+        test_reference_matches_float64_oracle.hypothesis.inner_test(case)
 
 
 @needs_triton

@@ -8,8 +8,8 @@ fisherforget/backends/cpu.py.
   equal bit for bit (the kernels round as torch's CPU ops do); params within the rounding of
   torch's sqrt, which is not correctly rounded on every CPU;
 * the AVX2 and the scalar loops, and 1 and 2 threads, give the same bits;
-* against the float64 oracle (tests/oracle.py) over random settings: tests/test_fuzz.py's oracle
-  test of the reference, run on this backend;
+* the shared table of cases and error inputs (tests/step_cases.py) against the reference and the
+  float64 oracle (tests/oracle.py); tests/test_fuzz.py runs its oracle test on this backend too;
 * FisherAdamW(fisher=None, backend="cpu") against torch.optim.AdamW;
 * errors name the tensor and leave every tensor unchanged; non-contiguous tensors are stepped.
 """
@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import test_fuzz as fuzz
 from fisherforget import FisherAdamW, backends, ops
 from fisherforget.backends import cpu as cpu_backend
-from test_fuzz import StepCase
-from step_cases import ulp
+from step_cases import (CASES_BY_NAME, CPU_SIZES, short_name, assert_close_ulp, cases_for,
+                        check_against_oracle, check_against_reference, check_error, clone,
+                        errors_for, make_grads, make_inputs, replace_case, run_case)
 
 REPO = Path(__file__).resolve().parents[2]
 _ERROR = cpu_backend.availability_error()
@@ -122,98 +122,55 @@ def test_doctor_reports_the_cpu_kernels():
         assert line.startswith("unavailable")
 
 
-# ----------------------------------------------------------------------------------- the cases
-
-_CONFIGS = {
-    "adamw": dict(fisher_mode=None, amsgrad=False),
-    "ema_scale_amsgrad": dict(fisher_mode="ema", fisher_scale=0.7, amsgrad=True),
-    "mean_thresholds_maximize": dict(fisher_mode="mean", freeze_above=0.8, freeze_below=0.05,
-                                     maximize=True),
-    "sum_scale_above_bias1_large": dict(fisher_mode="sum", fisher_scale=0.3, freeze_above=2.5,
-                                        beta1=0.3),
-    "fisher_used_not_accumulated": dict(fisher_mode=None, fisher_scale=2.0, freeze_above=0.6),
-}
-# Around the 8-lane groups, a tensor split between threads (16,384 elements per thread at the
-# least), and an empty one whose step count still advances.
-_SIZES = [(1,), (7,), (8,), (9,), (0,), (33, 65), (70001,), (5,)]
-
-
-def _case(config: str, dtype, state_dtype, *, sizes=_SIZES, grad_scale=2.0, seed=0,
-          noncontiguous=False, mask=True) -> StepCase:
-    hyper = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, amsgrad=False,
-                 maximize=False, fisher_mode=None, fisher_beta=0.95, fisher_scale=0.0,
-                 freeze_above=None, freeze_below=None)
-    hyper.update(_CONFIGS[config])
-    return StepCase(dtype=dtype, state_dtype=state_dtype, shapes=list(sizes),
-                    noncontiguous=[noncontiguous and i % 2 == 1 for i in range(len(sizes))],
-                    hyper=hyper, use_mask=mask, grad_scale=grad_scale, found_inf=[False, False],
-                    step0=3, count0=2, seed=seed)
-
-
-def _assert_step_matches(got: dict, want: dict, before: dict) -> None:
-    for key, values in want.items():
-        for i, (a, e) in enumerate(zip(got[key], values)):
-            if e is None:
-                continue
-            exact = key in ("masks", "steps", "fisher_counts") or (TORCH_FUSES and key != "params")
-            if exact:
-                assert torch.equal(a, e), f"{key}[{i}]: {(a.double() - e.double()).abs().max()}"
-                continue
-            # torch.sqrt may differ from the correctly rounded sqrt by an ulp, which moves the
-            # update by about an ulp: 1 ulp of the dtype plus 2 fp32 ulps of the terms.
-            ref, old = e.double(), before[key][i].double()
-            tol = ulp(ref, e.dtype) + 2.4e-7 * (ref.abs() + (ref - old).abs()) + 1e-30
-            err = (a.double() - ref).abs()
-            assert bool((err <= tol).all()), f"{key}[{i}]: {(err - tol).max()}"
-
-
-def _step_both(case: StepCase) -> None:
-    """Both backends from the same state, step by step (each step restarts from the
-    reference's state, so that a rounding difference cannot compound)."""
-    data, gen = fuzz._inputs(case)
-    for found_inf in case.found_inf:
-        grads = fuzz._grads(case, gen)
-        got, before = fuzz._clone(data), fuzz._clone(data)
-        fuzz._run(data, grads, case, found_inf, "reference")
-        fuzz._run(got, grads, case, found_inf, "cpu")
-        _assert_step_matches(got, data, before)
-
-
 # ------------------------------------------------------------------------------------ fused_step
+# The cases are the shared table of tests/step_cases.py.
+
+
+def _compare(name: str, actual: torch.Tensor, expected: torch.Tensor, before: torch.Tensor):
+    """The CPU kernels against the reference: moments and Fisher bit for bit where torch's CPU
+    ops fuse their multiply-adds as these kernels do; params (and elsewhere everything) within
+    1 ulp of the dtype plus 2 fp32 ulps of the terms, since torch.sqrt may differ from the
+    correctly rounded sqrt by an ulp, which moves the update by about an ulp."""
+    if TORCH_FUSES and name != "params":
+        assert_close_ulp(actual, expected, 0, what=name)
+        return
+    e = expected.double()
+    assert_close_ulp(actual, expected, 1, rel=2.4e-7,
+                     terms=e.abs() + (e - before.double()).abs(), atol=1e-30, what=name)
+
+
+def _cases_and_loops() -> list:
+    """The table's cases for this backend; those with the sizes around the 8-lane groups on both
+    inner loops, the others on the loops this CPU picks."""
+    params = []
+    for param in cases_for("cpu"):
+        case = param.values[0]
+        loops = ISAS if case.shapes == CPU_SIZES else [cpu_backend.isa()]
+        for loop in loops:
+            marks = loop.marks if hasattr(loop, "marks") else ()
+            name = loop.values[0] if hasattr(loop, "values") else loop
+            params.append(pytest.param(case, name, id=f"{case.name}-{name}", marks=marks))
+    return params
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
-@pytest.mark.parametrize("config", sorted(_CONFIGS))
-@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
-@pytest.mark.parametrize("state_dtype", STATE_DTYPES, ids=str)
-def test_fused_step_matches_reference(isa, config, dtype, state_dtype):
-    _step_both(_case(config, dtype, state_dtype, grad_scale=2.0 if dtype != torch.float16
-                     else None))
+@pytest.mark.parametrize("case, isa", _cases_and_loops(), indirect=["isa"])
+def test_step_cases_match_reference(case, isa):
+    check_against_reference(case, "cpu", _compare)
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_tensor_lr_of_each_dtype(lr_dtype):
-    case = _case("ema_scale_amsgrad", torch.float32, torch.float32)
-    case.hyper["lr"] = torch.tensor(3e-2, dtype=lr_dtype)
-    case.hyper["weight_decay"] = 0.3
-    _step_both(case)
+@pytest.mark.parametrize("case", cases_for("cpu"))
+def test_step_cases_match_float64_oracle(case):
+    check_against_oracle(case, "cpu")
 
 
-@needs_cpu_kernels
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
-def test_non_contiguous_tensors_are_stepped_in_place(isa):
-    _step_both(_case("mean_thresholds_maximize", torch.bfloat16, torch.float32,
-                     noncontiguous=True))
-
-
-def _all_outputs(case: StepCase) -> list:
-    data, gen = fuzz._inputs(case)
+def _all_outputs(case) -> list:
+    data, gen = make_inputs(case)
     out = []
-    for found_inf in case.found_inf:
-        fuzz._run(data, fuzz._grads(case, gen), case, found_inf, "cpu")
-        out.append(fuzz._clone(data))
+    for _ in range(case.chained):
+        run_case(case, data, make_grads(case, gen), "cpu")
+        out.append(clone(data))
     return out
 
 
@@ -221,8 +178,9 @@ def _all_outputs(case: StepCase) -> list:
 @pytest.mark.skipif(not HAS_AVX2, reason="this CPU lacks AVX2, FMA or F16C")
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
 def test_avx2_and_scalar_loops_and_thread_counts_agree_bit_for_bit(dtype):
-    case = _case("ema_scale_amsgrad", dtype, torch.bfloat16, sizes=_SIZES + [(2**17 + 3,)])
-    case.hyper.update(freeze_below=0.1, maximize=True)
+    base = CASES_BY_NAME[f"ema_scale_amsgrad-{short_name(dtype)}-bf16"]
+    case = replace_case(base, shapes=CPU_SIZES + ((2**17 + 3,),),
+                        hyper=dict(base.hyper, freeze_below=0.1, maximize=True))
     results = []
     previous_isa, previous_threads = torch.ops.fisherforget_C.cpu_isa(), torch.get_num_threads()
     try:
@@ -241,30 +199,18 @@ def test_avx2_and_scalar_loops_and_thread_counts_agree_bit_for_bit(dtype):
 
 
 @needs_cpu_kernels
-def test_found_inf_changes_nothing():
-    case = _case("mean_thresholds_maximize", torch.float16, torch.float32)
-    case.found_inf = [True]
-    data, gen = fuzz._inputs(case)
-    before = fuzz._clone(data)
-    fuzz._run(data, fuzz._grads(case, gen), case, True, "cpu")
-    for key, values in data.items():
-        for a, b in zip(values, before[key]):
-            assert a is None or torch.equal(a, b), key
-
-
-@needs_cpu_kernels
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_frozen_elements_keep_their_bits(isa):
     """NaN in the state of masked-out elements survives a step (frozen lanes are stored with
     their old values), and a fully masked tensor is unchanged."""
-    case = _case("ema_scale_amsgrad", torch.float32, torch.float32, sizes=[(64,), (4101,)])
-    data, gen = fuzz._inputs(case)
+    case = replace_case(CASES_BY_NAME["ema_scale_amsgrad-fp32-fp32"], shapes=((64,), (4101,)))
+    data, gen = make_inputs(case)
     mask = data["masks"][0]
     for key in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
         data[key][0][~mask] = float("nan")
     data["masks"][1] = torch.zeros(4101, dtype=torch.bool)
-    before = fuzz._clone(data)
-    fuzz._run(data, fuzz._grads(case, gen), case, False, "cpu")
+    before = clone(data)
+    run_case(case, data, make_grads(case, gen), "cpu")
     assert data["exp_avgs"][0][~mask].isnan().all() and not data["exp_avgs"][0][mask].isnan().any()
     assert data["params"][0][~mask].equal(before["params"][0][~mask])
     for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
@@ -278,22 +224,8 @@ def test_many_small_tensors_in_one_call(threads):
     generator = torch.Generator().manual_seed(7)
     sizes = [(int(torch.randint(1, 40, (), generator=generator)),) for _ in range(2000)]
     sizes[100], sizes[1500] = (70000,), (16385,)
-    _step_both(_case("mean_thresholds_maximize", torch.float32, torch.float32, sizes=sizes))
-
-
-# ---------------------------------------------------------------------------------- float64 oracle
-
-
-@needs_cpu_kernels
-@fuzz._settings(examples=150)
-@fuzz.given(case=fuzz.step_cases())
-def test_matches_float64_oracle(case):
-    """tests/test_fuzz.py's float64-oracle test of the reference backend, on backend 'cpu'."""
-    run = fuzz._run
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fuzz, "_run", lambda data, grads, case_, found_inf, backend:
-                      run(data, grads, case_, found_inf, "cpu"))
-        fuzz.test_reference_matches_float64_oracle.hypothesis.inner_test(case)
+    case = replace_case(CASES_BY_NAME["mean_thresholds_maximize-fp32-fp32"], shapes=sizes)
+    check_against_reference(case, "cpu", _compare)
 
 
 # ------------------------------------------------------------------------------- AdamW parity
@@ -421,52 +353,24 @@ def test_fisher_score_is_the_same_for_any_threads_and_loops():
 
 
 # ---------------------------------------------------------------------------------------- errors
-
-
-def _direct(n=3):
-    lists = [[torch.randn(10) for _ in range(n)] for _ in range(4)]  # params grads m v
-    lists[3] = [t.abs() for t in lists[3]]
-    lists += [[torch.rand(10) for _ in range(n)], [torch.rand(10) for _ in range(n)],
-              [None] * n, [torch.zeros(()) for _ in range(n)], [torch.zeros(()) for _ in range(n)]]
-    kwargs = dict(lr=1e-3, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                  amsgrad=True, maximize=False, fisher_mode="ema", fisher_beta=0.9,
-                  fisher_scale=0.0, freeze_above=None, freeze_below=None, grad_scale=None,
-                  found_inf=None)
-    return lists, kwargs
+# The error inputs are the shared table of tests/step_cases.py.
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("index, value, message", [
-    (1, lambda t: t.double(), r"grads\[2\] has dtype Double but params\[2\] has Float"),
-    (2, lambda t: t.half(), r"exp_avgs\[2\] has dtype Half; supported: float32, bfloat16 \("),
-    (3, lambda t: t.bfloat16(), r"exp_avg_sqs\[2\] has dtype BFloat16 but exp_avgs\[2\] has"),
-    (5, lambda t: t[:5], r"fishers\[2\] has shape \[5\] but params\[2\] has shape \[10\]"),
-    (7, lambda t: torch.zeros(2), r"steps\[2\] must hold one element"),
-    (8, lambda t: t.double(), r"fisher_counts\[2\] must be float32"),
-    (6, lambda t: torch.ones(10), r"masks\[2\] must be a bool tensor"),
-    (0, lambda t: t.double(), r"params\[2\] has dtype Double; supported: float32, bfloat16, "
-                              r"float16"),
-])
-def test_errors_name_the_tensor_and_change_nothing(index, value, message):
-    lists, kwargs = _direct()
-    lists[index][2] = value(lists[index][2] if lists[index][2] is not None else lists[0][2])
-    before = [[None if t is None else t.clone() for t in l] for l in lists]
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.fisherforget_C.fused_step(*lists, **kwargs)
-    for l, b in zip(lists, before):
-        for t, u in zip(l, b):
-            assert t is None or torch.equal(t, u)
+@pytest.mark.parametrize("error, n, index", errors_for("cpu"))
+def test_bad_step_input_is_refused_and_changes_nothing(error, n, index):
+    check_error(error, "cpu", n, index)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("error, n, index", errors_for("cpu", "binding"))
+def test_binding_errors_name_the_tensor_and_change_nothing(error, n, index):
+    check_error(error, "cpu", n, index, call_binding=lambda lists, kwargs:
+                torch.ops.fisherforget_C.fused_step(*lists, **kwargs))
 
 
 @needs_cpu_kernels
 def test_other_errors_name_the_problem():
-    lists, kwargs = _direct(1)
-    with pytest.raises(RuntimeError, match="fisher_mode must be 'ema', 'mean', 'sum' or None"):
-        torch.ops.fisherforget_C.fused_step(*lists, **dict(kwargs, fisher_mode="max"))
-    with pytest.raises(RuntimeError, match=r"max_exp_avg_sqs has 0 tensors, expected 1"):
-        torch.ops.fisherforget_C.fused_step(*lists[:4], [], *lists[5:], **kwargs)
-    with pytest.raises(RuntimeError, match="lr_tensor must be a floating-point tensor"):
-        torch.ops.fisherforget_C.fused_step(*lists, **dict(kwargs, lr_tensor=torch.tensor(1)))
     with pytest.raises(RuntimeError, match=r"grads has 1 tensors, expected 2 \(one per fisher\)"):
         torch.ops.fisherforget_C.fisher_accumulate([torch.ones(3)] * 2, [torch.ones(3)],
                                                    alpha=1.0, beta=1.0, grad_scale=None)

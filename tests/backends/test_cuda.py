@@ -33,7 +33,9 @@ import pytest
 import torch
 
 from fisherforget import FisherAdamW, ops
-from step_cases import run_step
+from step_cases import (CASES_BY_NAME, CPU_SIZES, assert_close_ulp, cases_for, check_against_oracle,
+                        check_against_reference, check_error, errors_for, make_grads,
+                        make_hyper, make_inputs, make_scalars, replace_case, run_step, short_name)
 from fisherforget.backends.cuda import ops as cuda_backend
 from fisherforget.backends.cuda import jit as cuda_jit
 
@@ -393,17 +395,9 @@ def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, what: str) -
     scale = torch.nan_to_num(e.abs(), nan=0.0).max()
     # Near-cancelling elements (p*decay - step*update) carry the rounding error of their operands,
     # which are up to the tensor's scale: hence the absolute term, in fp32 ulps of that scale.
-    limit = torch.maximum(a.abs(), e.abs()).mul_(_tolerance(expected.dtype))
-    limit.add_(scale * (4 * torch.finfo(torch.float32).eps))
-    ok = (a - e).abs_() <= limit
-    if not bool(ok.all()):
-        ok |= a.isnan() & e.isnan()
-    if not bool(ok.all()):
-        bad = ~ok
-        index = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {a.numel()} elements differ; first at {list(index)}: "
-            f"got {a[index].item()!r}, expected {e[index].item()!r}")
+    assert_close_ulp(actual, expected, 0, rel=_tolerance(expected.dtype),
+                     terms=torch.maximum(a.abs(), e.abs()),
+                     atol=scale * (4 * torch.finfo(torch.float32).eps), equal_nan=True, what=what)
 
 
 def assert_step_matches(got: StepInputs, want: StepInputs, exact_fisher=False) -> None:
@@ -418,43 +412,21 @@ def assert_step_matches(got: StepInputs, want: StepInputs, exact_fisher=False) -
             assert torch.equal(a, e), f"{name}[{i}]: {a.item()} vs {e.item()}"
 
 
-# Feature combinations; each runs every Fisher-related branch somewhere.
-STEP_CONFIGS = {
-    "adamw": dict(fisher=False, masks=False, amsgrad=False,
-                  kw=dict(fisher_mode=None, fisher_scale=0.0, freeze_above=None,
-                          freeze_below=None)),
-    "ema_scale_mask_amsgrad": dict(kw=dict(fisher_mode="ema", fisher_beta=0.9, fisher_scale=0.7,
-                                           freeze_above=None, freeze_below=None)),
-    "mean_thresholds_maximize_scaled": dict(
-        kw=dict(fisher_mode="mean", fisher_scale=0.0, freeze_above=0.8, freeze_below=0.05,
-                maximize=True, grad_scale=2.0, lr="float32")),
-    "sum_lr64_found_inf0": dict(
-        amsgrad=False, kw=dict(fisher_mode="sum", fisher_scale=0.3, freeze_above=2.5,
-                               freeze_below=None, lr="float64", found_inf=0.0)),
-    "fisher_used_not_accumulated": dict(
-        kw=dict(fisher_mode=None, fisher_scale=2.0, freeze_above=0.6, freeze_below=None,
-                lr="bfloat16")),
-}
-
-
-def _step_kwargs(config: dict, device) -> dict:
-    kw = dict(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, amsgrad=config.get(
-        "amsgrad", True), maximize=False, fisher_mode="ema", fisher_beta=0.95, fisher_scale=0.0,
-        freeze_above=None, freeze_below=None, grad_scale=None, found_inf=None)
-    kw.update(config["kw"])
-    if isinstance(kw["lr"], str):
-        kw["lr"] = torch.tensor(3e-2, dtype=getattr(torch, kw["lr"]), device=device)
-    for name in ("grad_scale", "found_inf"):
-        if kw[name] is not None:
-            kw[name] = torch.tensor(float(kw[name]), device=device)
-    return kw
-
-
-def _make(config: dict, sizes, device, param_dtype, state_dtype, fisher_dtype=None):
-    return StepInputs(sizes, device, param_dtype, state_dtype,
-                      state_dtype if fisher_dtype is None else fisher_dtype,
-                      amsgrad=config.get("amsgrad", True), fisher=config.get("fisher", True),
-                      masks=config.get("masks", True))
+def _table_inputs(name: str, shapes, device, **changes):
+    """Case ``name`` of the shared table (tests/step_cases.py) with other shapes (and fields):
+    its inputs as StepInputs and its arguments as run_step's keyword dict."""
+    case = replace_case(CASES_BY_NAME[name], shapes=tuple(shapes), **changes)
+    data, gen = make_inputs(case, device)
+    data["grads"] = make_grads(case, gen, device)
+    inputs = object.__new__(StepInputs)
+    for key in StepInputs.LISTS:
+        setattr(inputs, key, data[key])
+    grad_scale, found_inf = make_scalars(case, device)
+    hyper = make_hyper(case, device)
+    kw = {f: getattr(hyper, f) for f in ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad",
+                                         "maximize", "fisher_mode", "fisher_beta", "fisher_scale",
+                                         "freeze_above", "freeze_below")}
+    return inputs, dict(kw, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _run_cuda_step(inputs: StepInputs, kw: dict) -> None:
@@ -471,51 +443,33 @@ def _sizes(device):
 
 
 # ------------------------------------------------------------------------------- fused_step tests
+# The configurations are the shared table of tests/step_cases.py; on the GPU every case gets a
+# tensor of 2^20 + 3 elements too.
+
+
+def _compare(name, actual, expected, before):
+    assert_close_ulps(actual, expected, name)
+
+
+def _on(case, device):
+    return case if device == "cpu" else replace_case(case, shapes=case.shapes + ((2**20 + 3,),))
 
 
 @needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config", list(STEP_CONFIGS))
-@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
-@pytest.mark.parametrize("state_dtype", STATE_DTYPES, ids=str)
-def test_fused_step_matches_reference(device, config, param_dtype, state_dtype):
-    conf = STEP_CONFIGS[config]
-    kw = _step_kwargs(conf, device)
-    want = _make(conf, _sizes(device), device, param_dtype, state_dtype)
-    got = want.clone()
-    for _ in range(2):  # two steps: the counts advance and the second step reads them
-        run_step(want.lists(), kw, backend="reference")
-        _run_cuda_step(got, kw)
-        assert_step_matches(got, want)
-        # Start the next step from identical state: a 1-ulp rounding difference in a bf16 moment
-        # would otherwise grow through the next update beyond a per-step tolerance.
-        got = want.clone()
+@pytest.mark.parametrize("case", cases_for("cuda"))
+def test_step_cases_match_reference(device, case):
+    # On CPU tensors this runs the host emulation of the kernels through the same glue.
+    check_against_reference(_on(case, device), "cuda", _compare, device=device)
 
 
+# (The emulation runs one simulated thread at a time: the cases of the CPU kernels' 70,001-element
+# sizes, compared with the reference above, skip the oracle, which they meet on backend "cpu".)
 @needs_cuda_kernels
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_step_fp32_state_bf16_fisher(device):
-    conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
-    kw = _step_kwargs(conf, device)
-    want = _make(conf, [5, 4099], device, torch.bfloat16, torch.float32, torch.bfloat16)
-    got = want.clone()
-    run_step(want.lists(), kw, backend="reference")
-    _run_cuda_step(got, kw)
-    assert_step_matches(got, want)
-
-
-@needs_cuda_kernels
-@pytest.mark.parametrize("device", DEVICES)
-def test_found_inf_changes_nothing(device):
-    conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
-    kw = _step_kwargs(conf, device)
-    kw["found_inf"] = torch.tensor(1.0, device=device)
-    inputs = _make(conf, [3, 4097, 65536 + 9], device, torch.bfloat16, torch.float32)
-    before = inputs.clone()
-    _run_cuda_step(inputs, kw)
-    for name in StepInputs.LISTS:
-        for a, b in zip(getattr(inputs, name), getattr(before, name)):
-            assert (a is None and b is None) or torch.equal(a, b), name
+@pytest.mark.parametrize("case", [c for c in cases_for("cuda") if c.values[0].shapes != CPU_SIZES])
+def test_step_cases_match_float64_oracle(device, case):
+    check_against_oracle(_on(case, device), "cuda", device=device)
 
 
 @needs_cuda_kernels
@@ -524,9 +478,8 @@ def test_found_inf_changes_nothing(device):
 def test_frozen_elements_keep_their_bits(device, param_dtype):
     """Frozen lanes inside a 16-byte packet are stored with their original bits (NaN poison in
     the state of masked-out elements survives), and fully frozen tensors are not touched."""
-    conf = STEP_CONFIGS["ema_scale_mask_amsgrad"]
-    kw = _step_kwargs(conf, device)
-    want = _make(conf, [64, 4101], device, param_dtype, torch.float32)
+    want, kw = _table_inputs(f"ema_scale_mask_amsgrad-{short_name(param_dtype)}-fp32", [64, 4101],
+                             device)
     for i, mask in enumerate(want.masks):
         if mask is not None:
             for state in (want.exp_avgs[i], want.exp_avg_sqs[i], want.max_exp_avg_sqs[i]):
@@ -556,9 +509,7 @@ def test_many_tensors_in_one_call(device):
     sizes = [int(torch.randint(0, 3000, (), generator=generator)) for _ in range(count)]
     sizes[3] = 0
     sizes[10] = 70000
-    conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
-    kw = _step_kwargs(conf, device)
-    want = _make(conf, sizes, device, torch.float32, torch.float32)
+    want, kw = _table_inputs("mean_thresholds_maximize_scaled-fp32-fp32", sizes, device)
     got = want.clone()
     run_step(want.lists(), kw, backend="reference")
     _run_cuda_step(got, kw)
@@ -570,9 +521,8 @@ def test_many_tensors_in_one_call(device):
 def test_misaligned_and_noncontiguous_params(device):
     """A view at an odd storage offset takes the scalar path; a transposed param is stepped
     through a contiguous copy and written back; a mixed-dtype list is split by dtype."""
-    conf = STEP_CONFIGS["ema_scale_mask_amsgrad"]
-    kw = _step_kwargs(conf, device)
-    want = _make(conf, [4099, (33, 65), 300], device, torch.float32, torch.float32)
+    want, kw = _table_inputs("ema_scale_mask_amsgrad-fp32-fp32", [(4099,), (33, 65), (300,)],
+                             device)
     base = _fresh((4100,), torch.float32, device)
     want.params[0] = base[1:]  # contiguous, 4 bytes past a 16-byte boundary
     want.params[1] = _fresh((65, 33), torch.float32, device).t()  # non-contiguous
@@ -669,6 +619,9 @@ def _direct_step_args(device="cpu"):
     return inputs, kwargs
 
 
+# The error inputs are the shared table of tests/step_cases.py.
+
+
 @needs_cuda_kernels
 def test_fused_step_steps_non_contiguous_tensors_through_copies():
     # The CUDA binding stages a strided tensor in a contiguous copy and writes it back (the
@@ -689,48 +642,23 @@ def test_fused_step_steps_non_contiguous_tensors_through_copies():
 
 
 @needs_cuda_kernels
-@pytest.mark.parametrize("mutate, message", [
-    (lambda i: i.grads.__setitem__(0, i.grads[0].double()),
-     r"grads\[0\] has dtype Double but params\[0\] has Float"),
-    (lambda i: i.exp_avgs.__setitem__(0, i.exp_avgs[0].half()),
-     r"exp_avgs\[0\] has dtype Half; supported: float32, bfloat16 \("),
-    (lambda i: i.exp_avg_sqs.__setitem__(0, i.exp_avg_sqs[0].bfloat16()),
-     r"exp_avg_sqs\[0\] has dtype BFloat16 but exp_avgs\[0\] has Float"),
-    (lambda i: i.fishers.__setitem__(0, i.fishers[0][:5]),
-     r"fishers\[0\] has shape \[5\] but params\[0\] has shape \[10\]"),
-    (lambda i: i.steps.__setitem__(0, torch.zeros(2)),
-     r"steps\[0\] must hold one element"),
-    (lambda i: i.fisher_counts.__setitem__(0, torch.zeros((), dtype=torch.float64)),
-     r"fisher_counts\[0\] must be float32"),
-    (lambda i: i.masks.__setitem__(0, torch.ones(10)),
-     r"masks\[0\] must be a bool tensor"),
-    (lambda i: i.max_exp_avg_sqs.clear(),
-     r"max_exp_avg_sqs has 0 tensors, expected 1 \(amsgrad=True\)"),
-    (lambda i: i.params.__setitem__(0, i.params[0].double()),
-     r"params\[0\] has dtype Double; supported: float32, bfloat16, float16"),
-])
-def test_fused_step_errors_name_the_tensor(mutate, message):
+@pytest.mark.parametrize("error, n, index", errors_for("cuda"))
+def test_bad_step_input_is_refused_and_changes_nothing(error, n, index):
+    # Through ops.fused_step on CPU tensors: the contract's checks, then the emulation's.
+    check_error(error, "cuda", n, index)
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("error, n, index", errors_for("cuda", "binding"))
+def test_fused_step_errors_name_the_tensor(error, n, index):
     # The CUDA binding's checks, on CPU tensors through the emulation (the native CPU op shares
     # them but steps non-contiguous tensors itself: tests/backends/test_cpu.py).
-    inputs, kwargs = _direct_step_args()
-    mutate(inputs)
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.fisherforget_C.emulated_fused_step(*inputs.lists(), **kwargs)
+    check_error(error, "cuda", n, index, call_binding=lambda lists, kwargs:
+                torch.ops.fisherforget_C.emulated_fused_step(*lists, **kwargs))
 
 
 @needs_cuda_kernels
 def test_other_errors_name_the_problem():
-    inputs, kwargs = _direct_step_args()
-    with pytest.raises(RuntimeError, match="fisher_mode must be 'ema', 'mean', 'sum' or None"):
-        torch.ops.fisherforget_C.emulated_fused_step(*inputs.lists(),
-                                                     **dict(kwargs, fisher_mode="max"))
-    with pytest.raises(RuntimeError, match="freeze_above needs the fishers list"):
-        lists = inputs.lists()
-        lists[5], lists[8] = [], []
-        torch.ops.fisherforget_C.emulated_fused_step(*lists, **dict(kwargs, freeze_above=1.0))
-    with pytest.raises(RuntimeError, match="lr_tensor must be a floating-point tensor"):
-        torch.ops.fisherforget_C.emulated_fused_step(
-            *inputs.lists(), **dict(kwargs, lr_tensor=torch.tensor(1)))
     with pytest.raises(RuntimeError, match=r"grads has 1 tensors, expected 2 \(one per fisher\)"):
         torch.ops.fisherforget_C.emulated_fisher_accumulate(
             [torch.ones(3), torch.ones(3)], [torch.ones(3)], alpha=1.0, beta=1.0, grad_scale=None)
@@ -762,9 +690,7 @@ def test_opcheck_schemas_and_fake_kernels():
 
 @needs_extension
 def test_torch_compile_traces_the_ops():
-    conf = STEP_CONFIGS["ema_scale_mask_amsgrad"]
-    kw = _step_kwargs(conf, "cpu")
-    want = _make(conf, [9, 100], "cpu", torch.float32, torch.float32)
+    want, kw = _table_inputs("ema_scale_mask_amsgrad-fp32-fp32", [9, 100], "cpu")
     got = want.clone()
 
     def step_and_score(inputs):
@@ -784,9 +710,7 @@ def test_torch_compile_traces_the_ops():
 @pytest.mark.cuda
 @pytest.mark.slow
 def test_gpu_fused_step_2_pow_28_elements():
-    conf = STEP_CONFIGS["ema_scale_mask_amsgrad"]
-    kw = _step_kwargs(conf, "cuda")
-    want = StepInputs([2**28], "cuda", torch.bfloat16, torch.float32, amsgrad=False, masks=True)
+    want, kw = _table_inputs("ema_scale_mask_amsgrad-bf16-fp32", [2**28], "cuda")
     got = want.clone()
     kw["amsgrad"] = False
     run_step(want.lists(), kw, backend="reference")
@@ -822,9 +746,8 @@ def test_gpu_outputs_are_written_not_left_over():
 
 @pytest.mark.cuda
 def test_gpu_results_identical_run_to_run():
-    conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
-    kw = _step_kwargs(conf, "cuda")
-    first = _make(conf, [7, 4097, 2**20 + 3], "cuda", torch.bfloat16, torch.bfloat16)
+    first, kw = _table_inputs("mean_thresholds_maximize_scaled-bf16-bf16", [7, 4097, 2**20 + 3],
+                              "cuda")
     second = first.clone()
     run_step(first.lists(), kw, backend="cuda")
     run_step(second.lists(), kw, backend="cuda")
@@ -837,11 +760,10 @@ def test_gpu_results_identical_run_to_run():
 def test_gpu_cuda_graph_capture_of_a_step():
     """A captured step replays with device-side lr, grad_scale, found_inf and step counts: each
     replay sees the incremented counts and the lr value current at replay time."""
-    conf = STEP_CONFIGS["mean_thresholds_maximize_scaled"]
-    kw = _step_kwargs(conf, "cuda")
+    want, kw = _table_inputs("mean_thresholds_maximize_scaled-fp32-fp32", [7, 4097, 65536 + 3],
+                             "cuda")
     kw["lr"] = torch.tensor(3e-2, device="cuda")
     kw["found_inf"] = torch.tensor(0.0, device="cuda")
-    want = _make(conf, [7, 4097, 65536 + 3], "cuda", torch.float32, torch.float32)
     got = want.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

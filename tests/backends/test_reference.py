@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fisherforget import ops
+from step_cases import cases_for, check_against_oracle, check_error, errors_for
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -45,3 +46,17 @@ def test_fused_step_list_contract_is_checked_for_every_backend():
     with pytest.raises(ValueError, match="masks has 0 entries, params 1"):
         ops.fused_step(ops.StepTensors(p, g, m, v, [], [], [], steps, []), ops.StepHyper(lr=1e-3))
     assert steps[0].item() == 0
+
+
+# ------------------------------------------------------------------- the shared table
+
+
+@pytest.mark.parametrize("case", cases_for("reference"))
+def test_step_cases_match_float64_oracle(case):
+    """Every case of the table (tests/step_cases.py) against the float64 oracle."""
+    check_against_oracle(case, "reference")
+
+
+@pytest.mark.parametrize("error, n, index", errors_for("reference"))
+def test_bad_step_input_is_refused_and_changes_nothing(error, n, index):
+    check_error(error, "reference", n, index)

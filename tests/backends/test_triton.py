@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from fisherforget import FisherAdamW, backends, ops
-from step_cases import run_step
+from step_cases import (assert_close_ulp, cases_for, check_against_oracle,
+                        check_against_reference, check_error, errors_for, run_step, ulp)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -54,39 +55,22 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # ---------------------------------------------------------------------------------- helpers
 
 
-def ulp(x: torch.Tensor) -> torch.Tensor:
-    """Spacing of ``x.dtype`` at each value of ``x`` (as fp64)."""
-    finfo = torch.finfo(x.dtype)
-    magnitude = x.detach().double().abs().clamp_min(finfo.tiny)
-    return torch.exp2(torch.floor(torch.log2(magnitude))) * finfo.eps
-
-
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, ulps: int = 1,
                    history: Optional[torch.Tensor] = None):
     """Elementwise closeness (see the module docstring). ``history``: values the elements had
     earlier (e.g. params before several steps); a 16-bit element that was rounded differently
     at that magnitude keeps the difference, so the tolerance also allows ``ulps`` there."""
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, what
-    if expected.numel() == 0:
-        return
-    a, e = actual.detach().double(), expected.detach().double()  # (on the device: 2^28 case)
-    assert not bool(torch.isnan(a).any()), f"{what}: NaN in the result"
+    assert not bool(torch.isnan(actual).any()), f"{what}: NaN in the result"
     if expected.dtype in LOW_PRECISION:
         # (+1e-6: values near zero after cancellation of O(0.1) operands, where fp32 rounding
         # differences exceed one ulp of the tiny result.)
-        tolerance = ulps * ulp(expected) + 1e-6
+        atol = 1e-6
         if history is not None:
-            tolerance = tolerance + ulps * ulp(history.to(expected.dtype).to(e.device))
+            atol = atol + ulps * ulp(history.to(expected.dtype).to(expected.device))
+        assert_close_ulp(actual, expected, ulps, atol=atol, what=what)
     else:
-        tolerance = 2e-6 * ulps * e.abs() + 1e-6 * ulps
-    error = (a - e).abs()
-    if not bool((error <= tolerance).all()):
-        worst = int(torch.argmax(error - tolerance))
-        raise AssertionError(
-            f"{what}: {int((error > tolerance).sum())} of {a.numel()} elements off; worst at "
-            f"{worst}: got {a.flatten()[worst].item()!r}, expected {e.flatten()[worst].item()!r}"
-        )
+        assert_close_ulp(actual, expected, 0, rel=2e-6 * ulps, atol=1e-6 * ulps, what=what)
 
 
 def random_bucket(
@@ -171,102 +155,22 @@ def assert_buckets_match(expected, actual, ulps: int = 1):
 # ------------------------------------------------------------------------------ fused step
 
 
-@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_step_matches_reference_at_odd_sizes(param_dtype):
-    bucket = random_bucket(SIZES, param_dtype=param_dtype)
-    # bf16/fp16 params move visibly only with a large lr relative to their spacing.
-    lr = 3e-2 if param_dtype == torch.float32 else 0.2
-    expected, actual = run_both(bucket, lr=lr)
-    assert_buckets_match(expected, actual)
-    # The step moved (nearly) every element: the comparison above is not vacuous.
-    moved = sum(int((b != a).sum()) for b, a in zip(bucket["params"], actual["params"]))
-    fraction = 0.99 if param_dtype == torch.float32 else 0.5  # 16-bit: coarse spacing
-    assert moved > fraction * sum(p.numel() for p in bucket["params"])
+# The configurations are the shared table of tests/step_cases.py (the small ones: the
+# interpreter is slow).
 
 
-FEATURES = {
-    "adamw_only": dict(fisher_mode=None, fisher_scale=0.0, _fisher=False),
-    "amsgrad": dict(amsgrad=True),
-    "maximize": dict(maximize=True),
-    "fisher_ema": dict(fisher_mode="ema"),
-    "fisher_mean": dict(fisher_mode="mean"),
-    "fisher_sum": dict(fisher_mode="sum"),
-    "fisher_read_only_scale": dict(fisher_mode=None, fisher_scale=2.0),
-    "fisher_scale_zero": dict(fisher_scale=0.0),
-    "freeze_above": dict(freeze_above=1.0),
-    "freeze_below": dict(freeze_below=0.5),
-    "freeze_both_read_only": dict(fisher_mode=None, freeze_above=1.5, freeze_below=0.3),
-    "masks": dict(_mask_every=2),
-    "everything": dict(amsgrad=True, maximize=True, fisher_mode="mean", fisher_scale=1.5,
-                       freeze_above=1.2, freeze_below=0.2, _mask_every=2),
-    "grad_scale": dict(_grad_scale=1024.0),
-    "tensor_lr": dict(_tensor_lr=True),
-    "no_weight_decay": dict(weight_decay=0.0),
-    "beta1_zero": dict(beta1=0.0),
-    "lerp_large_weight": dict(beta1=0.3, beta2=0.5),
-    "large_eps": dict(eps=0.5),
-}
+def _compare(name, actual, expected, before):
+    assert_matches(actual, expected, name)
 
 
-@pytest.mark.parametrize("name", sorted(FEATURES))
-def test_fused_step_features(name):
-    options = dict(FEATURES[name])
-    fisher = options.pop("_fisher", True)
-    mask_every = options.pop("_mask_every", None)
-    grad_scale = options.pop("_grad_scale", None)
-    tensor_lr = options.pop("_tensor_lr", False)
-    bucket = random_bucket([1, 7, 300, 4097], amsgrad=options.get("amsgrad", False),
-                           fisher=fisher, mask_every=mask_every)
-    if grad_scale is not None:
-        for grad in bucket["grads"]:
-            grad.mul_(grad_scale)
-        options["grad_scale"] = torch.tensor(grad_scale, device=DEVICE)
-    if tensor_lr:
-        options["lr"] = torch.tensor(0.02, device=DEVICE)
-    expected, actual = run_both(bucket, **options)
-    assert_buckets_match(expected, actual)
-
-    frozen_somewhere = mask_every is not None or options.get("freeze_above") is not None or (
-        options.get("freeze_below") is not None
-    )
-    if frozen_somewhere:
-        # Frozen elements keep their exact bits; the test inputs freeze some but not all.
-        n_frozen = 0
-        for i, before in enumerate(bucket["params"]):
-            kept = actual["params"][i] == before
-            n_frozen += int(kept.sum())
-            for name_ in ("exp_avgs", "exp_avg_sqs"):
-                assert torch.equal(actual[name_][i][kept], bucket[name_][i][kept])
-        assert 0 < n_frozen < sum(p.numel() for p in bucket["params"])
+@pytest.mark.parametrize("case", cases_for("triton"))
+def test_step_cases_match_reference(case):
+    check_against_reference(case, "triton", _compare, device=DEVICE.type)
 
 
-@pytest.mark.parametrize("state_dtype,fisher_dtype,param_dtype", [
-    (torch.bfloat16, torch.float32, torch.float32),
-    (torch.float32, torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.bfloat16, torch.float16),
-])
-def test_fused_step_low_precision_state(state_dtype, fisher_dtype, param_dtype):
-    bucket = random_bucket([7, 4097], param_dtype=param_dtype, state_dtype=state_dtype,
-                           fisher_dtype=fisher_dtype, amsgrad=True)
-    expected, actual = run_both(bucket, amsgrad=True, lr=0.2, fisher_mode="sum")
-    assert_buckets_match(expected, actual)
-
-
-def test_fused_step_found_inf_changes_nothing():
-    bucket = random_bucket([7, 4097], amsgrad=True, mask_every=2)
-    found_inf = torch.tensor(1.0, device=DEVICE)
-    expected, actual = run_both(bucket, amsgrad=True, found_inf=found_inf,
-                                grad_scale=torch.tensor(8.0, device=DEVICE),
-                                fisher_mode="mean")
-    for name, before in bucket.items():
-        for i, t in enumerate(before):
-            if t is not None:
-                assert torch.equal(actual[name][i], t), f"{name}[{i}] changed under found_inf"
-                assert torch.equal(expected[name][i], t)
-    # found_inf = 0 is an ordinary step.
-    expected, actual = run_both(bucket, amsgrad=True,
-                                found_inf=torch.tensor(0.0, device=DEVICE))
-    assert_buckets_match(expected, actual)
+@pytest.mark.parametrize("case", cases_for("triton"))
+def test_step_cases_match_float64_oracle(case):
+    check_against_oracle(case, "triton", device=DEVICE.type)
 
 
 def test_fused_step_many_tensors_one_launch(monkeypatch):
@@ -384,60 +288,15 @@ def test_fused_step_mixed_dtypes_split_into_buckets():
     assert_buckets_match(expected, actual)
 
 
-def test_fused_step_empty_tensors_still_count_steps():
-    bucket = random_bucket([0, 5])
-    expected, actual = run_both(bucket)
-    assert_buckets_match(expected, actual)
-
-
 # ---------------------------------------------------------------------------- bad input
 
 
-def _error_cases():
-    def bucket():
-        return random_bucket([7, 9], amsgrad=True)
-
-    cases = []
-
-    def case(name, change, match, **hyper):
-        cases.append(pytest.param(change, match, hyper, id=name))
-
-    case("grads_length", lambda b: b["grads"].pop(), "grads has 1 entries")
-    case("fp64_param", lambda b: b["params"].__setitem__(0, b["params"][0].double()),
-         r"params\[0\] has dtype torch.float64")
-    case("grad_not_a_tensor", lambda b: b["grads"].__setitem__(0, 3.0),
-         r"grads\[0\] must be a torch.Tensor")
-    case("grad_shape", lambda b: b["grads"].__setitem__(1, b["grads"][1][:3]),
-         r"grads\[1\] has shape")
-    case("mask_dtype", lambda b: b["masks"].__setitem__(0, torch.ones(7, device=DEVICE)),
-         r"masks\[0\] must be a bool tensor")
-    case("step_dtype", lambda b: b["steps"].__setitem__(1, b["steps"][1].double()),
-         r"steps\[1\] must be a 0-dim float32 tensor, got shape \(\) and dtype torch.float64")
-    case("step_shape", lambda b: b["steps"].__setitem__(0, torch.zeros(1, device=DEVICE)),
-         r"steps\[0\] must be a 0-dim float32 tensor, got shape \(1,\)")
-    case("missing_fishers", lambda b: b["fishers"].clear(), "fishers is empty")
-    case("missing_max_exp_avg_sqs", lambda b: b["max_exp_avg_sqs"].pop(),
-         "max_exp_avg_sqs has 1 entries", amsgrad=True)
-    case("bad_mode", lambda b: None, "Invalid fisher: 'median'", fisher_mode="median")
-    case("grad_scale_shape", lambda b: None, "grad_scale must hold one value",
-         grad_scale=torch.ones(2, device=DEVICE))
-    return bucket, cases
+# The error inputs are the shared table of tests/step_cases.py.
 
 
-_make_error_bucket, _ERROR_CASES = _error_cases()
-
-
-@pytest.mark.parametrize("change,match,hyper", _ERROR_CASES)
-def test_fused_step_rejects_bad_input_and_changes_nothing(change, match, hyper):
-    bucket = _make_error_bucket()
-    change(bucket)
-    before = clone_bucket(bucket)
-    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
-        run_step(bucket.values(), dict(HYPER, **hyper), backend="triton")
-    for name, values in before.items():
-        for i, t in enumerate(values):
-            if isinstance(t, torch.Tensor):
-                assert torch.equal(bucket[name][i], t), f"{name}[{i}] changed"
+@pytest.mark.parametrize("error, n, index", errors_for("triton"))
+def test_bad_step_input_is_refused_and_changes_nothing(error, n, index):
+    check_error(error, "triton", n, index, device=DEVICE.type)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU tensors are refused only outside the interpreter")
