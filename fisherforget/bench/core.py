@@ -89,7 +89,7 @@ def backend_variant_status(name: str, device: torch.device, allow_interpreter: b
         return f"backend {name!r} unavailable: {backends.unavailable_reason(name)}"
     if not backends.runs_on(name, device):
         return f"backend {name!r} cannot run on {device.type} tensors"
-    if device.type == "cpu" and name != "reference" and not allow_interpreter:
+    if device.type == "cpu" and name == "triton" and not allow_interpreter:
         return (f"backend {name!r} runs on CPU tensors only in the Triton interpreter, a "
                 "correctness tool; not timed (pass --allow-interpreter to time it anyway)")
     return None
