@@ -19,6 +19,7 @@ A, B, C, ...) and reported as medians, so a noisy shared machine shifts every va
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
 import time
 from typing import Callable, Iterator
@@ -49,16 +50,24 @@ def _params(shapes, seed: int = 0) -> list[torch.nn.Parameter]:
 
 def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int,
                         warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each entry, timed round-robin."""
+    """Median seconds per call of each entry, timed round-robin with Python's cyclic garbage
+    collector paused (as ``timeit`` does: a collection that the allocations of earlier rows
+    trigger would land in whichever call happens to run)."""
     for _ in range(warmup):
         for call in calls.values():
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        if collecting:
+            gc.enable()
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -188,5 +197,5 @@ def markdown(rows: list[dict]) -> list[str]:
 
 
 def run(quick: bool = True) -> dict:
-    rows = cpu_rows(repeats=9 if quick else 25) + host_rows(repeats=15 if quick else 40)
+    rows = cpu_rows(repeats=9 if quick else 25) + host_rows(repeats=60 if quick else 200)
     return dict(benchmark="overhead", rows=rows, markdown=markdown(rows))
