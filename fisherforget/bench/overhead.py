@@ -9,7 +9,8 @@ A, B, C, ...) and reported as medians, so a noisy shared machine shifts every va
     and 2,000 x (1,) (all overhead), with 1 and 2 torch threads. The ratio is ours / torch.
 ``host``
     ``FisherAdamW.step()`` over 2,000 params of one element with each backend's device launch
-    replaced by a no-op: the host cost of the optimizer (validation, plans, gathering) plus the
+    replaced by a no-op, hot (one optimizer stepped repeatedly) and round robin (all of them in
+    turn, each step starting with its metadata out of cache): the host cost of the optimizer (validation, plans, gathering) plus the
     backend's glue (buckets, staging, Triton's address tables). It runs on CPU tensors whatever
     the backend's device (the device checks are bypassed, nothing is launched), so it measures
     the host path a GPU step pays. The CUDA row includes the C++ binding's checks, dtype groups
@@ -103,23 +104,19 @@ def _auto_backend() -> str:
     return backends.resolve("auto", torch.device("cpu"), torch.float32)
 
 
-@contextlib.contextmanager
-def _no_launch(backend: str) -> Iterator[None]:
-    """Replace ``backend``'s device launch by a no-op and let it accept CPU tensors."""
-    undo: list[Callable[[], None]] = []
-
+def _patcher(undo: list):
     def patch(obj, name, value):
         old = getattr(obj, name)
         setattr(obj, name, value)
         undo.append(lambda: setattr(obj, name, old))
+    return patch
 
-    backends.load(backend)
-    module = backends._modules.get(backend)
+
+def _disable_launches(backend: str, patch) -> None:
+    """Replace ``backend``'s device launch by a no-op and let it accept CPU tensors."""
+    module = backends._modules[backend]
     if backend in ("reference", "cpu"):
-        impls = ops._IMPLS["fused_step"]
-        old = impls[backend]
-        impls[backend] = lambda *args, **kwargs: None
-        undo.append(lambda: impls.__setitem__(backend, old))
+        patch(ops._IMPLS["fused_step"], backend, lambda *args, **kwargs: None)
     elif backend == "triton":
         from triton.runtime.jit import KernelInterface
 
@@ -137,35 +134,79 @@ def _no_launch(backend: str) -> Iterator[None]:
         # the CPU tensors, and no kernel runs.
         dry_run = type("DryRun", (), {"fused_step": staticmethod(native.dry_run_fused_step)})
         patch(module.ops, "_python_entry", lambda: dry_run)
-    resolve = backends.resolve
-    patch(backends, "resolve", lambda requested, device, dtype: backend)
+
+
+@contextlib.contextmanager
+def _no_launches(names) -> Iterator[None]:
+    """Every backend in ``names`` with its launches replaced by no-ops (see the module
+    docstring), all at once, so that their steps can be timed round-robin."""
+    undo: list[Callable[[], None]] = []
+    patch = _patcher(undo)
+    impls = ops._IMPLS["fused_step"]
+
+    def patch_item(obj, name, value):
+        if obj is impls:
+            old = impls[name]
+            impls[name] = value
+            undo.append(lambda: impls.__setitem__(name, old))
+        else:
+            patch(obj, name, value)
+
     try:
+        for name in names:
+            _disable_launches(name, patch_item)
         yield
     finally:
         for step in reversed(undo):
             step()
-        assert backends.resolve is resolve
+
+
+@contextlib.contextmanager
+def _resolving_to(backend: str) -> Iterator[None]:
+    """``backend="auto"`` resolves to ``backend`` (on CPU tensors) while the plan is built."""
+    resolve = backends.resolve
+    backends.resolve = lambda requested, device, dtype: backend
+    try:
+        yield
+    finally:
+        backends.resolve = resolve
 
 
 def host_rows(n_params: int = 2000, repeats: int = 30) -> list[dict]:
-    rows = []
+    """Every backend's host cost per step, its optimizers stepped round-robin in one process."""
+    rows, names = [], []
     for name in ("reference", "cpu", "triton", "cuda"):
-        if name not in backends.BACKEND_CHOICES:
-            continue
         try:
             backends.load(name)
             if name not in backends._modules:
                 raise RuntimeError(backends.unavailable_reason(name))
+            if name == "cuda":
+                import fisherforget._C as native
+
+                if not hasattr(native, "dry_run_fused_step"):
+                    raise RuntimeError("fisherforget._C was built without the CUDA binding")
         except Exception as exc:  # a backend that does not import here cannot be measured
             rows.append(dict(table="host", backend=name, status="skipped", reason=str(exc)))
             continue
-        for fisher in (None, "ema"):
-            params = _params([(1,)] * n_params)
-            with _no_launch(name):
-                opt = FisherAdamW(params, **HYPER, fisher=fisher)
-                seconds = interleaved_medians({"step": opt.step}, repeats)["step"]
-            rows.append(dict(table="host", backend=name, fisher=fisher, status="ok",
-                             n_params=n_params, median_ms=seconds * 1e3, repeats=repeats))
+        names.append(name)
+    calls = {}
+    with _no_launches(names):
+        for name in names:
+            for fisher in (None, "ema"):
+                opt = FisherAdamW(_params([(1,)] * n_params), **HYPER, fisher=fisher)
+                with _resolving_to(name):
+                    for _ in range(2):  # the first step creates the state, the second the plan
+                        opt.step()
+                calls[(name, fisher)] = opt.step
+        # Hot: one optimizer stepped again and again, its tensors' metadata in cache. Round
+        # robin: all of them in turn, so each step finds its metadata evicted by the others, as a
+        # training step does after the forward and backward passes.
+        hot = {key: interleaved_medians({key: call}, repeats)[key] for key, call in calls.items()}
+        cold = interleaved_medians(calls, repeats)
+    for (name, fisher), seconds in hot.items():
+        rows.append(dict(table="host", backend=name, fisher=fisher, status="ok",
+                         n_params=n_params, median_ms=seconds * 1e3,
+                         round_robin_ms=cold[(name, fisher)] * 1e3, repeats=repeats))
     return rows
 
 
@@ -184,15 +225,21 @@ def markdown(rows: list[dict]) -> list[str]:
     if cpu:
         lines += ["", f"`auto` picks backend `{cpu[0]['backend']}` for CPU fp32 tensors."]
     lines += ["", "### Host overhead per step, launch replaced by a no-op (2,000 params)", "",
-              "| backend | fisher=None | fisher=ema |", "|---|---|---|"]
+              "Medians; *hot*: one optimizer stepped repeatedly; *round robin*: every optimizer "
+              "below stepped in turn, so each step starts with its tensors' metadata out of "
+              "cache (as after a forward and backward pass).", "",
+              "| backend | fisher=None hot | round robin | fisher=ema hot | round robin |",
+              "|---|---|---|---|---|"]
     host = [r for r in rows if r["table"] == "host"]
     for name in dict.fromkeys(r["backend"] for r in host):
         members = [r for r in host if r["backend"] == name]
         if members[0]["status"] != "ok":
-            lines.append(f"| {name} | skipped: {members[0]['reason'][:60]} | |")
+            lines.append(f"| {name} | skipped: {members[0]['reason'][:60]} | | | |")
             continue
         by = {r["fisher"]: r for r in members}
-        lines.append(f"| {name} | {by[None]['median_ms']:.2f} ms | {by['ema']['median_ms']:.2f} ms |")
+        lines.append(f"| {name} | {by[None]['median_ms']:.2f} ms | "
+                     f"{by[None]['round_robin_ms']:.2f} ms | {by['ema']['median_ms']:.2f} ms | "
+                     f"{by['ema']['round_robin_ms']:.2f} ms |")
     return lines
 
 
