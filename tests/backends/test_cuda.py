@@ -652,7 +652,7 @@ def test_bad_step_input_is_refused_and_changes_nothing(error, n, index):
 @pytest.mark.parametrize("error, n, index", errors_for("cuda", "binding"))
 def test_fused_step_errors_name_the_tensor(error, n, index):
     # The CUDA binding's checks, on CPU tensors through the emulation (the native CPU op shares
-    # them but steps non-contiguous tensors itself: tests/backends/test_cpu.py).
+    # them: tests/backends/test_cpu.py).
     check_error(error, "cuda", n, index, call_binding=lambda lists, kwargs:
                 torch.ops.fisherforget_C.emulated_fused_step(*lists, **kwargs))
 
