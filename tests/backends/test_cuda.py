@@ -111,6 +111,22 @@ def test_extension_is_built_where_it_can_be():
 
 
 @needs_extension
+@pytest.mark.parametrize("info, usable", [
+    ("archs=800,900;cuda=13000;kernels=cpu,cuda;cpu_isa=avx2", True),
+    ("archs=;cuda=0;kernels=cpu;cpu_isa=avx2", False),
+    ("archs=800,900;cuda=13000", True),  # a build from before the kernels= field
+])
+def test_a_cpu_only_extension_makes_the_cuda_backend_unavailable(monkeypatch, info, usable):
+    # Its fisherforget_C ops exist (CPU implementations only): on a GPU machine the backend must
+    # say why it cannot run rather than fail at the first step.
+    monkeypatch.setattr(torch.ops.fisherforget_C, "build_info", lambda: info)
+    error = cuda_backend._kernels_error()
+    assert (error is None) == usable
+    if not usable:
+        assert "CPU kernels only" in error and "FISHERFORGET_CUDA=1" in error
+
+
+@needs_extension
 def test_ops_are_registered_with_the_expected_schemas():
     assert _prebuilt_error() is None
     for op, schema in cuda_backend.SCHEMAS.items():

@@ -104,7 +104,23 @@ def availability_error() -> Optional[str]:
         return "torch was built without CUDA (torch.version.cuda is None)"
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    return load_library() or _arch_error()
+    return load_library() or _kernels_error() or _arch_error()
+
+
+def _kernels_error() -> Optional[str]:
+    """Why the loaded library has no CUDA kernels (a CPU-only build of ``fisherforget._C``), or
+    None. Its ops exist but have no CUDA implementation, and a JIT build cannot be loaded beside
+    it (both would register the ``fisherforget_C`` ops)."""
+    info = torch.ops.fisherforget_C.build_info()
+    fields = dict(item.split("=", 1) for item in info.split(";") if "=" in item)
+    if "kernels" in fields:
+        has_cuda = "cuda" in fields["kernels"].split(",")
+    else:  # builds before the field was added had CUDA kernels exactly when cuda= is set
+        has_cuda = fields.get("cuda", "0") not in ("", "0")
+    if has_cuda:
+        return None
+    return (f"fisherforget._C was built with the CPU kernels only ({info}); reinstall where nvcc "
+            "is found (`FISHERFORGET_CUDA=1 pip install --no-build-isolation .` says why not)")
 
 
 def _compiled_archs() -> list[tuple[int, int]]:
