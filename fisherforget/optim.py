@@ -505,6 +505,7 @@ class FisherAdamW(Optimizer):
         # failure leaves params and state unchanged.
         launches = []
         unchecked = []  # plans whose launches the backends have not preflighted with these values
+        plans = []
         for gi, group in enumerate(self.param_groups):
             hyper = self._hyper(gi, group)
             params, grads = _with_grads(group["params"])
@@ -519,6 +520,12 @@ class FisherAdamW(Optimizer):
                 unchecked.append((plan, hyper, len(launches)))
             for bucket in plan.buckets:
                 launches.append((bucket.with_grads(grads), hyper, bucket))
+            plans.append(plan)
+        # State that later groups created in this step (their params only) leaves the earlier
+        # groups' plans valid: they take the epoch after it, or the next step would rebuild them.
+        if not torch.compiler.is_compiling():
+            for plan in plans:
+                plan.key = (self._state_epoch,) + plan.key[1:]
         # The backends' own checks (dtypes their kernels take, devices) depend only on what the
         # plan and the gradient layout fix: they run when either changes, for every launch of
         # the step before the first launch.

@@ -174,7 +174,6 @@ def test_backend_preflight_runs_when_the_plan_or_the_settings_change_not_every_s
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    opt.step()
     calls = []
     monkeypatch.setitem(ops._CHECKS["fused_step"], "cpu",
                         lambda tensors, hyper: calls.append(len(tensors.params)))
