@@ -14,7 +14,9 @@ A, B, C, ...) and reported as medians, so a noisy shared machine shifts every va
     backend's glue (buckets, staging, Triton's address tables). It runs on CPU tensors whatever
     the backend's device (the device checks are bypassed, nothing is launched), so it measures
     the host path a GPU step pays. The CUDA row includes the C++ binding's checks, dtype groups
-    and launch tables (``fisherforget._C.dry_run_fused_step``: everything but the launches).
+    and launch tables (``fisherforget._C.dry_run_fused_step``: everything but the launches). A
+    whole ``torch.optim.AdamW(fused=True)`` step on the same params runs in the same rounds as a
+    yardstick (its CPU kernel on one-element tensors is next to nothing beside its host work).
 """
 
 from __future__ import annotations
@@ -198,6 +200,10 @@ def host_rows(n_params: int = 2000, repeats: int = 30) -> list[dict]:
                     for _ in range(2):  # the first step creates the state, the second the plan
                         opt.step()
                 calls[(name, fisher)] = opt.step
+        # A side-by-side yardstick in the same rounds: torch's own fused AdamW, a whole step (its
+        # CPU kernel on one-element tensors costs next to nothing beside its host work).
+        calls[("torch-adamw-fused", None)] = baselines.torch_adamw(
+            _params([(1,)] * n_params), impl="fused", **HYPER).step
         # Hot: one optimizer stepped again and again, its tensors' metadata in cache. Round
         # robin: all of them in turn, so each step finds its metadata evicted by the others, as a
         # training step does after the forward and backward passes.
@@ -237,6 +243,10 @@ def markdown(rows: list[dict]) -> list[str]:
             lines.append(f"| {name} | skipped: {members[0]['reason'][:60]} | | | |")
             continue
         by = {r["fisher"]: r for r in members}
+        if "ema" not in by:  # the yardstick: torch's fused AdamW has no Fisher
+            lines.append(f"| {name} (whole step) | {by[None]['median_ms']:.2f} ms | "
+                         f"{by[None]['round_robin_ms']:.2f} ms | - | - |")
+            continue
         lines.append(f"| {name} | {by[None]['median_ms']:.2f} ms | "
                      f"{by[None]['round_robin_ms']:.2f} ms | {by['ema']['median_ms']:.2f} ms | "
                      f"{by['ema']['round_robin_ms']:.2f} ms |")
