@@ -107,10 +107,16 @@ def _auto_backend() -> str:
 
 
 def _patcher(undo: list):
+    """``patch(obj, name, value)``: set an attribute (or a dict item), recording how to undo it."""
     def patch(obj, name, value):
-        old = getattr(obj, name)
-        setattr(obj, name, value)
-        undo.append(lambda: setattr(obj, name, old))
+        if isinstance(obj, dict):
+            old = obj[name]
+            obj[name] = value
+            undo.append(lambda: obj.__setitem__(name, old))
+        else:
+            old = getattr(obj, name)
+            setattr(obj, name, value)
+            undo.append(lambda: setattr(obj, name, old))
     return patch
 
 
@@ -130,8 +136,6 @@ def _disable_launches(backend: str, patch) -> None:
     elif backend == "cuda":
         import fisherforget._C as native
 
-        if not hasattr(native, "dry_run_fused_step"):
-            raise RuntimeError("fisherforget._C was built without the CUDA binding")
         # The glue calls the CUDA binding's host work (checks, dtype groups, launch tables) on
         # the CPU tensors, and no kernel runs.
         dry_run = type("DryRun", (), {"fused_step": staticmethod(native.dry_run_fused_step)})
@@ -144,19 +148,9 @@ def _no_launches(names) -> Iterator[None]:
     docstring), all at once, so that their steps can be timed round-robin."""
     undo: list[Callable[[], None]] = []
     patch = _patcher(undo)
-    impls = ops._IMPLS["fused_step"]
-
-    def patch_item(obj, name, value):
-        if obj is impls:
-            old = impls[name]
-            impls[name] = value
-            undo.append(lambda: impls.__setitem__(name, old))
-        else:
-            patch(obj, name, value)
-
     try:
         for name in names:
-            _disable_launches(name, patch_item)
+            _disable_launches(name, patch)
         yield
     finally:
         for step in reversed(undo):
@@ -182,11 +176,11 @@ def host_rows(n_params: int = 2000, repeats: int = 30) -> list[dict]:
             backends.load(name)
             if name not in backends._modules:
                 raise RuntimeError(backends.unavailable_reason(name))
-            if name == "cuda":
-                import fisherforget._C as native
-
-                if not hasattr(native, "dry_run_fused_step"):
-                    raise RuntimeError("fisherforget._C was built without the CUDA binding")
+            if name == "cuda":  # the dry run needs the prebuilt extension's CUDA binding
+                glue = backends._modules["cuda"].ops
+                error = glue.load_prebuilt() or glue._kernels_error()
+                if error is not None:
+                    raise RuntimeError(error)
         except Exception as exc:  # a backend that does not import here cannot be measured
             rows.append(dict(table="host", backend=name, status="skipped", reason=str(exc)))
             continue
