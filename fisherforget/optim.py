@@ -187,12 +187,13 @@ class _Plan:
                  grads: list[Tensor]):
         self.key = key
         self.buckets = buckets
-        self.shapes = [p.shape for p in params]
-        self.dtypes = [p.dtype for p in params]
-        self.devices = [p.device for p in params]
         self.distributed = any(map(_dist.is_dtensor, params))
         # A compiled step is traced once (no plan is kept): the Python comparison traces.
         self.grads_key = None if torch.compiler.is_compiling() else _layout_key(grads)
+        if self.grads_key is None:  # what the Python comparison compares with
+            self.shapes = [p.shape for p in params]
+            self.dtypes = [p.dtype for p in params]
+            self.devices = [p.device for p in params]
         self.checked_hyper: Optional[ops.StepHyper] = None  # the backends' preflight passed
 
     def grads_match(self, grads: list[Tensor]) -> bool:
@@ -445,8 +446,7 @@ class FisherAdamW(Optimizer):
             )
             whole = len(grouped) == 1
             buckets.append(_Bucket(None if whole else index, tensors, resolved[bucket_key]))
-        # _init_state may have added entries; the key records the epoch after it.
-        key = (self._state_epoch,) + key[1:]
+        # _init_state may have added entries: step() gives the key the epoch after them.
         plan = _Plan(key, buckets, params, grads)
         if not torch.compiler.is_compiling():
             self._plans[gi] = plan
@@ -521,8 +521,9 @@ class FisherAdamW(Optimizer):
             for bucket in plan.buckets:
                 launches.append((bucket.with_grads(grads), hyper, bucket))
             plans.append(plan)
-        # State that later groups created in this step (their params only) leaves the earlier
-        # groups' plans valid: they take the epoch after it, or the next step would rebuild them.
+        # State that this step created (each plan's own, and that of later groups, for their
+        # params only) leaves the plans valid: they take the epoch after it, or the next step
+        # would rebuild them.
         if not torch.compiler.is_compiling():
             for plan in plans:
                 plan.key = (self._state_epoch,) + plan.key[1:]

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fisherforget import ops
+from fisherforget import _native, ops
 from fisherforget.backends.cuda import jit as cuda_jit
 from fisherforget.backends.staging import ContiguousStaging
 
@@ -199,9 +199,7 @@ def _python_entry():
     call (``torch.compile`` traces ``torch.ops``, not extension functions)."""
     if _library_source is None or "JIT" in _library_source or torch.compiler.is_compiling():
         return None
-    import fisherforget._C as module
-
-    return module if hasattr(module, "dry_run_fused_step") else None
+    return _native.helpers()
 
 
 @ops.register("fused_step", "cuda")
