@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/object_ptr.h>
 
 #include <optional>
 #include <string_view>
@@ -118,46 +119,31 @@ PyObject* py_address_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   const char* op = "fisherforget._C.address_rows";
   check_nargs(nargs, 2, op, "columns, aligned_columns");
-  PyObject* fast = PySequence_Fast(args[0], "");
-  if (fast == nullptr) {
+  const THPObjectPtr fast(PySequence_Fast(args[0], ""));  // released on every exit
+  if (!fast) {
     PyErr_Clear();
     TORCH_CHECK_TYPE(false, op, ": columns must be a list or tuple, got ",
                      Py_TYPE(args[0])->tp_name);
   }
-  const Py_ssize_t k = PySequence_Fast_GET_SIZE(fast);
+  const Py_ssize_t k = PySequence_Fast_GET_SIZE(fast.get());
+  TORCH_CHECK(k > 0 && PySequence_Fast_GET_ITEM(fast.get(), 0) != Py_None, op,
+              ": the first column must be a list of tensors");
   std::vector<std::unique_ptr<PyTensors>> owned;
   std::vector<const PyTensors*> columns;
-  try {
-    TORCH_CHECK(k > 0 && PySequence_Fast_GET_ITEM(fast, 0) != Py_None, op,
-                ": the first column must be a list of tensors");
-    for (Py_ssize_t c = 0; c < k; ++c) {
-      PyObject* item = PySequence_Fast_GET_ITEM(fast, c);
-      if (item == Py_None) {
-        columns.push_back(nullptr);
-      } else {
-        const std::string name = "columns[" + std::to_string(c) + "]";
-        owned.push_back(std::make_unique<PyTensors>(item, op, name.c_str(), /*allow_none=*/c > 0));
-        columns.push_back(owned.back().get());
-      }
+  for (Py_ssize_t c = 0; c < k; ++c) {
+    PyObject* item = PySequence_Fast_GET_ITEM(fast.get(), c);
+    if (item == Py_None) {
+      columns.push_back(nullptr);
+    } else {
+      const std::string name = "columns[" + std::to_string(c) + "]";
+      owned.push_back(std::make_unique<PyTensors>(item, op, name.c_str(), /*allow_none=*/c > 0));
+      columns.push_back(owned.back().get());
     }
-  } catch (...) {
-    Py_DECREF(fast);
-    throw;
   }
   const long aligned_columns = PyLong_AsLong(args[1]);
-  if (aligned_columns == -1 && PyErr_Occurred()) {
-    Py_DECREF(fast);
-    return nullptr;
-  }
-  ff::python::AddressRows rows;
-  try {
-    rows = ff::python::address_rows(columns, static_cast<size_t>(std::max(aligned_columns, 0L)),
-                                    op);
-  } catch (...) {
-    Py_DECREF(fast);
-    throw;
-  }
-  Py_DECREF(fast);
+  if (aligned_columns == -1 && PyErr_Occurred()) return nullptr;
+  const ff::python::AddressRows rows = ff::python::address_rows(
+      columns, static_cast<size_t>(std::max(aligned_columns, 0L)), op);
   return Py_BuildValue("(NOO)", THPVariable_Wrap(rows.rows), rows.regular ? Py_True : Py_False,
                        rows.aligned ? Py_True : Py_False);
   END_HANDLE_TH_ERRORS
