@@ -15,6 +15,7 @@
 #include <string>
 
 #include "ff_kernels.h"
+#include "ff_math.h"
 #include "ff_tensor_table.h"
 
 // The tables are kernel arguments of up to 32,764 bytes (CUDA 12.1+, compute capability 7.0+);
@@ -46,45 +47,11 @@ FF_HD __half from_float<__half>(float x) { return __float2half_rn(x); }
 // ------------------------------------------------------------------ rounding-exact arithmetic
 // The reference backend evaluates the update as a chain of separate torch ops, each rounded. nvcc
 // contracts a * b + c into one fused multiply-add (one rounding) wherever it can, and the host
-// compiler of the emulation does not: every multiply and add of the kernels goes through these
-// helpers, which are IEEE round-to-nearest on both sides (the _rn intrinsics are never
-// contracted), so a kernel computes the same bits on the GPU as in the host emulation, and a
-// Fisher value next to a freeze threshold falls on the same side of it.
-FF_HD float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FF_HD float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FF_HD float sub_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-FF_HD float div_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-FF_HD float sqrt_rn(float a) {
-#ifdef __CUDA_ARCH__
-  return __fsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
+// compiler of the emulation does not: every fp32 multiply and add of the kernels goes through
+// math::add/sub/mul/div/sqrt of ff_math.h (shared with the CPU kernels), which are IEEE
+// round-to-nearest on both sides (the _rn intrinsics are never contracted), so a kernel computes
+// the same bits on the GPU as in the host emulation, and a Fisher value next to a freeze
+// threshold falls on the same side of it. The float64 ones are here.
 FF_HD double dadd_rn(double a, double b) {
 #ifdef __CUDA_ARCH__
   return __dadd_rn(a, b);
@@ -109,15 +76,8 @@ FF_HD double dsub_rn(double a, double b) {
 
 // torch.lerp's formula (ATen Lerp.h): the branch keeps the result exact at both ends.
 FF_HD float lerp(float start, float end, float weight) {
-  return fabsf(weight) < 0.5f ? add_rn(start, mul_rn(weight, sub_rn(end, start)))
-                              : sub_rn(end, mul_rn(sub_rn(end, start), sub_rn(1.0f, weight)));
-}
-
-// torch.maximum propagates NaN (fmaxf would drop it).
-FF_HD float max_propagate_nan(float a, float b) {
-  if (a != a) return a;
-  if (b != b) return b;
-  return a > b ? a : b;
+  return fabsf(weight) < 0.5f ? math::add(start, math::mul(weight, math::sub(end, start)))
+                              : math::sub(end, math::mul(math::sub(end, start), math::sub(1.0f, weight)));
 }
 
 // ----------------------------------------------------------------------------- vector memory ops

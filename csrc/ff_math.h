@@ -2,6 +2,8 @@
 // template over the lane type V: `float` (one element: the CPU scalar path, and device code) or a
 // SIMD vector of floats (the CPU AVX2 path, csrc/cpu/simd_avx2.h). Torch-free and CUDA-free, so
 // g++ compiles it without a toolkit; under nvcc the functions are __host__ __device__.
+// The CUDA kernels use its float operations (add, sub, mul, div, sqrt, max_nan) too; their step
+// keeps its own order (csrc/fused_step.cuh), which rounds lerp and addcmul separately.
 //
 // The order of fp32 operations is the reference backend's (fisherforget/backends/reference.py),
 // one op at a time, each rounded to fp32, except where torch's own CPU kernels fuse a multiply-add

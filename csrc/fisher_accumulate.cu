@@ -20,8 +20,8 @@ struct AccumulateThread {
 
   FF_HD static float value(const AccumulateArgs& a, float scale, float fisher, float grad) {
     float g = grad;
-    if (a.grad_scale != nullptr) g = div_rn(g, scale);
-    return add_rn(mul_rn(a.alpha, fisher), mul_rn(a.beta, mul_rn(g, g)));
+    if (a.grad_scale != nullptr) g = math::div(g, scale);
+    return math::add(math::mul(a.alpha, fisher), math::mul(a.beta, math::mul(g, g)));
   }
 
   // This thread's share of launch chunk `chunk` (tensor searched from slot lo on); returns the

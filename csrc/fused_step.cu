@@ -100,8 +100,8 @@ static_assert(sizeof(CountArgs) <= kParamBytes, "advance_counts kernel argument 
 FF_HD void advance_one(const CountArgs& a, int i) {
   if (i >= a.num_tensors) return;
   if (a.found_inf != nullptr && *a.found_inf > 0.0f) return;
-  *a.steps[i] = add_rn(*a.steps[i], 1.0f);
-  if (a.has_fisher_counts) *a.fisher_counts[i] = add_rn(*a.fisher_counts[i], 1.0f);
+  *a.steps[i] = math::add(*a.steps[i], 1.0f);
+  if (a.has_fisher_counts) *a.fisher_counts[i] = math::add(*a.fisher_counts[i], 1.0f);
 }
 
 __global__ void __launch_bounds__(kBlockSize) advance_counts_kernel(const __grid_constant__ CountArgs args) {

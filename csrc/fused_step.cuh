@@ -71,7 +71,7 @@ struct StepBlockConsts {
 FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& t) {
   StepBlockConsts c;
   // The step count is incremented after the kernel (by increment_counts): t = step + 1 here.
-  const double step = static_cast<double>(add_rn(*t.step, 1.0f));
+  const double step = static_cast<double>(math::add(*t.step, 1.0f));
   const double bias_correction1 = 1.0 - ::pow(s.beta1, step);
   const double bias_correction2_sqrt = ::sqrt(1.0 - ::pow(s.beta2, step));
   double lr = s.lr;
@@ -79,7 +79,7 @@ FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& 
     case static_cast<int>(LrKind::kFloat32): {
       const float value = *static_cast<const float*>(s.lr_tensor);
       lr = value;
-      c.decay = sub_rn(1.0f, mul_rn(value, s.weight_decay_f));
+      c.decay = math::sub(1.0f, math::mul(value, s.weight_decay_f));
       break;
     }
     case static_cast<int>(LrKind::kFloat64): {
@@ -91,13 +91,13 @@ FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& 
     case static_cast<int>(LrKind::kBFloat16): {
       const float value = to_float(*static_cast<const __nv_bfloat16*>(s.lr_tensor));
       lr = value;
-      c.decay = sub_rn(1.0f, mul_rn(value, s.weight_decay_f));  // widened: fp32 math
+      c.decay = math::sub(1.0f, math::mul(value, s.weight_decay_f));  // widened: fp32 math
       break;
     }
     case static_cast<int>(LrKind::kFloat16): {
       const float value = to_float(*static_cast<const __half*>(s.lr_tensor));
       lr = value;
-      c.decay = sub_rn(1.0f, mul_rn(value, s.weight_decay_f));  // widened: fp32 math
+      c.decay = math::sub(1.0f, math::mul(value, s.weight_decay_f));  // widened: fp32 math
       break;
     }
     default:
@@ -110,9 +110,9 @@ FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& 
   c.grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
   if (s.fisher_mode == static_cast<int>(FisherMode::kMean)) {
     // n = count + 1 accumulations including this one: F = (n-1)/n * F + 1/n * g^2.
-    const float n = add_rn(*t.fisher_count, 1.0f);
-    c.fisher_a = div_rn(sub_rn(n, 1.0f), n);
-    c.fisher_b = div_rn(1.0f, n);
+    const float n = math::add(*t.fisher_count, 1.0f);
+    c.fisher_a = math::div(math::sub(n, 1.0f), n);
+    c.fisher_b = math::div(1.0f, n);
   }
   return c;
 }
@@ -127,14 +127,14 @@ FF_HD StepElement step_element(const StepScalars& s, const StepBlockConsts& c, f
                                float param, float exp_avg, float exp_avg_sq,
                                float max_exp_avg_sq, float fisher, bool mask_on) {
   float g = grad;
-  if (s.grad_scale != nullptr) g = div_rn(g, c.grad_scale);
+  if (s.grad_scale != nullptr) g = math::div(g, c.grad_scale);
   if (s.maximize) g = -g;
-  const float g2 = mul_rn(g, g);
+  const float g2 = math::mul(g, g);
 
   StepElement out;
   out.fisher = fisher;
   if (s.has_fisher && s.fisher_mode != static_cast<int>(FisherMode::kNone)) {
-    out.fisher = add_rn(mul_rn(c.fisher_a, fisher), mul_rn(c.fisher_b, g2));
+    out.fisher = math::add(math::mul(c.fisher_a, fisher), math::mul(c.fisher_b, g2));
   }
   out.frozen = !mask_on || (s.has_freeze_above && out.fisher > s.freeze_above) ||
                (s.has_freeze_below && out.fisher < s.freeze_below);
@@ -145,22 +145,22 @@ FF_HD StepElement step_element(const StepScalars& s, const StepBlockConsts& c, f
     out.max_exp_avg_sq = max_exp_avg_sq;
     return out;
   }
-  float p = mul_rn(param, c.decay);
+  float p = math::mul(param, c.decay);
   out.exp_avg = lerp(exp_avg, g, s.beta1_weight);
   // addcmul: v*beta2 + (1-beta2)*(g*g), each product rounded, then the sum.
-  out.exp_avg_sq = add_rn(mul_rn(exp_avg_sq, s.beta2_f), mul_rn(s.beta2_weight, g2));
+  out.exp_avg_sq = math::add(math::mul(exp_avg_sq, s.beta2_f), math::mul(s.beta2_weight, g2));
   float second_moment = out.exp_avg_sq;
   out.max_exp_avg_sq = max_exp_avg_sq;
   if (s.amsgrad) {
-    out.max_exp_avg_sq = max_propagate_nan(max_exp_avg_sq, out.exp_avg_sq);
+    out.max_exp_avg_sq = math::max_nan(max_exp_avg_sq, out.exp_avg_sq);
     second_moment = out.max_exp_avg_sq;
   }
-  const float denom = add_rn(div_rn(sqrt_rn(second_moment), c.bias_correction2_sqrt), s.eps);
-  float update = div_rn(out.exp_avg, denom);
+  const float denom = math::add(math::div(math::sqrt(second_moment), c.bias_correction2_sqrt), s.eps);
+  float update = math::div(out.exp_avg, denom);
   if (s.apply_fisher_scale) {
-    update = div_rn(update, add_rn(1.0f, mul_rn(s.fisher_scale, out.fisher)));
+    update = math::div(update, math::add(1.0f, math::mul(s.fisher_scale, out.fisher)));
   }
-  out.param = sub_rn(p, mul_rn(c.step_size, update));
+  out.param = math::sub(p, math::mul(c.step_size, update));
   return out;
 }
 
@@ -321,9 +321,9 @@ struct FusedStepThread {
   // thread of the block has read them; no other block reads them in this launch).
   FF_HD static void advance_counts(const FusedStepArgs& a, const StepChunk& w) {
     float* step = static_cast<float*>(a.table.address(kStepStep, w.slot));
-    *step = add_rn(*step, 1.0f);
+    *step = math::add(*step, 1.0f);
     float* count = static_cast<float*>(a.table.address(kStepFisherCount, w.slot));
-    if (count != nullptr) *count = add_rn(*count, 1.0f);
+    if (count != nullptr) *count = math::add(*count, 1.0f);
   }
 };
 
