@@ -49,6 +49,7 @@ __all__ = [
     "sequence_nll",
     "batch_nll",
     "per_sample_gradients",
+    "stacked_sample_gradients",
     "batch_gradient",
     "sample_model_labels",
     "accumulate_mean",
@@ -145,20 +146,30 @@ def resolve_params(model: nn.Module, params: ParamSpec = None) -> "OrderedDict[s
     """``{name: param}`` for the parameters to estimate or score, in the model's order.
 
     ``params``: ``None`` (every parameter with ``requires_grad``), an iterable of names and/or
-    parameter tensors, or a predicate ``(name, param) -> bool``.
+    parameter tensors, or a predicate ``(name, param) -> bool``. A tied parameter (one tensor
+    under several names, e.g. ``lm_head.weight`` and ``model.embed_tokens.weight``) appears once,
+    under its first name, and any of its names selects it (a predicate sees every name).
     """
     named = OrderedDict((n, p) for n, p in model.named_parameters())
+    canonical = {id(p): n for n, p in named.items()}
+    # Every name of every parameter, aliases of tied ones included, mapped to the first name.
+    aliases = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
     if params is None:
         chosen = OrderedDict((n, p) for n, p in named.items() if p.requires_grad)
     elif callable(params):
-        chosen = OrderedDict((n, p) for n, p in named.items() if params(n, p))
+        picked = {aliases[n] for n, p in model.named_parameters(remove_duplicate=False)
+                  if params(n, p)}
+        chosen = OrderedDict((n, p) for n, p in named.items() if n in picked)
     else:
+        if isinstance(params, (str, Tensor)):
+            raise TypeError("params must be an iterable of names or tensors (or a predicate), "
+                            f"not a single {type(params).__name__}")
         wanted_names, wanted_ids = set(), set()
         for item in params:
             if isinstance(item, str):
-                if item not in named:
+                if item not in aliases:
                     raise ValueError(f"params: the model has no parameter named {item!r}")
-                wanted_names.add(item)
+                wanted_names.add(aliases[item])
             elif isinstance(item, Tensor):
                 wanted_ids.add(id(item))
             else:
@@ -233,9 +244,38 @@ def per_sample_gradients(
         return
     if method != "vmap":
         raise ValueError(f"Invalid method: {method!r} (must be 'loop' or 'vmap')")
+    grads = stacked_sample_gradients(model, batch, params, reduction=reduction, labels=labels)
+    for i in range(batch["input_ids"].shape[0]):
+        yield [g[i] for g in grads]
+
+
+def stacked_sample_gradients(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    params: "OrderedDict[str, Tensor]",
+    *,
+    reduction: str = "mean",
+    labels: Optional[Tensor] = None,
+) -> list[Tensor]:
+    """Per-sample gradients of the whole batch at once (``torch.func.vmap(grad(...))`` over
+    ``functional_call``): one ``(B, *param.shape)`` tensor per param of ``params``, row ``s``
+    the gradient of ``sequence_nll`` (``reduction``) of row ``s`` alone. Memory: ``B`` copies of
+    the chosen params' gradient."""
     from torch.func import functional_call, grad, vmap
 
-    inputs = model_inputs(batch)
+    _check_batch(batch)
+    if labels is None:
+        labels = labels_of(batch)
+    inputs = dict(model_inputs(batch))
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        width = mask.shape[1]
+        lengths = mask.sum(dim=1, keepdim=True)
+        if torch.equal(mask.bool(), torch.arange(width, device=mask.device) < lengths):
+            # Right padding: under causal attention a row's real tokens never see its padding,
+            # and the padding carries no labels, so the mask changes no loss; dropping it keeps
+            # transformers' mask code (which reads the mask's values) out of vmap.
+            del inputs["attention_mask"]
     keys = list(inputs)
 
     def loss_of(theta: dict[str, Tensor], row_labels: Tensor, *row_inputs: Tensor) -> Tensor:
@@ -247,8 +287,7 @@ def per_sample_gradients(
     grads = vmap(grad(loss_of), in_dims=(None, 0) + (0,) * len(keys))(
         theta, labels, *[inputs[k] for k in keys]
     )
-    for i in range(batch["input_ids"].shape[0]):
-        yield [grads[n][i] for n in names]
+    return [grads[n] for n in params]
 
 
 @torch.no_grad()

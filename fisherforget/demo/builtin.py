@@ -35,8 +35,10 @@ from fisherforget.demo.world import conflict_world, rule_world
 # budget). conflict: the options the previous demo chose on validation; rule: the same schedule
 # scaled to its 150 steps.
 _CONFLICT_LWF = dict(every=20, steps=4, warmup=20, fraction=0.1, lr=3e-4, normalize=True,
+                     scores="loss_change",
                      rescore_every=40, batch_size=16, score_batch_size=128)
 _RULE_LWF = dict(every=15, steps=4, warmup=15, fraction=0.5, lr=1e-3, normalize=True,
+                 scores="loss_change",
                  rescore_every=30, batch_size=32, score_batch_size=128)
 
 SETTINGS = {

@@ -87,7 +87,7 @@ def selection_summary(results: Sequence[dict]) -> Optional[dict]:
         return None
     out = {"k": rows[0]["k"], "base_rate": rows[0]["base_rate"], "n_seeds": len(rows),
            "quadratic_over_linear_max": max(r["quadratic_over_linear_max"] for r in rows)}
-    for kind in ("fc", "fisher_alignment", "fisher_overlap"):
+    for kind in (k for k, v in rows[0].items() if isinstance(v, dict)):  # the scorers
         out[kind] = {key: mean_std([r[kind][key] for r in rows])[0]
                      for key in ("precision_top", "precision_bottom", "auroc")}
     return out
@@ -120,7 +120,7 @@ def format_tables(setting: str, summary: dict, pairs: list[dict], labels: dict,
         lines.append(f"[{setting}] selection quality at the first scoring (k = {selection['k']}, "
                      f"base rate {selection['base_rate']:.2f}; max quadratic/linear FC term "
                      f"{selection['quadratic_over_linear_max']:.1e})")
-        for kind in ("fc", "fisher_alignment", "fisher_overlap"):
+        for kind in (k for k, v in selection.items() if isinstance(v, dict)):
             s = selection[kind]
             lines.append(f"  {kind:<17} precision@k top {s['precision_top']:.2f}  bottom "
                          f"{s['precision_bottom']:.2f}  AUROC {s['auroc']:.2f}")

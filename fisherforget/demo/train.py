@@ -49,7 +49,7 @@ LWF_METHODS = ("lwf", "lwf_overlap", "lwf_no_retain", "retain_only", "oracle")
 METHOD_COLORS = {"adamw": "black", "lwf": "tab:blue", "lwf_overlap": "tab:cyan",
                  "lwf_no_retain": "tab:orange", "retain_only": "tab:green", "oracle": "tab:red",
                  "no_conflict": "tab:purple"}
-SCORERS = ("fc", "fisher_alignment", "fisher_overlap")
+SCORERS = ("loss_change", "fisher_alignment", "fisher_overlap")
 # Bump when the pre-training code changes, so that cached weights are not reused.
 PRETRAIN_VERSION = 2
 
@@ -332,7 +332,7 @@ def selection_quality(fc, relations: list[str], forget_relations: list[str], k: 
         out[kind] = {"precision_top": float(positive[order[:k]].double().mean()),
                      "precision_bottom": float(positive[order[-k:]].double().mean()),
                      "auroc": auroc(score, positive)}
-    first, second = fc.first_order.abs(), fc.second_order
+    first, second = fc.term("direction").abs(), fc.term("fisher_sq")
     ratio = 0.5 * fc.eta * second / torch.where(first > 0, first, torch.ones_like(first))
     out["quadratic_over_linear_max"] = float(ratio.max())
     return out

@@ -1,116 +1,169 @@
-"""Forgetting confidence (FC): how much unlearning one self-generated sample helps learning.
+"""Forgetting confidence (FC): which self-generated samples to unlearn first.
 
-For a sample ``s`` of ``D_self`` with token-averaged NLL ``l_s`` and gradient ``g_s`` (optionally
-``g_s / ||g_s||``), the unlearning update is the ascent step ``u_s = +eta * g_s``. With ``gbar_L``
-the learning-task gradient and ``F_L`` the learning-task diagonal Fisher, the second-order
-prediction of the learning-loss change is (``docs/design.md``)::
+**The paper's FC** (``scores="fc"``, the default). The learning task's posterior is approximated
+by a Gaussian around the learning-task optimum ``theta*_L`` with the diagonal Fisher ``F_L``
+(a Laplace approximation); learning a self-generated sample ``x`` from the starting weights
+``theta_0`` is approximated by one gradient step, ``theta(x) = theta_0 - alpha * g_x`` (``g_x``:
+the gradient of the sample's token-averaged NLL at ``theta_0``). FC is the negative log posterior
+density of that point, up to a constant that is the same for every sample::
 
-    dL(s) = eta * <gbar_L, g_s> + 0.5 * eta^2 * sum_i F_L[i] * g_s[i]^2
-    FC(s) = -dL(s)          high FC: unlearning s helps, or barely hurts, the learning task
+    FC(x) = 0.5 * sum_i F_L[i] * (theta_0[i] - alpha * g_x[i] - theta*_L[i])^2  -  const
+          = alpha * <F_L * Delta, g_x> + 0.5 * alpha^2 * sum_i F_L[i] * g_x[i]^2,
+            Delta = theta*_L - theta_0,   const = 0.5 * sum_i F_L[i] * Delta[i]^2
 
-**What FC is in practice.** At any ``eta`` that is a sensible unlearning step the quadratic term
-is negligible (measured on the built-in benchmark: at most ~1e-5 of the first-order term), so FC
-ranks samples like the first-order alignment ``-<gbar_L, g_s>`` (a cosine ranking when ``g_s`` is
-unit-normed). It stays the default scorer; two other named scorers use the Fisher differently
-(all of them oriented so that *high* means "unlearn this first")::
+High FC: learning ``x`` would pull the model away from where the learning task wants it, so ``x``
+is unlearned first. What is our choice, not the paper's (``docs/lwf.md``): ``theta_0`` is the
+weights when LWF begins (:meth:`LearningWithForgetting.begin`; for a LoRA adapter, its initial
+values), ``theta*_L`` the fine-tuned weights at each rescoring (or those of a short pilot
+fine-tune), ``F_L`` the optimizer's online Fisher or an :func:`~fisherforget.fisher.estimate_fisher`
+estimate, ``alpha`` the learning rate unless set. :func:`forgetting_confidence` takes ``g_x`` at
+the model's weights as they are when it is called: the caller puts ``theta_0`` in
+(:func:`swapped_weights`) for the paper's definition.
 
-    fisher_alignment(s) = -<F_L * gbar_L, g_s>         the alignment in the Fisher metric
-    fisher_overlap(s)   = sum_i F_L[i] g_s[i]^2 / ||g_s||^2
-                          how much of the sample's gradient lies on parameters the learning task
-                          relies on (scale-free; its sign does not depend on gbar_L)
+**Other scorers** (all oriented so that *high* means "unlearn first"), from the momentum
+``gbar_L`` of the learning task and the gradient at the current weights::
 
-Every term comes from one pass over the per-sample gradients. ``method="vmap"`` takes the
-gradients of a whole batch at once (``torch.func.vmap(grad(...))``) and reduces all of them in one
-multi-sample contraction per parameter (fp32 products summed in float64), not one call per
-sample; ``method="loop"``
-takes them one sample at a time and reduces each through the :func:`fisherforget.ops.fisher_score`
-op (the path that also handles DTensor gradients under FSDP2).
+    loss_change(x)      = -(eta * <gbar_L, g_x> + 0.5 * eta^2 * sum_i F_L[i] g_x[i]^2)
+                          the second-order prediction of the learning-loss change of the ascent
+                          step +eta * g_x (the project's first formalisation)
+    fisher_alignment(x) = -<F_L * gbar_L, g_x>
+    fisher_overlap(x)   = sum_i F_L[i] g_x[i]^2 / ||g_x||^2   (scale-free)
 
-Sources of ``gbar_L``: :func:`optimizer_direction` (the bias-corrected first moment of a
-``FisherAdamW``, ``exp_avg / (1 - beta1^step)``) or :func:`mean_gradient` (a fresh mean of
-mini-batch gradients over learning batches). Sources of ``F_L``: :func:`optimizer_fisher` (the
-optimizer's online *mini-batch* Fisher) or :func:`fisherforget.fisher.estimate_fisher` (empirical,
-true or batch).
+**How the terms are computed.** Every scorer is made of per-sample sums over parameters: linear
+terms ``<v, g_x>`` and quadratic terms ``sum_i w[i] g_x[i]^2``. ``method="layers"`` (default)
+takes all of them for a batch from one forward and one backward pass, layer by layer
+(:func:`fisherforget.lwf.sample_terms.per_sample_terms`: at most one layer's per-sample gradient
+alive); ``method="loop"`` takes one sample's full gradient at a time and reduces it through the
+:func:`fisherforget.ops.fisher_score` op (the path for DTensor gradients under FSDP2);
+``method="vmap"`` takes a batch's per-sample gradients of every parameter at once
+(``torch.func``; memory ``B x |theta|``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence, Union
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from fisherforget.distributed import fisher_score_global
-from fisherforget.fisher import ParamSpec, batch_gradient, per_sample_gradients, resolve_params
+from fisherforget.fisher import (
+    ParamSpec,
+    batch_gradient,
+    per_sample_gradients,
+    resolve_params,
+    stacked_sample_gradients,
+)
 
 __all__ = [
     "ForgettingScores",
     "SCORE_KINDS",
+    "SCORE_METHODS",
     "optimizer_direction",
     "optimizer_fisher",
     "mean_gradient",
     "score_terms",
     "forgetting_confidence",
     "control_scores",
-    "batched_terms",
+    "swapped_weights",
 ]
 
-SCORE_KINDS = ("fc", "fisher_alignment", "fisher_overlap", "random", "reversed")
+SCORE_KINDS = ("fc", "loss_change", "fisher_alignment", "fisher_overlap", "random", "reversed")
+SCORE_METHODS = ("layers", "loop", "vmap")
+
+# The per-sample terms (raw, i.e. of the unnormalised g_x) every scorer is made of.
+_LINEAR_OF = {"displacement": "F_L * Delta", "direction": "gbar_L", "alignment": "F_L * gbar_L"}
 
 Tensors = Union[Sequence[Tensor], Mapping[str, Tensor]]
 
 
 @dataclass
 class ForgettingScores:
-    """FC of every sample (float64, CPU), with the terms it and the other scorers are made of.
+    """The per-sample terms of ``D_self`` (float64, CPU) and the scores made of them.
 
-    ``fc = -(eta * first_order + 0.5 * eta**2 * second_order)`` where ``first_order`` is
-    ``<gbar_L, g_s>``, ``second_order`` is ``sum_i F_L[i] g_s[i]^2`` and ``alignment`` is
-    ``<F_L * gbar_L, g_s>`` (all three of the normalised ``g_s`` when ``normalized``);
-    ``overlap`` is ``sum_i F_L[i] g_s[i]^2 / ||g_s||^2`` (always scale-free); ``grad_norm`` is
-    ``||g_s||`` before normalisation.
+    ``terms`` holds, each of the *raw* ``g_x``: ``"displacement"`` ``<F_L * Delta, g_x>``,
+    ``"direction"`` ``<gbar_L, g_x>``, ``"alignment"`` ``<F_L * gbar_L, g_x>`` (those that were
+    computed), ``"fisher_sq"`` ``sum_i F_L[i] g_x[i]^2`` and ``"sq_norm"`` ``||g_x||^2``. With
+    ``normalized`` every score uses the unit-norm ``g_x / ||g_x||`` (linear terms divided by
+    ``||g_x||``, quadratic ones by ``||g_x||^2``). ``kind`` is the scorer the caller asked for
+    (:attr:`fc` returns its values); :meth:`score` gives any scorer the terms allow.
     """
 
-    fc: Tensor
-    first_order: Tensor
-    second_order: Tensor
-    grad_norm: Tensor
-    eta: float
-    normalized: bool
-    alignment: Optional[Tensor] = None
-    overlap: Optional[Tensor] = None
+    terms: dict[str, Tensor]
+    kind: str = "fc"
+    alpha: Optional[float] = None
+    eta: Optional[float] = None
+    normalized: bool = False
+    meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return self.fc.numel()
+        return self.terms["sq_norm"].numel()
+
+    @property
+    def grad_norm(self) -> Tensor:
+        return self.terms["sq_norm"].sqrt()
+
+    def term(self, name: str, kind: Optional[str] = None) -> Tensor:
+        """Term ``name`` as the scorers use it (of the unit-norm ``g_x`` when
+        :attr:`normalized`)."""
+        value = self.terms.get(name)
+        if value is None:
+            what = f"scorer {kind!r} needs" if kind else "these scores lack"
+            raise ValueError(f"{what} the {name} term <{_LINEAR_OF.get(name, '?')}, g_x>, "
+                             "which these scores were computed without")
+        if not self.normalized:
+            return value
+        norm2 = self.terms["sq_norm"]
+        safe = torch.where(norm2 > 0, norm2, torch.ones_like(norm2))
+        return value / (safe.sqrt() if name in _LINEAR_OF else safe)
+
+    def score(self, kind: str) -> Tensor:
+        """The values of scorer ``kind`` (see the module doc); high = unlearn first."""
+        if kind == "fc":
+            if self.alpha is None:
+                raise ValueError("scorer 'fc' needs alpha, which these scores were computed "
+                                 "without")
+            return (self.alpha * self.term("displacement", kind)
+                    + 0.5 * self.alpha**2 * self.term("fisher_sq", kind))
+        if kind == "loss_change":
+            if self.eta is None:
+                raise ValueError("scorer 'loss_change' needs eta, which these scores were "
+                                 "computed without")
+            return -(self.eta * self.term("direction", kind)
+                     + 0.5 * self.eta**2 * self.term("fisher_sq", kind))
+        if kind == "fisher_alignment":
+            return -self.term("alignment", kind)
+        if kind == "fisher_overlap":
+            norm2 = self.terms["sq_norm"]
+            return self.terms["fisher_sq"] / torch.where(norm2 > 0, norm2, torch.ones_like(norm2))
+        raise ValueError(f"Invalid scorer: {kind!r} (must be one of {SCORE_KINDS[:4]})")
+
+    # The demo and older callers read a scorer's values with ranking().
+    ranking = score
+
+    @property
+    def fc(self) -> Tensor:
+        """The values of the scorer the scores were computed for (:attr:`kind`)."""
+        return self.score(self.kind)
 
     def stats(self) -> dict[str, float]:
-        fc = self.fc
-        return {
-            "fc_mean": float(fc.mean()),
-            "fc_std": float(fc.std()) if fc.numel() > 1 else 0.0,
-            "fc_min": float(fc.min()),
-            "fc_max": float(fc.max()),
-            "fc_positive": float((fc > 0).double().mean()),
-        }
-
-    def ranking(self, kind: str) -> Tensor:
-        """The scores of scorer ``kind`` (``"fc"``, ``"fisher_alignment"`` or
-        ``"fisher_overlap"``; see the module doc), high = unlearn first."""
-        if kind == "fc":
-            return self.fc.clone()
-        if kind in ("fisher_alignment", "fisher_overlap"):
-            value = self.alignment if kind == "fisher_alignment" else self.overlap
-            if value is None:
-                raise ValueError(f"these scores were computed without the {kind} term")
-            return -value if kind == "fisher_alignment" else value.clone()
-        raise ValueError(
-            f"Invalid scorer: {kind!r} (must be 'fc', 'fisher_alignment' or 'fisher_overlap')")
+        """Summary of :attr:`fc` (``fc_*`` keys, whatever the scorer) over the finite values, and
+        how many were not finite."""
+        values = self.fc
+        finite = values[torch.isfinite(values)]
+        out = {"fc_nonfinite": float(values.numel() - finite.numel())}
+        if finite.numel():
+            out.update(fc_mean=float(finite.mean()),
+                       fc_std=float(finite.std()) if finite.numel() > 1 else 0.0,
+                       fc_min=float(finite.min()), fc_max=float(finite.max()),
+                       fc_positive=float((finite > 0).double().mean()))
+        return out
 
     def state_dict(self) -> dict:
-        return {"fc": self.fc, "first_order": self.first_order, "second_order": self.second_order,
-                "grad_norm": self.grad_norm, "eta": self.eta, "normalized": self.normalized,
-                "alignment": self.alignment, "overlap": self.overlap}
+        return {"terms": dict(self.terms), "kind": self.kind, "alpha": self.alpha,
+                "eta": self.eta, "normalized": self.normalized, "meta": dict(self.meta)}
 
     @classmethod
     def from_state_dict(cls, state: Mapping) -> "ForgettingScores":
@@ -195,7 +248,32 @@ def mean_gradient(
     return [t.div_(count) for t in total]
 
 
-def _aligned(values: Tensors, names: Sequence[str], what: str) -> list[Tensor]:
+@contextlib.contextmanager
+def swapped_weights(params: Sequence[Tensor], values: Sequence[Tensor]) -> Iterator[None]:
+    """Inside the block ``params[i]`` hold ``values[i]`` (copied in); their own values come back
+    on exit, also on error. Used to take ``g_x`` at ``theta_0``. Costs one copy of the params."""
+    params, values = list(params), list(values)
+    if len(params) != len(values):
+        raise ValueError(f"swapped_weights: {len(values)} values for {len(params)} params")
+    for i, (p, v) in enumerate(zip(params, values)):
+        if v.shape != p.shape:
+            raise ValueError(f"swapped_weights: values[{i}] is shaped {tuple(v.shape)}, the param "
+                             f"{tuple(p.shape)}")
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(v)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+def _aligned(values: Tensors, names: Sequence[str], params: Sequence[Tensor],
+             what: str) -> list[Tensor]:
     if isinstance(values, Mapping):
         missing = [n for n in names if n not in values]
         if missing:
@@ -204,6 +282,10 @@ def _aligned(values: Tensors, names: Sequence[str], what: str) -> list[Tensor]:
     values = list(values)
     if len(values) != len(names):
         raise ValueError(f"{what} has {len(values)} tensors for {len(names)} params")
+    for n, p, v in zip(names, params, values):
+        if not isinstance(v, Tensor) or v.shape != p.shape:
+            raise ValueError(f"{what} of {n!r} is not a tensor shaped like the param "
+                             f"{tuple(p.shape)}")
     return values
 
 
@@ -228,154 +310,142 @@ def score_terms(
 def forgetting_confidence(
     model: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
-    direction: Tensors,
     fisher: Tensors,
     *,
-    eta: float,
+    delta: Optional[Tensors] = None,
+    alpha: Optional[float] = None,
+    direction: Optional[Tensors] = None,
+    eta: Optional[float] = None,
+    kind: Optional[str] = None,
     params: ParamSpec = None,
     normalize: bool = False,
-    method: str = "loop",
+    method: str = "layers",
     backend: str = "auto",
     progress: bool = False,
 ) -> ForgettingScores:
-    """FC of every row of every batch of ``D_self`` (in order).
+    """The per-sample terms of every row of every batch of ``D_self`` (in order), at the model's
+    current weights, and the scores made of them (module doc).
 
     Args:
-        model: the causal LM being fine-tuned.
+        model: the causal LM. ``g_x`` is taken at its weights as they are: for the paper's FC put
+            ``theta_0`` in first (:func:`swapped_weights`).
         batches: collated batches of self-knowledge samples (labels on the response only).
-        direction: ``gbar_L`` per param (list aligned with ``resolve_params(model, params)`` or a
+        fisher: ``F_L`` per param (a list aligned with ``resolve_params(model, params)`` or a
             ``{name: tensor}`` dict).
-        fisher: ``F_L`` per param, aligned the same way.
-        eta: the unlearning step size of the prediction ``u_s = eta * g_s``.
-        params: the parameter subset (see :func:`fisherforget.fisher.resolve_params`); the
-            per-sample gradients are taken with respect to these only, which bounds the cost on
-            large models.
-        normalize: use ``g_s / ||g_s||`` (unit-norm update): FC then ranks samples by direction
-            alone, not by how large their loss gradient is.
-        method: ``"vmap"`` (a batch's per-sample gradients at once and one multi-sample
-            reduction, :func:`batched_terms`) or ``"loop"`` (one sample at a time through the
-            ``fisher_score`` op; any model, sharded gradients).
-        backend: backend of the ``fisher_score`` op.
+        delta: ``Delta = theta*_L - theta_0`` per param, aligned the same way: gives the
+            paper's FC (with ``alpha > 0``, the step of the learning update ``-alpha * g_x``).
+        direction: ``gbar_L`` per param: gives ``loss_change`` (with ``eta > 0``) and
+            ``fisher_alignment``.
+        kind: the scorer :attr:`ForgettingScores.fc` returns (default ``"fc"`` when ``delta``
+            is given, else ``"loss_change"``).
+        params: the parameter subset (:func:`fisherforget.fisher.resolve_params`).
+        normalize: score the unit-norm ``g_x / ||g_x||`` (rank by direction alone).
+        method: ``"layers"``, ``"loop"`` or ``"vmap"`` (module doc); the terms agree to
+            floating-point rounding.
+        backend: backend of the ``fisher_score`` op (``method="loop"``).
     """
-    if not isinstance(eta, (int, float)) or not eta > 0:
-        raise ValueError(f"Invalid eta: {eta!r} (must be > 0)")
-    if method not in ("loop", "vmap"):
-        raise ValueError(f"Invalid method: {method!r} (must be 'loop' or 'vmap')")
+    if method not in SCORE_METHODS:
+        raise ValueError(f"Invalid method: {method!r} (must be one of {SCORE_METHODS})")
+    if delta is None and direction is None:
+        raise ValueError("forgetting_confidence needs delta (the paper's FC) and/or direction "
+                         "(loss_change, fisher_alignment)")
+    for name, value, given in (("alpha", alpha, delta), ("eta", eta, direction)):
+        if value is not None and not (isinstance(value, (int, float))
+                                      and not isinstance(value, bool) and 0 < value < float("inf")):
+            raise ValueError(f"Invalid {name}: {value!r} (must be a finite number > 0)")
+    if delta is not None and alpha is None:
+        raise ValueError("delta is given without alpha (the step of the learning update)")
+    kind = kind or ("fc" if delta is not None else "loss_change")
     chosen = resolve_params(model, params)
-    names = list(chosen)
-    directions = _aligned(direction, names, "direction")
-    fishers = _aligned(fisher, names, "fisher")
-    for n, p, d, f in zip(names, chosen.values(), directions, fishers):
-        if d.shape != p.shape or f.shape != p.shape:
-            raise ValueError(
-                f"direction/fisher of {n!r} are not shaped like the param {tuple(p.shape)}"
-            )
+    names, tensors = list(chosen), list(chosen.values())
+    fishers = _aligned(fisher, names, tensors, "fisher")
+    linear: dict[str, list[Tensor]] = {}
+    if delta is not None:
+        deltas = _aligned(delta, names, tensors, "delta")
+        linear["displacement"] = [f.to(torch.float32) * d.to(torch.float32)
+                                  if f.dtype != torch.float64 else f * d.to(f.dtype)
+                                  for d, f in zip(deltas, fishers)]
+    if direction is not None:
+        directions = _aligned(direction, names, tensors, "direction")
+        linear["direction"] = directions
+        linear["alignment"] = [f.to(d.dtype) * d for d, f in zip(directions, fishers)]
+    quadratic = {"fisher_sq": fishers, "sq_norm": None}
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc="forgetting confidence", leave=False)
-    if method == "vmap":
-        weighted = [f.to(torch.float64) * d.to(torch.float64)
-                    for d, f in zip(directions, fishers)]
-        rows = [batched_terms(directions, weighted, fishers, stacked)
-                for stacked in (_stacked_gradients(model, batch, chosen) for batch in iterator)]
-    else:
-        rows = [_loop_terms(model, batch, chosen, directions, fishers, backend)
-                for batch in iterator]
+    rows = [_batch_terms(model, batch, chosen, linear, quadratic, method, backend)
+            for batch in iterator]
     if not rows:
         raise ValueError("forgetting_confidence: batches is empty")
-    # One host transfer for all samples; columns: <d,g>, sum F g^2, <F d, g>, ||g||^2.
-    terms = torch.cat(rows).cpu()
-    first, second, alignment, norm2 = (terms[:, i].clone() for i in range(4))
-    grad_norm = norm2.sqrt()
-    safe = torch.where(norm2 > 0, norm2, torch.ones_like(norm2))
-    overlap = second / safe
-    if normalize:
-        first = first / safe.sqrt()
-        alignment = alignment / safe.sqrt()
-        second = second / safe
-    fc = -(eta * first + 0.5 * eta**2 * second)
-    return ForgettingScores(fc=fc, first_order=first, second_order=second, grad_norm=grad_norm,
-                            eta=float(eta), normalized=normalize, alignment=alignment,
-                            overlap=overlap)
+    # One host transfer for all samples.
+    table = torch.cat(rows).cpu()
+    columns = list(linear) + list(quadratic)
+    terms = {name: table[:, i].clone() for i, name in enumerate(columns)}
+    scores = ForgettingScores(terms=terms, kind=kind,
+                              alpha=None if alpha is None else float(alpha),
+                              eta=None if eta is None else float(eta), normalized=normalize)
+    if kind not in ("random", "reversed"):
+        scores.score(kind)  # the requested scorer can be made of these terms
+    return scores
 
 
-def _stacked_gradients(model: nn.Module, batch: Mapping[str, Tensor],
-                       chosen: Mapping[str, Tensor]) -> list[Tensor]:
-    """Per-sample gradients of the whole batch, one ``(B, *param.shape)`` tensor per param."""
-    from torch.func import functional_call, grad, vmap
+def _batch_terms(model: nn.Module, batch: Mapping[str, Tensor], chosen: Mapping[str, Tensor],
+                 linear: Mapping[str, Sequence[Tensor]],
+                 quadratic: Mapping[str, Optional[Sequence[Tensor]]], method: str,
+                 backend: str) -> Tensor:
+    """``(B, len(linear) + len(quadratic))`` float64: ``<v, g_x>`` for every vector list of
+    ``linear``, then ``sum_i w[i] g_x[i]^2`` for every weight list of ``quadratic`` (``None``:
+    ones), of each row ``x`` of ``batch``."""
+    if method == "layers":
+        from fisherforget.lwf.sample_terms import per_sample_terms
 
-    from fisherforget.fisher import _check_batch, labels_of, logits_of, model_inputs, sequence_nll
-
-    _check_batch(batch)
-    labels = labels_of(batch)
-    inputs = dict(model_inputs(batch))
-    mask = inputs.get("attention_mask")
-    if mask is not None:
-        width = mask.shape[1]
-        lengths = mask.sum(dim=1, keepdim=True)
-        right_padded = torch.equal(mask.bool(), torch.arange(width, device=mask.device) < lengths)
-        if not right_padded:
-            raise ValueError("method='vmap' needs right-padded batches (as collate makes); use "
-                             "method='loop' for left padding")
-        # Under causal attention a right-padded row's real tokens never see its padding, and
-        # the padding carries no labels, so the mask changes no loss; dropping it keeps
-        # transformers' mask code (which reads the mask's values) out of vmap.
-        del inputs["attention_mask"]
-    keys = list(inputs)
-
-    def loss_of(theta: dict[str, Tensor], row_labels: Tensor, *row_inputs: Tensor) -> Tensor:
-        kwargs = {k: v.unsqueeze(0) for k, v in zip(keys, row_inputs)}
-        logits = logits_of(functional_call(model, theta, (), kwargs))
-        return sequence_nll(logits, row_labels.unsqueeze(0), "mean")[0]
-
-    theta = {n: p.detach() for n, p in chosen.items()}
-    grads = vmap(grad(loss_of), in_dims=(None, 0) + (0,) * len(keys))(
-        theta, labels, *[inputs[k] for k in keys])
-    return [grads[n] for n in chosen]
+        return per_sample_terms(model, batch, chosen, linear=list(linear.values()),
+                                quadratic=list(quadratic.values()))
+    if method == "vmap":
+        return _stacked_terms(stacked_sample_gradients(model, batch, chosen),
+                              list(linear.values()), list(quadratic.values()))
+    rows = []
+    zeros = None
+    for grads in per_sample_gradients(model, batch, chosen, reduction="mean", method="loop"):
+        row = []
+        for vectors in linear.values():
+            row.append(score_terms(vectors, grads, vectors, backend=backend)[0])
+        for weights in quadratic.values():
+            if weights is None:
+                # ||g||^2 = <g, g> (the op's linear term with the gradient as direction).
+                zeros = zeros or [torch.zeros_like(g) for g in grads]
+                row.append(score_terms(grads, grads, zeros, backend=backend)[0])
+            else:
+                row.append(score_terms(grads, grads, weights, backend=backend)[1])
+        rows.append(torch.stack([r.to(row[0].device) for r in row]))
+    return torch.stack(rows)
 
 
-def batched_terms(directions: Sequence[Tensor], weighted: Sequence[Tensor],
-                  fishers: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-    """For a batch of per-sample gradients (``grads[j]`` shaped ``(B, *param_j.shape)``), the
-    ``(B, 4)`` float64 matrix of ``[<d, g_s>, sum F g_s^2, <w, g_s>, ||g_s||^2]`` summed over
-    params (``w`` is ``F * d``, passed in so that callers compute it once): two matrix products
-    per param for all ``B`` samples, in the gradients' precision (fp32, or fp64 for fp64
-    gradients), summed over params in float64."""
-    if not grads:
-        raise ValueError("batched_terms: no tensors")
+def _stacked_terms(grads: Sequence[Tensor], linear: Sequence[Sequence[Tensor]],
+                   quadratic: Sequence[Optional[Sequence[Tensor]]]) -> Tensor:
+    """The rows of :func:`_batch_terms` from per-sample gradients stacked per param
+    (``grads[j]`` shaped ``(B, *param_j.shape)``): one matrix product per param for every
+    column, in the gradients' precision (fp32 matmuls are several times faster than fp64 ones),
+    summed over params in float64."""
     total = None
-    for d, w, f, g in zip(directions, weighted, fishers, grads, strict=True):
-        # Contract in the gradient's precision (fp32 matmuls are several times faster than fp64
-        # ones on (B, n) matrices); sum the per-param results in float64.
+    for j, g in enumerate(grads):
         dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
         g = g.reshape(g.shape[0], -1).to(dtype)
         square = g * g
-        vectors = torch.stack([d.reshape(-1), w.reshape(-1)]).to(device=g.device, dtype=dtype)
-        cols = torch.cat([
-            g @ vectors.T,
-            square @ torch.stack([f.reshape(-1).to(device=g.device, dtype=dtype),
-                                  torch.ones_like(vectors[0])]).T,
-        ], dim=1)[:, [0, 2, 1, 3]].to(torch.float64)
+        lin = [vectors[j].reshape(-1).to(device=g.device, dtype=dtype) for vectors in linear]
+        quad = [torch.ones_like(g[0]) if weights is None
+                else weights[j].reshape(-1).to(device=g.device, dtype=dtype)
+                for weights in quadratic]
+        parts = []
+        if lin:
+            parts.append(g @ torch.stack(lin).T)
+        if quad:
+            parts.append(square @ torch.stack(quad).T)
+        cols = torch.cat(parts, dim=1).to(torch.float64)
         total = cols if total is None else total + cols.to(total.device)
     return total
-
-
-def _loop_terms(model: nn.Module, batch: Mapping[str, Tensor], chosen: Mapping[str, Tensor],
-                directions: Sequence[Tensor], fishers: Sequence[Tensor], backend: str) -> Tensor:
-    """The rows of :func:`batched_terms` one sample at a time, through the ``fisher_score`` op
-    (two calls a sample: ``(d, F)`` and ``(F*d, 0)``), for models ``torch.func`` cannot batch
-    and for sharded (DTensor) gradients."""
-    weighted = [f.to(d.dtype) * d for d, f in zip(directions, fishers)]
-    rows = []
-    for grads in per_sample_gradients(model, batch, chosen, reduction="mean", method="loop"):
-        terms = score_terms(directions, grads, fishers, backend=backend)
-        square = score_terms(grads, grads, [torch.zeros_like(f) for f in fishers],
-                             backend=backend)[0].to(terms.device)
-        align = score_terms(weighted, grads, fishers, backend=backend)[0].to(terms.device)
-        rows.append(torch.stack([terms[0], terms[1], align, square]))
-    return torch.stack(rows)
 
 
 def control_scores(
@@ -384,18 +454,19 @@ def control_scores(
     *,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """Scores to rank ``D_self`` by: ``"fc"`` (the FC itself), ``"fisher_alignment"`` /
-    ``"fisher_overlap"`` (:meth:`ForgettingScores.ranking`), ``"reversed"`` (``-FC``: top-ranked
-    are the lowest-FC samples, a control) or ``"random"`` (i.i.d. uniform, a control)."""
-    fc = scores.fc if isinstance(scores, ForgettingScores) else scores
-    if kind in ("fisher_alignment", "fisher_overlap"):
-        if not isinstance(scores, ForgettingScores):
-            raise TypeError(f"scores={kind!r} needs ForgettingScores, not a tensor of FC")
-        return scores.ranking(kind)
-    if kind == "fc":
-        return fc.clone()
-    if kind == "reversed":
-        return -fc
+    """Scores to rank ``D_self`` by: a scorer of :meth:`ForgettingScores.score` (``"fc"``,
+    ``"loss_change"``, ``"fisher_alignment"``, ``"fisher_overlap"``), ``"reversed"`` (minus the
+    scores' own scorer: the lowest first, a control) or ``"random"`` (i.i.d. uniform, a control).
+    A tensor stands for the values of one scorer (``"reversed"`` negates it)."""
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"Invalid score kind: {kind!r} (must be one of {SCORE_KINDS})")
+    values = scores.fc if isinstance(scores, ForgettingScores) else scores
     if kind == "random":
-        return torch.rand(fc.shape, generator=generator, dtype=torch.float64)
-    raise ValueError(f"Invalid score kind: {kind!r} (must be one of {SCORE_KINDS})")
+        return torch.rand(values.shape, generator=generator, dtype=torch.float64)
+    if kind == "reversed":
+        return -values
+    if isinstance(scores, ForgettingScores):
+        return scores.score(kind)
+    if kind in ("fc", "loss_change"):
+        return values.clone()
+    raise TypeError(f"scores={kind!r} needs ForgettingScores, not a tensor of values")

@@ -33,13 +33,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from fisherforget.backends import BACKEND_CHOICES
 from fisherforget.distributed import gather_scores, shard_range
 from fisherforget.fisher import (
     ESTIMATORS,
@@ -54,12 +57,14 @@ from fisherforget.fisher import (
 )
 from fisherforget.lwf.confidence import (
     SCORE_KINDS,
+    SCORE_METHODS,
     ForgettingScores,
     control_scores,
     forgetting_confidence,
     mean_gradient,
     optimizer_direction,
     optimizer_fisher,
+    swapped_weights,
 )
 from fisherforget.lwf.schedule import UnlearningSchedule, select
 from fisherforget.lwf.self_knowledge import batches_of, collate, fingerprint
@@ -68,30 +73,47 @@ __all__ = ["LWFConfig", "LearningWithForgetting", "RETAIN_SETS"]
 
 RETAIN_SETS = ("unselected", "lowest", "samples", None)
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class LWFConfig:
-    """Every LWF hyperparameter.
+    """Every LWF hyperparameter, validated when set (also after construction: an invalid
+    assignment raises and leaves the field as it was).
 
     Schedule (:class:`~fisherforget.lwf.UnlearningSchedule`): ``every``, ``steps``, ``warmup``,
-    ``rescore_every``, ``early``.
+    ``rescore_every``, ``early``. ``interleave=k`` replaces the periodic phases by the
+    *interleaved* schedule: after warm-up, every learning step's loss gets the unlearning
+    objective of ``n / k`` forget samples (``n`` learning samples in the step) with weight
+    ``-interleave_weight`` (:meth:`LearningWithForgetting.interleaved_loss`).
 
-    Selection: the top ``fraction`` of ``D_self`` by ``scores`` (``"fc"``; the controls
-    ``"random"`` and ``"reversed"`` = lowest FC first), only FC > 0 with ``positive_only``.
+    Selection: the top ``fraction`` of ``D_self`` by ``scores`` (``"fc"``, the paper's forgetting
+    confidence; ``"loss_change"``, ``"fisher_alignment"``, ``"fisher_overlap"``; the controls
+    ``"random"`` and ``"reversed"`` = lowest FC first), only scores > 0 with ``positive_only``.
 
-    Forgetting confidence: ``eta`` (default: ``lr``), ``normalize`` (unit-norm ``g_s``),
-    ``direction`` (``"optimizer"``: bias-corrected ``exp_avg``; ``"fresh"``: mean gradient over
-    ``learn_batches``), ``fisher_source`` (``"optimizer"``: the optimizer's online Fisher; or an
-    :func:`~fisherforget.fisher.estimate_fisher` estimator on ``learn_batches``), ``score_params``
-    (parameter subset), ``score_method`` (``"loop"``/``"vmap"``: ``"vmap"`` scores a whole batch of
-    ``D_self`` per reduction), ``score_batch_size`` (samples per scoring batch; default
-    ``batch_size``), ``score_batches`` (learning batches used for a fresh direction or Fisher).
+    Forgetting confidence (``fisherforget.lwf.confidence``): ``alpha`` (the step of the learning
+    update ``theta_0 - alpha * g_x``; default: the learning optimizer's lr), ``fc_at``
+    (``"start"``: ``g_x`` at ``theta_0``, the weights when LWF began, as the paper; ``"current"``:
+    at the current weights, which skips swapping ``theta_0`` in), ``pilot_steps`` / ``pilot_lr``
+    (when scoring before any learning step, ``theta*_L`` and ``F_L`` come from a pilot fine-tune
+    of that many steps on ``learn_batches``, undone afterwards), ``eta`` (step of
+    ``loss_change``; default ``lr``), ``normalize`` (unit-norm ``g_x``), ``direction``
+    (``gbar_L`` of ``loss_change``/``fisher_alignment``: ``"optimizer"``, the bias-corrected
+    ``exp_avg``, or ``"fresh"``, the mean gradient over ``learn_batches``), ``fisher_source``
+    (``"optimizer"``: the optimizer's online Fisher; or an
+    :func:`~fisherforget.fisher.estimate_fisher` estimator on ``learn_batches``),
+    ``score_params`` (parameter subset), ``score_method`` (``"layers"``, ``"loop"`` or
+    ``"vmap"``), ``score_batch_size`` (default ``batch_size``), ``score_batches`` (learning
+    batches read for a fresh direction, an estimated Fisher or the pilot).
 
     Unlearning: ``lr``; ``fisher_scale`` in units of ``1 / mean(F)`` (the group's ``fisher_scale``
     is set to ``fisher_scale / optimizer.fisher_mean()``, so 1.0 halves the step of an element with
     average Fisher); ``freeze_quantile`` freezes elements whose Fisher is above that quantile
     (``freeze_above = optimizer.fisher_quantile(q)``); ``moments`` (``"separate"``: unlearning keeps
-    its own Adam moments; ``"shared"``); ``batch_size``; ``seed`` (batch order, random control).
+    its own Adam moments; ``"shared"``); ``batch_size``; ``seed`` (batch order, random control);
+    ``on_nonfinite`` (``"raise"``: a non-finite objective or gradient in an unlearning step stops
+    the run before that step changes anything; ``"skip"``: the step is skipped, counted in
+    ``lwf/nonfinite_skipped`` and logged).
 
     Retain (see the module doc): ``retain`` (``"unselected"``, ``"lowest"``, ``"samples"`` or
     ``None``), ``retain_weight``, ``retain_loss`` (``"nll"`` or ``"kl"``), ``ascent`` (``False``:
@@ -112,15 +134,21 @@ class LWFConfig:
     warmup: int = 0
     rescore_every: Optional[int] = None
     early: bool = False
+    interleave: Optional[int] = None
+    interleave_weight: float = 1.0
     fraction: float = 0.3
     positive_only: bool = False
     scores: str = "fc"
+    alpha: Optional[float] = None
+    fc_at: str = "start"
+    pilot_steps: int = 0
+    pilot_lr: Optional[float] = None
     eta: Optional[float] = None
     normalize: bool = False
     direction: str = "optimizer"
     fisher_source: str = "optimizer"
     score_params: ParamSpec = None
-    score_method: str = "loop"
+    score_method: str = "loop"  # TEMP until sample_terms lands
     score_batches: int = 8
     score_batch_size: Optional[int] = None
     lr: float = 1e-4
@@ -136,63 +164,75 @@ class LWFConfig:
     retain_weight: float = 1.0
     retain_loss: str = "nll"
     ascent: bool = True
+    on_nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
+        self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not getattr(self, "_validated", False):
+            object.__setattr__(self, name, value)
+            return
+        if name not in {f.name for f in dataclasses.fields(self)}:
+            raise AttributeError(f"LWFConfig has no field {name!r}")
+        old = getattr(self, name)
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except Exception:
+            object.__setattr__(self, name, old)
+            raise
+
+    def validate(self) -> None:
+        """Check every field (:class:`ValueError` / :class:`TypeError` naming the field)."""
         self.schedule  # validates the schedule fields
-        if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
-            raise ValueError(f"Invalid fraction: {self.fraction!r} (must be in (0, 1])")
-        if self.scores not in SCORE_KINDS:
-            raise ValueError(f"Invalid scores: {self.scores!r} (must be one of {SCORE_KINDS})")
-        if self.direction not in ("optimizer", "fresh"):
-            raise ValueError(
-                f"Invalid direction: {self.direction!r} (must be 'optimizer' or 'fresh')"
-            )
-        if self.fisher_source not in ("optimizer",) + ESTIMATORS:
-            raise ValueError(
-                f"Invalid fisher_source: {self.fisher_source!r} (must be 'optimizer' or one of "
-                f"{ESTIMATORS})"
-            )
-        if self.score_method not in ("loop", "vmap"):
-            raise ValueError(
-                f"Invalid score_method: {self.score_method!r} (must be 'loop' or 'vmap')"
-            )
-        if self.moments not in ("shared", "separate"):
-            raise ValueError(f"Invalid moments: {self.moments!r} (must be 'shared' or 'separate')")
-        for name in ("lr", "fisher_scale"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
-        if self.eta is not None and not (isinstance(self.eta, (int, float)) and self.eta > 0):
-            raise ValueError(f"Invalid eta: {self.eta!r} (must be None or > 0)")
-        if self.freeze_quantile is not None and not (
-            isinstance(self.freeze_quantile, (int, float)) and 0 <= self.freeze_quantile <= 1
-        ):
-            raise ValueError(
-                f"Invalid freeze_quantile: {self.freeze_quantile!r} (must be in [0, 1])"
-            )
-        if self.score_batch_size is not None and (
-                not isinstance(self.score_batch_size, int) or self.score_batch_size < 1):
-            raise ValueError(
-                f"Invalid score_batch_size: {self.score_batch_size!r} (must be None or >= 1)")
-        for name in ("batch_size", "score_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (must be an int >= 1)")
-        if self.retain not in RETAIN_SETS:
-            raise ValueError(f"Invalid retain: {self.retain!r} (must be one of {RETAIN_SETS})")
-        if self.retain_loss not in ("nll", "kl"):
-            raise ValueError(f"Invalid retain_loss: {self.retain_loss!r} (must be 'nll' or 'kl')")
-        if not isinstance(self.retain_weight, (int, float)) or not (
-                math.isfinite(self.retain_weight) and self.retain_weight >= 0):
-            raise ValueError(
-                f"Invalid retain_weight: {self.retain_weight!r} (must be a finite number >= 0)")
-        if not isinstance(self.ascent, bool):
-            raise TypeError(f"Invalid ascent: {self.ascent!r} (must be a bool)")
+        _check_int(self, "rescore_every", 1, optional=True)
+        _check_int(self, "pilot_steps", 0)
+        _check_int(self, "score_batches", 1)
+        _check_int(self, "batch_size", 1)
+        _check_int(self, "forget_eval_size", 0)
+        _check_int(self, "seed", None)
+        _check_int(self, "interleave", 1, optional=True)
+        _check_int(self, "score_batch_size", 1, optional=True)
+        _check_number(self, "fraction", low=0.0, high=1.0, open_low=True)
+        _check_number(self, "lr", low=0.0)
+        _check_number(self, "fisher_scale", low=0.0)
+        _check_number(self, "retain_weight", low=0.0)
+        _check_number(self, "interleave_weight", low=0.0, open_low=True)
+        for name in ("alpha", "eta", "pilot_lr"):
+            _check_number(self, name, low=0.0, open_low=True, optional=True)
+        _check_number(self, "freeze_quantile", low=0.0, high=1.0, optional=True)
+        for name in ("early", "positive_only", "normalize", "split_scoring", "ascent"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Invalid {name}: {getattr(self, name)!r} (must be a bool)")
+        _check_choice(self, "scores", SCORE_KINDS)
+        _check_choice(self, "fc_at", ("start", "current"))
+        _check_choice(self, "direction", ("optimizer", "fresh"))
+        _check_choice(self, "fisher_source", ("optimizer",) + ESTIMATORS)
+        _check_choice(self, "score_method", SCORE_METHODS)
+        _check_choice(self, "moments", ("shared", "separate"))
+        _check_choice(self, "retain", RETAIN_SETS)
+        _check_choice(self, "retain_loss", ("nll", "kl"))
+        _check_choice(self, "on_nonfinite", ("raise", "skip"))
+        _check_choice(self, "backend", BACKEND_CHOICES)
+        spec = self.score_params
+        if spec is not None and not callable(spec):
+            if isinstance(spec, (str, Tensor)) or not isinstance(spec, Iterable):
+                raise TypeError(f"Invalid score_params: {spec!r:.60} (must be None, a predicate "
+                                "(name, param) -> bool, or a list of names or parameters)")
+            if not isinstance(spec, list):  # a one-shot iterable would be consumed by a read
+                spec = list(spec)
+                object.__setattr__(self, "score_params", spec)
+            bad = [item for item in spec if not isinstance(item, (str, Tensor))]
+            if bad or not spec:
+                raise TypeError(f"Invalid score_params: {'empty' if not spec else bad[:3]} "
+                                "(names or parameter tensors expected)")
         if not self.ascent and (self.retain is None or self.retain_weight == 0):
             raise ValueError("ascent=False (the retain-only control) needs a retain set and "
                              "retain_weight > 0: otherwise the unlearning steps do nothing")
-        if not isinstance(self.forget_eval_size, int) or self.forget_eval_size < 0:
-            raise ValueError(f"Invalid forget_eval_size: {self.forget_eval_size!r} (must be >= 0)")
+        if self.interleave is not None and self.early:
+            raise ValueError("interleave and early are two different schedules: set one")
 
     @property
     def schedule(self) -> UnlearningSchedule:
@@ -213,6 +253,35 @@ class LWFConfig:
         return out
 
 
+def _check_int(config: LWFConfig, name: str, low: Optional[int], optional: bool = False) -> None:
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low}"
+        raise ValueError(f"Invalid {name}: {value!r} (must be {'None or ' if optional else ''}"
+                         f"an int{bound})")
+
+
+def _check_number(config: LWFConfig, name: str, *, low: float, high: Optional[float] = None,
+                  open_low: bool = False, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if open_low else value >= low) and (high is None or value <= high))
+    if not ok:
+        interval = f"{'(' if open_low else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+        raise ValueError(f"Invalid {name}: {value!r} (must be {'None or ' if optional else ''}a "
+                         f"finite number in {interval})")
+
+
+def _check_choice(config: LWFConfig, name: str, choices: Sequence[Any]) -> None:
+    value = getattr(config, name)
+    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
+        raise ValueError(f"Invalid {name}: {value!r} (must be one of {tuple(choices)})")
+
+
 def _unwrap_optimizer(optimizer: Any) -> Any:
     # accelerate's AcceleratedOptimizer (what Trainer hands to callbacks) wraps the real one.
     while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "fisher"):
@@ -221,18 +290,21 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
 
 
 class LearningWithForgetting:
-    """Periodic unlearning of high-FC self-knowledge during fine-tuning (see the module doc).
+    """Unlearning of high-FC self-knowledge during fine-tuning (see the module doc).
 
     Args:
         model: the model being fine-tuned (may be bound later with :meth:`bind`).
         optimizer: its :class:`~fisherforget.FisherAdamW` (may be bound later).
-        forget_samples: ``D_self`` as encoded samples (dicts of 1-D ``input_ids``/``labels``).
+        forget_samples: ``D_self`` as encoded samples (dicts of ``input_ids``/``labels``).
         config: :class:`LWFConfig`.
-        learn_batches: learning-task batches for a fresh direction/Fisher or the early variant
-            (a sequence, or a zero-argument callable returning an iterable of batches).
+        learn_batches: learning-task batches for a fresh direction, an estimated Fisher, the
+            pilot fine-tune or the early variant: a re-iterable (a list, a ``DataLoader``) or a
+            zero-argument callable returning an iterable of batches. A one-shot iterator (a
+            generator) is refused: the first reader would exhaust it.
         autocast: a zero-argument callable returning the context manager the forward passes run
             in (mixed precision); default none.
-        pad_id: the padding id used to collate ``forget_samples``.
+        pad_id: the padding id used to collate ``forget_samples`` (``None``: 0; padded positions
+            are masked and carry no labels, so any valid id works).
         retain_samples: the retain set when ``config.retain == "samples"`` (encoded samples, as
             ``forget_samples``).
     """
@@ -246,39 +318,51 @@ class LearningWithForgetting:
         *,
         learn_batches: Optional[Any] = None,
         autocast: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
-        pad_id: int = 0,
+        pad_id: Optional[int] = 0,
         retain_samples: Optional[Sequence[Mapping[str, Any]]] = None,
     ):
-        if not forget_samples:
-            raise ValueError("forget_samples is empty: LWF needs the model's self-knowledge")
         self.config = config if config is not None else LWFConfig()
         if not isinstance(self.config, LWFConfig):
-            raise TypeError("config must be an LWFConfig")
-        needs_learn = (self.config.direction == "fresh" or self.config.fisher_source != "optimizer"
-                       or self.config.early)
-        if needs_learn and learn_batches is None:
-            raise ValueError(
-                "learn_batches is required with direction='fresh', a fisher_source estimator or "
-                "early=True"
-            )
+            raise TypeError(f"config must be an LWFConfig, got {type(self.config).__name__}")
+        if isinstance(forget_samples, (str, bytes, Mapping)) or not isinstance(
+                forget_samples, Iterable):
+            raise TypeError("forget_samples must be a sequence of encoded samples (dicts with "
+                            f"input_ids and labels), got {type(forget_samples).__name__}")
+        samples = list(forget_samples)
+        if not samples:
+            raise ValueError("forget_samples is empty: LWF needs the model's self-knowledge")
+        if learn_batches is not None and not callable(learn_batches):
+            if not isinstance(learn_batches, Iterable):
+                raise TypeError("learn_batches must be an iterable of batches or a zero-argument "
+                                f"callable returning one, got {type(learn_batches).__name__}")
+            if iter(learn_batches) is learn_batches:
+                raise TypeError(
+                    "learn_batches is a one-shot iterator (e.g. a generator): the first reader "
+                    "would exhaust it; pass a list of batches, a DataLoader, or a zero-argument "
+                    "callable returning a fresh iterable")
         if (self.config.retain == "samples") != (retain_samples is not None):
             raise ValueError("retain_samples must be given exactly when config.retain == 'samples'"
                              f" (retain={self.config.retain!r}, retain_samples "
                              f"{'given' if retain_samples is not None else 'missing'})")
-        if retain_samples is not None and not retain_samples:
+        if retain_samples is not None and not list(retain_samples):
             raise ValueError("retain_samples is empty")
-        self.samples = list(forget_samples)
-        self.retain_samples = list(retain_samples) if retain_samples is not None else None
+        if pad_id is not None and (not isinstance(pad_id, int) or isinstance(pad_id, bool)
+                                   or pad_id < 0):
+            raise ValueError(f"Invalid pad_id: {pad_id!r} (must be None or an int >= 0)")
+        self.samples = [_as_sample(s, i, "forget_samples") for i, s in enumerate(samples)]
+        self.retain_samples = (None if retain_samples is None else
+                               [_as_sample(s, i, "retain_samples")
+                                for i, s in enumerate(retain_samples)])
+        self.learn_batches = learn_batches
+        self._check_learn_batches()
         self.start_model: Optional[nn.Module] = None  # the KL retain loss's reference
+        self.start_weights: Optional[list[Tensor]] = None  # theta_0 of the scored params
         self.retain_pool: Optional[Tensor] = None  # indices of D_self rehearsed (retain sets
         # "unselected"/"lowest")
-        self.learn_batches = learn_batches
         self.autocast = autocast or contextlib.nullcontext
-        self.pad_id = pad_id
+        self.pad_id = 0 if pad_id is None else pad_id
         self.model: Optional[nn.Module] = None
         self.optimizer: Any = None
-        if model is not None or optimizer is not None:
-            self.bind(model, optimizer)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.global_step = 0  # learning steps seen
         self.phase = 0
@@ -288,13 +372,30 @@ class LearningWithForgetting:
         self.selected: Optional[Tensor] = None
         self._order: Optional[Tensor] = None  # shuffled selected indices, consumed in batches
         self._cursor = 0
+        self._interleave_carry = 0.0  # fractional forget samples owed by the interleaved loss
         self.began = False
         self.history: list[dict[str, float]] = []
+        if model is not None or optimizer is not None:
+            self.bind(model, optimizer)
+
+    def _check_learn_batches(self) -> None:
+        cfg = self.config
+        needs = [what for what, needed in (
+            ("direction='fresh'", cfg.direction == "fresh" and cfg.scores in _DIRECTION_SCORES),
+            (f"fisher_source={cfg.fisher_source!r}", cfg.fisher_source != "optimizer"),
+            (f"pilot_steps={cfg.pilot_steps}", cfg.pilot_steps > 0),
+            ("early=True", cfg.early)) if needed]
+        if needs and self.learn_batches is None:
+            raise ValueError(f"learn_batches is required with {', '.join(needs)}")
 
     # -------------------------------------------------------------- binding
 
     def bind(self, model: nn.Module, optimizer: Any) -> "LearningWithForgetting":
-        """Attach the model and its ``FisherAdamW`` (unwrapping accelerate's wrapper)."""
+        """Attach the model and its ``FisherAdamW`` (unwrapping accelerate's wrapper). Checks
+        that every sample fits the model (token ids within its vocabulary, lengths within its
+        positions) and, before fine-tuning starts, records ``theta_0``."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         optimizer = _unwrap_optimizer(optimizer)
         if not hasattr(optimizer, "unlearning") or not hasattr(optimizer, "fisher_quantile"):
             raise TypeError(
@@ -303,8 +404,24 @@ class LearningWithForgetting:
         managed = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if not any(id(p) in managed for p in model.parameters()):
             raise ValueError("the optimizer manages none of the model's parameters")
+        chosen = resolve_params(model, self.config.score_params)
+        unmanaged = [n for n, p in chosen.items() if id(p) not in managed]
+        if unmanaged and self.config.scores not in ("random",):
+            raise ValueError(f"score_params: these parameters are not managed by the optimizer: "
+                             f"{unmanaged[:5]}")
+        _check_fits(model, self.samples, "forget_samples")
+        if self.retain_samples is not None:
+            _check_fits(model, self.retain_samples, "retain_samples")
         self.model, self.optimizer = model, optimizer
+        if self.global_step == 0 and not self.began and self.start_weights is None:
+            self._record_start()
         return self
+
+    def _record_start(self) -> None:
+        """``theta_0``: a copy of the scored params (only when a scorer needs it)."""
+        if self.config.scores in ("fc", "reversed"):
+            chosen = resolve_params(self.model, self.config.score_params)
+            self.start_weights = [p.detach().clone() for p in chosen.values()]
 
     def _require_bound(self) -> None:
         if self.model is None or self.optimizer is None:
@@ -315,58 +432,138 @@ class LearningWithForgetting:
         return next(self.model.parameters()).device
 
     def _learn_iter(self) -> Iterable[Mapping[str, Tensor]]:
+        self._check_learn_batches()
         source = self.learn_batches() if callable(self.learn_batches) else self.learn_batches
+        count = 0
         for i, batch in enumerate(source):
             if i >= self.config.score_batches:
-                return
+                break
+            if not isinstance(batch, Mapping):
+                raise TypeError(f"learn_batches[{i}] must be a dict of tensors, got "
+                                f"{type(batch).__name__}")
+            count += 1
             yield {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        if count == 0:
+            raise ValueError("learn_batches yielded no batch")
+
+    @property
+    def _managed(self) -> list[Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
 
     # -------------------------------------------------------------- scoring
 
     def score(self) -> ForgettingScores:
-        """Forgetting confidence of every sample of ``D_self`` under the current model."""
+        """The scores of every sample of ``D_self`` under the current model (the configured
+        scorer, :class:`LWFConfig`)."""
         self._require_bound()
         cfg = self.config
         model = self.model
         chosen = resolve_params(model, cfg.score_params)
+        params = list(chosen.values())
+        paper = cfg.scores in ("fc", "reversed")
+        samples = self.samples
+        if cfg.split_scoring:
+            samples = [samples[i] for i in shard_range(len(samples))]
+
+        def batches():
+            return batches_of(samples, cfg.score_batch_size or cfg.batch_size,
+                              pad_id=self.pad_id, device=self.device)
+
         was_training = model.training
         model.eval()
         try:
-            if cfg.direction == "optimizer":
-                direction = optimizer_direction(self.optimizer, chosen.values())
+            if paper:
+                if self.start_weights is None or len(self.start_weights) != len(params):
+                    raise RuntimeError("the paper's FC needs theta_0: bind the model before "
+                                       "fine-tuning, or call begin() first")
+                target, fisher = self._learning_optimum(params)
+                delta = [t.to(torch.float32) - s.to(torch.float32)
+                         for t, s in zip(target, self.start_weights)]
+                alpha = cfg.alpha if cfg.alpha is not None else self._learning_lr()
+                at_start = (swapped_weights(params, self.start_weights) if cfg.fc_at == "start"
+                            else contextlib.nullcontext())
+                with at_start, self.autocast():
+                    scores = forgetting_confidence(
+                        model, batches(), fisher, delta=delta, alpha=alpha, kind="fc",
+                        params=params, normalize=cfg.normalize, method=cfg.score_method,
+                        backend=cfg.backend)
             else:
+                if cfg.direction == "optimizer":
+                    direction = optimizer_direction(self.optimizer, params)
+                else:
+                    with self.autocast():
+                        direction = mean_gradient(model, self._learn_iter(), params)
+                fisher = self._fisher(params)
                 with self.autocast():
-                    direction = mean_gradient(model, self._learn_iter(), list(chosen.values()))
-            if cfg.fisher_source == "optimizer":
-                fisher = optimizer_fisher(self.optimizer, chosen.values())
-            else:
-                with self.autocast():
-                    fisher = list(estimate_fisher(
-                        model, self._learn_iter(), cfg.fisher_source, list(chosen.values()),
-                        method=cfg.score_method, backend=cfg.backend,
-                        generator=torch.Generator().manual_seed(cfg.seed + self.global_step),
-                    ).values())
-            samples = self.samples
-            if cfg.split_scoring:
-                samples = [samples[i] for i in shard_range(len(samples))]
-            with self.autocast():
-                scores = forgetting_confidence(
-                    model,
-                    batches_of(samples, cfg.score_batch_size or cfg.batch_size, pad_id=self.pad_id,
-                               device=self.device),
-                    direction, fisher, eta=cfg.score_eta, params=list(chosen.values()),
-                    normalize=cfg.normalize, method=cfg.score_method, backend=cfg.backend,
-                )
+                    scores = forgetting_confidence(
+                        model, batches(), fisher, direction=direction, eta=cfg.score_eta,
+                        kind=cfg.scores, params=params, normalize=cfg.normalize,
+                        method=cfg.score_method, backend=cfg.backend)
         finally:
             model.train(was_training)
         if cfg.split_scoring:
-            scores = dataclasses.replace(
-                scores, fc=gather_scores(scores.fc),
-                first_order=gather_scores(scores.first_order),
-                second_order=gather_scores(scores.second_order),
-                grad_norm=gather_scores(scores.grad_norm),
-            )
+            scores.terms = {k: gather_scores(v) for k, v in scores.terms.items()}
         return scores
+
+    def _learning_lr(self) -> float:
+        lr = self.optimizer.param_groups[0]["lr"]
+        return float(lr.item() if isinstance(lr, Tensor) else lr)
+
+    def _fisher(self, params: Sequence[Tensor]) -> list[Tensor]:
+        cfg = self.config
+        if cfg.fisher_source == "optimizer":
+            return optimizer_fisher(self.optimizer, params)
+        with self.autocast():
+            return list(estimate_fisher(
+                self.model, self._learn_iter(), cfg.fisher_source, list(params),
+                method="vmap" if cfg.score_method == "vmap" else "loop", backend=cfg.backend,
+                generator=torch.Generator().manual_seed(cfg.seed + self.global_step),
+            ).values())
+
+    def _learning_optimum(self, params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """``(theta*_L, F_L)`` of the scored params: the current weights and Fisher, or, before
+        any learning step with ``pilot_steps > 0``, those of a pilot fine-tune."""
+        cfg = self.config
+        if cfg.pilot_steps == 0 or self.global_step > 0:
+            return [p.detach() for p in params], self._fisher(params)
+        return self._pilot(params)
+
+    def _pilot(self, params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """``pilot_steps`` steps of a fresh ``FisherAdamW`` (``fisher="mean"``, lr ``pilot_lr``
+        or the learning lr, no weight decay) on ``learn_batches`` from the current weights; its
+        weights and Fisher (or the configured estimator at its weights) are returned and every
+        param, gradient and optimizer state is as before."""
+        from fisherforget.optim import FisherAdamW
+
+        cfg = self.config
+        managed = self._managed
+        saved = [p.detach().clone() for p in managed]
+        saved_grads = [p.grad for p in managed]
+        pilot = FisherAdamW(managed, lr=cfg.pilot_lr or self._learning_lr(), weight_decay=0.0,
+                            fisher="mean", backend=cfg.backend)
+        batches = list(self._learn_iter())
+        try:
+            for p in managed:
+                p.grad = None
+            for step in range(cfg.pilot_steps):
+                loss = self._loss(batches[step % len(batches)])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the pilot fine-tune's loss is {float(loss)} at "
+                                             f"step {step}: lower pilot_lr")
+                torch.autograd.backward(loss, inputs=managed)
+                pilot.step()
+                pilot.zero_grad(set_to_none=True)
+            target = [p.detach().clone() for p in params]
+            if cfg.fisher_source == "optimizer":
+                fisher = [pilot.fisher(p) for p in params]
+            else:
+                fisher = self._fisher(params)
+        finally:
+            with torch.no_grad():
+                for p, value, grad in zip(managed, saved, saved_grads):
+                    p.copy_(value)
+                    p.grad = grad
+        return target, fisher
 
     def rescore(self) -> dict[str, float]:
         """Score (unless the control is random) and select; return the selection's statistics."""
@@ -380,9 +577,13 @@ class LearningWithForgetting:
             self.fc = self.score()
             ranking = control_scores(self.fc, cfg.scores)
             stats.update(self.fc.stats())
-        # positive_only keeps samples with FC > 0, i.e. a positive ranking for "fc" only.
+        if not torch.isfinite(ranking).any():
+            raise FloatingPointError(
+                f"every {cfg.scores!r} score of D_self is {float(ranking[0])}: the learning "
+                "task's Fisher or displacement is not finite (diverged fine-tuning?)")
+        # positive_only keeps samples scored > 0 by fc / loss_change, whose sign means something.
         selected = select(ranking, cfg.fraction,
-                          positive_only=cfg.positive_only and cfg.scores == "fc")
+                          positive_only=cfg.positive_only and cfg.scores in ("fc", "loss_change"))
         self.ranking, self.selected = ranking, selected
         self.retain_pool = self._retain_pool(ranking, selected)
         self._order, self._cursor = None, 0
@@ -414,8 +615,133 @@ class LearningWithForgetting:
 
     # -------------------------------------------------------------- unlearning
 
-    def _next_indices(self) -> list[int]:
-        size = min(self.config.batch_size, self.selected.numel())
+    def _objective(self, size: Optional[int] = None) -> tuple[Tensor, Optional[Tensor],
+                                                              Optional[Tensor]]:
+        """``(J, L(B_U), R(B_R))`` on the next batch of ``D_U`` and a random retain batch, with
+        ``J = L(B_U) - retain_weight * R(B_R)`` (terms the config leaves out are ``None``)."""
+        cfg = self.config
+        objective = loss = retain = None
+        if cfg.ascent:
+            loss = self._loss(self._batch(self.samples, self._next_indices(size)))
+            objective = loss
+        if self.retain_pool is not None and cfg.retain_weight > 0:
+            retain = self._retain_term(size)
+            objective = (-cfg.retain_weight * retain if objective is None
+                         else objective - cfg.retain_weight * retain)
+        return objective, loss, retain
+
+    def unlearn(self, n_steps: int) -> dict[str, float]:
+        """Run ``n_steps`` unlearning steps (each maximising ``J = L(B_U) - retain_weight *
+        R(B_R)``, see the module doc); return statistics (``unlearn_loss*`` of the ascent term,
+        ``retain_loss`` of the retain term, ``nonfinite_skipped``).
+
+        Only the optimizer's params receive the objective's gradient, and their existing
+        ``.grad`` are set aside and restored, so the call is safe anywhere between two optimizer
+        steps. A step whose objective or gradient is not finite changes nothing: it raises
+        :class:`FloatingPointError` (``on_nonfinite="raise"``) or is skipped and counted.
+        """
+        self._require_bound()
+        cfg = self.config
+        opt = self.optimizer
+        if self.selected is None:
+            raise RuntimeError("nothing selected yet: call rescore() first")
+        if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 0:
+            raise ValueError(f"Invalid n_steps: {n_steps!r} (must be an int >= 0)")
+        stats: dict[str, float] = {}
+        if self.selected.numel() == 0 or n_steps == 0:
+            stats["unlearn_steps"] = 0.0
+            return stats
+        overrides: dict[str, Any] = {"lr": cfg.lr}
+        if cfg.fisher_scale > 0:
+            mean = opt.fisher_mean()
+            overrides["fisher_scale"] = cfg.fisher_scale / mean if mean > 0 else 0.0
+        if cfg.freeze_quantile is not None:
+            threshold = opt.fisher_quantile(cfg.freeze_quantile)
+            overrides["freeze_above"] = threshold
+            stats["freeze_above"] = threshold
+        params = self._managed
+        saved_grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        losses, retain_losses, skipped = [], [], 0
+        try:
+            with opt.unlearning(moments=cfg.moments, **overrides):
+                for index in range(n_steps):
+                    # The optimizer maximises J = L(B_U) - retain_weight * R(B_R).
+                    objective, loss, retain = self._objective()
+                    finite = bool(torch.isfinite(objective.detach()))
+                    if finite:
+                        # inputs=: parameters other optimizers own get no gradient from J.
+                        torch.autograd.backward(objective, inputs=params)
+                        grads = [p.grad for p in params if p.grad is not None]
+                        finite = not grads or bool(torch.isfinite(torch.stack(
+                            torch._foreach_norm(grads, float("inf")))).all())
+                    if not finite:
+                        opt.zero_grad(set_to_none=True)
+                        what = (f"unlearning step {index + 1} of {n_steps} (learning step "
+                                f"{self.global_step}): objective {float(objective.detach()):g}, "
+                                "the objective or its gradient is not finite")
+                        if cfg.on_nonfinite == "raise":
+                            raise FloatingPointError(
+                                f"{what}; this step changed nothing. Lower LWFConfig.lr, prefer "
+                                "bf16 to fp16 autocast, or set on_nonfinite='skip'")
+                        logger.warning("%s; skipped", what)
+                        skipped += 1
+                        continue
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if loss is not None:
+                        losses.append(loss.detach())
+                    if retain is not None:
+                        retain_losses.append(retain.detach())
+        finally:
+            for p, g in zip(params, saved_grads):
+                p.grad = g
+        if losses:
+            values = torch.stack(losses).float().cpu()
+            stats.update(unlearn_loss=float(values.mean()), unlearn_loss_first=float(values[0]),
+                         unlearn_loss_last=float(values[-1]))
+        if retain_losses:
+            stats["retain_loss"] = float(torch.stack(retain_losses).float().mean())
+        stats["unlearn_steps"] = float(n_steps - skipped)
+        if skipped:
+            stats["nonfinite_skipped"] = float(skipped)
+        return stats
+
+    def interleaved_loss(self, loss: Tensor, num_samples: int) -> Tensor:
+        """The learning loss of one step with the interleaved unlearning term
+        (``config.interleave = k``): ``loss - interleave_weight * (m / n) * J`` where ``n =
+        num_samples`` learning samples make ``loss`` (token-averaged) and ``m`` forget samples,
+        one per ``k`` learning samples (fractions carried to the next step), make
+        ``J = L(B_U) - retain_weight * R(B_R)``: each forget sample enters with weight
+        ``-interleave_weight`` relative to a learning sample. Before ``warmup`` learning steps,
+        or while no forget sample is due, ``loss`` comes back unchanged. ``D_U`` is (re)scored on
+        the schedule's ``rescore_every``. Call it before ``backward``, then step the optimizer
+        and call :meth:`step` as usual."""
+        self._require_bound()
+        cfg = self.config
+        if cfg.interleave is None:
+            raise RuntimeError("interleaved_loss needs LWFConfig(interleave=k)")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"Invalid num_samples: {num_samples!r} (must be an int >= 1)")
+        if self.global_step < cfg.warmup:
+            return loss
+        self._interleave_carry += num_samples / cfg.interleave
+        count = int(self._interleave_carry)
+        if count == 0:
+            return loss
+        self._interleave_carry -= count
+        if self.selected is None or cfg.schedule.needs_rescore(self.global_step, self.last_scored):
+            stats = self.rescore()
+            self.history.append({"step": self.global_step,
+                                 **{f"lwf/{k}": v for k, v in stats.items()}})
+        if self.selected.numel() == 0:
+            return loss
+        objective, _, _ = self._objective(count)
+        return loss - cfg.interleave_weight * (count / num_samples) * objective
+
+    def _next_indices(self, size: Optional[int] = None) -> list[int]:
+        size = min(size or self.config.batch_size, self.selected.numel())
         out: list[int] = []
         while len(out) < size:
             if self._order is None or self._cursor >= self._order.numel():
@@ -431,75 +757,15 @@ class LearningWithForgetting:
             logits = logits_of(self.model(**model_inputs(batch)))
         return batch_nll(logits, labels_of(batch))
 
-    def unlearn(self, n_steps: int) -> dict[str, float]:
-        """Run ``n_steps`` unlearning steps (each maximising ``J = L(B_U) - retain_weight *
-        R(B_R)``, see the module doc); return statistics (``unlearn_loss*`` of the ascent term,
-        ``retain_loss`` of the retain term).
-
-        The params' existing ``.grad`` are set aside and restored, so the call is safe anywhere
-        between two optimizer steps.
-        """
-        self._require_bound()
-        cfg = self.config
-        opt = self.optimizer
-        if self.selected is None:
-            raise RuntimeError("nothing selected yet: call rescore() first")
-        stats: dict[str, float] = {}
-        if self.selected.numel() == 0 or n_steps == 0:
-            stats["unlearn_steps"] = 0.0
-            return stats
-        overrides: dict[str, Any] = {"lr": cfg.lr}
-        if cfg.fisher_scale > 0:
-            mean = opt.fisher_mean()
-            overrides["fisher_scale"] = cfg.fisher_scale / mean if mean > 0 else 0.0
-        if cfg.freeze_quantile is not None:
-            threshold = opt.fisher_quantile(cfg.freeze_quantile)
-            overrides["freeze_above"] = threshold
-            stats["freeze_above"] = threshold
-        params = [p for g in opt.param_groups for p in g["params"]]
-        saved_grads = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        retaining = self.retain_pool is not None and cfg.retain_weight > 0
-        losses, retain_losses = [], []
-        try:
-            with opt.unlearning(moments=cfg.moments, **overrides):
-                for _ in range(n_steps):
-                    # The optimizer maximises J = L(B_U) - retain_weight * R(B_R).
-                    objective = None
-                    if cfg.ascent:
-                        loss = self._loss(self._batch(self.samples, self._next_indices()))
-                        objective = loss
-                        losses.append(loss.detach())
-                    if retaining:
-                        retain = self._retain_term()
-                        objective = (-cfg.retain_weight * retain if objective is None
-                                     else objective - cfg.retain_weight * retain)
-                        retain_losses.append(retain.detach())
-                    objective.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-        finally:
-            for p, g in zip(params, saved_grads):
-                p.grad = g
-        if losses:
-            values = torch.stack(losses).float().cpu()
-            stats.update(unlearn_loss=float(values.mean()), unlearn_loss_first=float(values[0]),
-                         unlearn_loss_last=float(values[-1]))
-        if retain_losses:
-            stats["retain_loss"] = float(torch.stack(retain_losses).float().mean())
-        stats["unlearn_steps"] = float(n_steps)
-        return stats
-
     def _batch(self, samples: Sequence[Mapping[str, Any]], indices: Sequence[int]) -> dict:
         batch = collate([samples[i] for i in indices], self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _retain_term(self) -> Tensor:
+    def _retain_term(self, size: Optional[int] = None) -> Tensor:
         """``R(B_R)`` on a fresh random batch of the retain set: the token-averaged NLL, or the
         mean over response tokens of ``KL(p_start || p_theta)``."""
         pool = self.retain_pool
-        size = min(self.config.batch_size, pool.numel())
+        size = min(size or self.config.batch_size, pool.numel())
         picked = pool[torch.randperm(pool.numel(), generator=self.generator)[:size]].tolist()
         source = self.retain_samples if self.config.retain == "samples" else self.samples
         batch = self._batch(source, picked)
@@ -553,30 +819,45 @@ class LearningWithForgetting:
         return out
 
     def begin(self, total_steps: Optional[int] = None) -> Optional[dict[str, float]]:
-        """Call once before fine-tuning. In the ``early`` control it runs all the unlearning now:
-        as many steps as the periodic schedule would run in ``total_steps``."""
+        """Call once before fine-tuning: records ``theta_0`` (the paper's FC measures the
+        displacement from it) and, with ``total_steps``, warns when the schedule would never
+        unlearn in that many steps. In the ``early`` control it runs all the unlearning now: as
+        many steps as the periodic schedule would run in ``total_steps``."""
         self._require_bound()
         if self.began:
             return None
+        if total_steps is not None and (not isinstance(total_steps, int)
+                                        or isinstance(total_steps, bool) or total_steps < 0):
+            raise ValueError(f"Invalid total_steps: {total_steps!r} (must be an int >= 0)")
+        cfg = self.config
+        if cfg.early and total_steps is None:
+            raise ValueError("begin(total_steps) needs total_steps in the early variant")
+        periodic = UnlearningSchedule(every=cfg.every, steps=cfg.steps, warmup=cfg.warmup)
+        if total_steps is not None and periodic.phases(total_steps) == 0 and (
+                cfg.interleave is None or total_steps <= cfg.warmup):
+            warnings.warn(
+                f"LWF will never unlearn: the run has {total_steps} learning steps and the first "
+                f"unlearning comes after step {max(cfg.warmup, 1) if cfg.interleave else max(cfg.warmup, cfg.every)}"
+                f" (warmup={cfg.warmup}, every={cfg.every}); lower warmup/every or train longer",
+                UserWarning, stacklevel=2)
         self.began = True
-        if self.config.retain_loss == "kl" and self.config.retain is not None:
+        if self.global_step == 0:
+            self._record_start()
+        if cfg.retain_loss == "kl" and cfg.retain is not None:
             # A frozen copy: the KL retain loss keeps the retained answers' distributions where
             # they were when fine-tuning started (one more copy of the model in memory).
             self.start_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if not self.config.early:
+        if not cfg.early:
             return None
-        if total_steps is None:
-            raise ValueError("begin(total_steps) needs total_steps in the early variant")
-        n = UnlearningSchedule(every=self.config.every, steps=self.config.steps,
-                               warmup=self.config.warmup).total_unlearning_steps(total_steps)
-        return self._phase(n)
+        return self._phase(periodic.total_unlearning_steps(total_steps))
 
     def step(self) -> Optional[dict[str, float]]:
         """Call after every learning optimizer step. Returns the phase's statistics (keys
-        ``lwf/...``) when it unlearned, else ``None``."""
+        ``lwf/...``) when it unlearned, else ``None`` (always ``None`` with ``interleave``,
+        whose unlearning is in :meth:`interleaved_loss`)."""
         self._require_bound()
         self.global_step += 1
-        if not self.config.schedule.fires(self.global_step):
+        if self.config.interleave is not None or not self.config.schedule.fires(self.global_step):
             return None
         return self._phase(self.config.steps)
 
@@ -597,6 +878,8 @@ class LearningWithForgetting:
             "cursor": self._cursor,
             "generator": self.generator.get_state(),
             "began": self.began,
+            "start_weights": self.start_weights,
+            "interleave_carry": self._interleave_carry,
             "history": list(self.history),
             "samples": self._fingerprints(),
             "config": self.config.to_dict(),
@@ -631,4 +914,59 @@ class LearningWithForgetting:
         self._cursor = int(state["cursor"])
         self.generator.set_state(state["generator"])
         self.began = bool(state["began"])
+        start = state.get("start_weights")
+        if start is not None:
+            self.start_weights = [t.to(self.device) if self.model is not None else t
+                                  for t in start]
+        self._interleave_carry = float(state.get("interleave_carry", 0.0))
         self.history = list(state["history"])
+
+
+_DIRECTION_SCORES = ("loss_change", "fisher_alignment", "fisher_overlap")
+
+
+def _as_sample(sample: Any, index: int, where: str) -> dict[str, Tensor]:
+    """A sample as 1-D long tensors (a leading dimension of 1, as ``return_tensors="pt"`` gives,
+    is dropped), with ``labels`` (default: ``input_ids``)."""
+    if not isinstance(sample, Mapping) or "input_ids" not in sample:
+        raise TypeError(f"{where}[{index}] must be a dict with 'input_ids' (and 'labels'), got "
+                        f"{type(sample).__name__}")
+    out = {}
+    for key in ("input_ids", "labels"):
+        value = sample.get(key, out.get("input_ids"))
+        tensor = torch.as_tensor(value)
+        if tensor.dim() == 2 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.dim() != 1 or tensor.numel() == 0:
+            raise ValueError(f"{where}[{index}][{key!r}] must be a non-empty 1-D sequence of "
+                             f"token ids (or shaped (1, T)), got shape {tuple(tensor.shape)}")
+        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+            raise ValueError(f"{where}[{index}][{key!r}] must hold integer token ids, got "
+                             f"{tensor.dtype}")
+        out[key] = tensor.long()
+    if out["labels"].shape != out["input_ids"].shape:
+        raise ValueError(f"{where}[{index}]: labels has {out['labels'].numel()} entries, "
+                         f"input_ids {out['input_ids'].numel()}")
+    if not bool((out["labels"][1:] != IGNORE_INDEX).any()):
+        raise ValueError(f"{where}[{index}] has no label token after the first position: "
+                         "nothing to learn or unlearn")
+    return out
+
+
+def _check_fits(model: nn.Module, samples: Sequence[Mapping[str, Tensor]], where: str) -> None:
+    """Token ids within the model's vocabulary and lengths within its positions: a clear error
+    now instead of an ``IndexError`` deep in a forward pass later."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    for index, sample in enumerate(samples):
+        ids = sample["input_ids"]
+        if isinstance(positions, int) and ids.numel() > positions:
+            raise ValueError(f"{where}[{index}] has {ids.numel()} tokens, more than the model's "
+                             f"{positions} positions (max_position_embeddings): truncate it "
+                             "(encode_pairs(max_length=...)) or drop it")
+        if isinstance(vocab, int) and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise ValueError(f"{where}[{index}] holds token id {int(ids.max())} outside the "
+                             f"model's vocabulary of {vocab}: encoded with another tokenizer?")

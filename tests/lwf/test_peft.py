@@ -14,6 +14,7 @@ from transformers import TrainingArguments  # noqa: E402
 from fisherforget import FisherAdamW  # noqa: E402
 from fisherforget.fisher import IGNORE_INDEX  # noqa: E402
 from fisherforget.lwf import (  # noqa: E402
+    SCORE_METHODS,
     LearningWithForgetting,
     LWFConfig,
     LWFTrainer,
@@ -43,7 +44,8 @@ def adapter(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_scoring_and_unlearning_touch_the_adapter_only():
+@pytest.mark.parametrize("method", SCORE_METHODS)
+def test_scoring_and_unlearning_touch_the_adapter_only(method):
     model = lora_model()
     trainable = adapter(model)
     assert trainable and all("lora_" in n for n in trainable)
@@ -56,8 +58,8 @@ def test_scoring_and_unlearning_touch_the_adapter_only():
     samples = make_samples(6, seed=4)
     params = list(trainable.values())
     direction, fisher = optimizer_direction(opt, params), optimizer_fisher(opt, params)
-    scores = forgetting_confidence(model, batches_of(samples, 3), direction, fisher, eta=0.5,
-                                   method="vmap")
+    scores = forgetting_confidence(model, batches_of(samples, 3), fisher, direction=direction,
+                                   eta=0.5, method=method)
     # Brute force: each sample's gradient with respect to the adapter, one autograd call each.
     expected = []
     for sample in samples:
@@ -72,7 +74,7 @@ def test_scoring_and_unlearning_touch_the_adapter_only():
 
     lwf = LearningWithForgetting(model, opt, samples,
                                  LWFConfig(every=1, steps=3, fraction=0.5, lr=1e-2, batch_size=4,
-                                           score_method="vmap"))
+                                           score_method=method))
     before = {n: p.detach().clone() for n, p in trainable.items()}
     lwf.begin()
     stats = lwf.step()
