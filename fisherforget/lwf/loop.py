@@ -36,6 +36,7 @@ import dataclasses
 import logging
 import math
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -404,11 +405,12 @@ class LearningWithForgetting:
         managed = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if not any(id(p) in managed for p in model.parameters()):
             raise ValueError("the optimizer manages none of the model's parameters")
-        chosen = resolve_params(model, self.config.score_params)
-        unmanaged = [n for n, p in chosen.items() if id(p) not in managed]
-        if unmanaged and self.config.scores not in ("random",):
-            raise ValueError(f"score_params: these parameters are not managed by the optimizer: "
-                             f"{unmanaged[:5]}")
+        if self.config.score_params is not None:
+            chosen = resolve_params(model, self.config.score_params)
+            unmanaged = [n for n, p in chosen.items() if id(p) not in managed]
+            if unmanaged and self.config.scores != "random":
+                raise ValueError("score_params: these parameters are not managed by the "
+                                 f"optimizer: {unmanaged[:5]}")
         _check_fits(model, self.samples, "forget_samples")
         if self.retain_samples is not None:
             _check_fits(model, self.retain_samples, "retain_samples")
@@ -420,8 +422,16 @@ class LearningWithForgetting:
     def _record_start(self) -> None:
         """``theta_0``: a copy of the scored params (only when a scorer needs it)."""
         if self.config.scores in ("fc", "reversed"):
-            chosen = resolve_params(self.model, self.config.score_params)
-            self.start_weights = [p.detach().clone() for p in chosen.values()]
+            self.start_weights = [p.detach().clone() for p in self._scored().values()]
+
+    def _scored(self) -> "OrderedDict[str, Tensor]":
+        """The scored params: ``score_params``, by default every trainable param the optimizer
+        manages (another optimizer's params have no Fisher here)."""
+        spec = self.config.score_params
+        if spec is None:
+            managed = {id(p) for p in self._managed}
+            spec = lambda name, p: id(p) in managed  # noqa: E731
+        return resolve_params(self.model, spec)
 
     def _require_bound(self) -> None:
         if self.model is None or self.optimizer is None:
@@ -458,8 +468,7 @@ class LearningWithForgetting:
         self._require_bound()
         cfg = self.config
         model = self.model
-        chosen = resolve_params(model, cfg.score_params)
-        params = list(chosen.values())
+        params = list(self._scored().values())
         paper = cfg.scores in ("fc", "reversed")
         samples = self.samples
         if cfg.split_scoring:
