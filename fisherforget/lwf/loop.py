@@ -590,6 +590,11 @@ class LearningWithForgetting:
             raise FloatingPointError(
                 f"every {cfg.scores!r} score of D_self is {float(ranking[0])}: the learning "
                 "task's Fisher or displacement is not finite (diverged fine-tuning?)")
+        if cfg.scores != "random" and bool((ranking == 0).all()):
+            warnings.warn(
+                f"every {cfg.scores!r} score of D_self is 0 (before any learning step the Fisher "
+                "and the displacement are zero): the selection is arbitrary; score after "
+                "warmup steps or set pilot_steps", UserWarning, stacklevel=2)
         # positive_only keeps samples scored > 0 by fc / loss_change, whose sign means something.
         selected = select(ranking, cfg.fraction,
                           positive_only=cfg.positive_only and cfg.scores in ("fc", "loss_change"))
