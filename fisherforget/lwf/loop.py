@@ -149,7 +149,7 @@ class LWFConfig:
     direction: str = "optimizer"
     fisher_source: str = "optimizer"
     score_params: ParamSpec = None
-    score_method: str = "loop"  # TEMP until sample_terms lands
+    score_method: str = "layers"
     score_batches: int = 8
     score_batch_size: Optional[int] = None
     lr: float = 1e-4

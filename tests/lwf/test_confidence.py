@@ -250,9 +250,11 @@ def test_first_order_term_is_the_directional_derivative():
             logits = model64(input_ids=ids).logits[0, :-1]
             return F.cross_entropy(logits, sample[0]["labels"][1:], ignore_index=IGNORE_INDEX)
 
-    h = 1e-6
+    # h = 1e-4: the rotary embedding computes in fp32 even in a float64 model, so a smaller step
+    # drowns in its rounding; the central difference's own error is O(h^2).
+    h = 1e-4
     derivative = (loss_at(h) - loss_at(-h)) / (2 * h)
-    torch.testing.assert_close(scores.terms["direction"][0], derivative, rtol=2e-4, atol=1e-9)
+    torch.testing.assert_close(scores.terms["direction"][0], derivative, rtol=1e-3, atol=1e-9)
 
 
 def score_backends():
