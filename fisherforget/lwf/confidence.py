@@ -56,6 +56,7 @@ from fisherforget.fisher import (
     resolve_params,
     stacked_sample_gradients,
 )
+from fisherforget.lwf.sample_terms import Lazy, per_sample_terms
 
 __all__ = [
     "ForgettingScores",
@@ -250,30 +251,49 @@ def mean_gradient(
 
 @contextlib.contextmanager
 def swapped_weights(params: Sequence[Tensor], values: Sequence[Tensor]) -> Iterator[None]:
-    """Inside the block ``params[i]`` hold ``values[i]`` (copied in); their own values come back
-    on exit, also on error. Used to take ``g_x`` at ``theta_0``. Costs one copy of the params."""
+    """Inside the block ``params[i]`` hold ``values[i]``; their own values come back on exit,
+    also on error. Used to take ``g_x`` at ``theta_0``. A value of the param's dtype and device
+    is swapped in without a copy (the param's storage is exchanged, so nothing may write to the
+    params inside the block); other values, and sharded (DTensor) params, are copied in and out
+    (one copy of the params)."""
+    from fisherforget.distributed import is_dtensor
+
     params, values = list(params), list(values)
     if len(params) != len(values):
         raise ValueError(f"swapped_weights: {len(values)} values for {len(params)} params")
     for i, (p, v) in enumerate(zip(params, values)):
-        if v.shape != p.shape:
-            raise ValueError(f"swapped_weights: values[{i}] is shaped {tuple(v.shape)}, the param "
-                             f"{tuple(p.shape)}")
+        if not isinstance(v, Tensor) or v.shape != p.shape:
+            raise ValueError(f"swapped_weights: values[{i}] is shaped "
+                             f"{tuple(getattr(v, 'shape', ()))}, the param {tuple(p.shape)}")
+    exchange = [not is_dtensor(p) and v.dtype == p.dtype and v.device == p.device
+                and not is_dtensor(v) for p, v in zip(params, values)]
+    saved = []
     with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
+        for p, v, swap in zip(params, values, exchange):
+            saved.append(p.data if swap else p.detach().clone())
     try:
         with torch.no_grad():
-            for p, v in zip(params, values):
-                p.copy_(v)
+            for p, v, swap in zip(params, values, exchange):
+                if swap:
+                    p.data = v
+                else:
+                    p.copy_(v)
         yield
     finally:
         with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+            for p, s, swap in zip(params, saved, exchange):
+                if swap:
+                    p.data = s
+                else:
+                    p.copy_(s)
 
 
 def _aligned(values: Tensors, names: Sequence[str], params: Sequence[Tensor],
-             what: str) -> list[Tensor]:
+             what: str) -> Sequence[Tensor]:
+    if isinstance(values, Lazy):  # checked when each item is made
+        if len(values) != len(names):
+            raise ValueError(f"{what} has {len(values)} tensors for {len(names)} params")
+        return values
     if isinstance(values, Mapping):
         missing = [n for n in names if n not in values]
         if missing:
@@ -362,9 +382,17 @@ def forgetting_confidence(
     linear: dict[str, list[Tensor]] = {}
     if delta is not None:
         deltas = _aligned(delta, names, tensors, "delta")
-        linear["displacement"] = [f.to(torch.float32) * d.to(torch.float32)
-                                  if f.dtype != torch.float64 else f * d.to(f.dtype)
-                                  for d, f in zip(deltas, fishers)]
+
+        def weighted(j: int) -> Tensor:  # F_L * Delta of one param, made when the param is reduced
+            f = fishers[j]
+            dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
+            product = deltas[j].to(dtype)
+            if product is deltas[j] and not isinstance(deltas, Lazy):
+                product = product.clone()  # the caller's Delta stays as it was
+            return product.mul_(f)
+
+        displacement = Lazy(weighted, len(names))
+        linear["displacement"] = displacement if method == "layers" else list(displacement)
     if direction is not None:
         directions = _aligned(direction, names, tensors, "direction")
         linear["direction"] = directions
@@ -399,8 +427,6 @@ def _batch_terms(model: nn.Module, batch: Mapping[str, Tensor], chosen: Mapping[
     ``linear``, then ``sum_i w[i] g_x[i]^2`` for every weight list of ``quadratic`` (``None``:
     ones), of each row ``x`` of ``batch``."""
     if method == "layers":
-        from fisherforget.lwf.sample_terms import per_sample_terms
-
         return per_sample_terms(model, batch, chosen, linear=list(linear.values()),
                                 quadratic=list(quadratic.values()))
     if method == "vmap":

@@ -67,6 +67,7 @@ from fisherforget.lwf.confidence import (
     optimizer_fisher,
     swapped_weights,
 )
+from fisherforget.lwf.sample_terms import Lazy
 from fisherforget.lwf.schedule import UnlearningSchedule, select
 from fisherforget.lwf.self_knowledge import batches_of, collate, fingerprint
 
@@ -486,8 +487,10 @@ class LearningWithForgetting:
                     raise RuntimeError("the paper's FC needs theta_0: bind the model before "
                                        "fine-tuning, or call begin() first")
                 target, fisher = self._learning_optimum(params)
-                delta = [t.to(torch.float32) - s.to(torch.float32)
-                         for t, s in zip(target, self.start_weights)]
+                start = self.start_weights
+                # Delta = theta*_L - theta_0, one param at a time when it is reduced.
+                delta = Lazy(lambda j: target[j].to(torch.float32) - start[j].to(torch.float32),
+                             len(params))
                 alpha = cfg.alpha if cfg.alpha is not None else self._learning_lr()
                 at_start = (swapped_weights(params, self.start_weights) if cfg.fc_at == "start"
                             else contextlib.nullcontext())

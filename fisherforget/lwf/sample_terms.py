@@ -34,11 +34,30 @@ from torch import Tensor, nn
 
 from fisherforget.fisher import _check_batch, labels_of, logits_of, model_inputs, sequence_nll
 
-__all__ = ["per_sample_terms"]
+__all__ = ["per_sample_terms", "Lazy"]
 
-# Per-sample gradient elements formed at once (a chunk of samples of one parameter; its square
-# doubles it): 2^26 fp32 elements = 256 MiB.
-MAX_ELEMENTS = 1 << 26
+# Per-sample gradient elements formed at once (a block of rows of one parameter for every sample,
+# squared in place): 2^20 fp32 elements = 4 MiB, about what stays in the last-level cache.
+MAX_ELEMENTS = 1 << 20
+
+
+class Lazy(Sequence):
+    """A per-parameter sequence whose item ``j`` is ``make(j)``, made when read: a vector like
+    ``F_L * (theta*_L - theta_0)`` then costs one parameter's worth of memory at a time, not a
+    copy of the model."""
+
+    def __init__(self, make, length: int):
+        self.make, self.length = make, length
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self.make(i) for i in range(self.length)[j]]
+        if not -self.length <= j < self.length:
+            raise IndexError(j)
+        return self.make(j % self.length)
+
+    def __len__(self) -> int:
+        return self.length
 
 
 @dataclass
@@ -166,7 +185,12 @@ def per_sample_terms(
     return total
 
 
-def _aligned_list(values: Sequence[Tensor], tensors: Sequence[Tensor], what: str) -> list[Tensor]:
+def _aligned_list(values: Sequence[Tensor], tensors: Sequence[Tensor],
+                  what: str) -> Sequence[Tensor]:
+    if isinstance(values, Lazy):  # made (and checked) one param at a time
+        if len(values) != len(tensors):
+            raise ValueError(f"{what} has {len(values)} tensors for {len(tensors)} params")
+        return values
     values = list(values)
     if len(values) != len(tensors):
         raise ValueError(f"{what} has {len(values)} tensors for {len(tensors)} params")
@@ -214,31 +238,35 @@ def _check_coverage(loss: Tensor, tensors: Sequence[Tensor], uses: Sequence[_Use
                 "outside them (e.g. F.linear(h, weight) in a parent module); use method='loop'")
 
 
-def _rows(batch_size: int, start: int, stop: int, x: Tensor) -> Tensor:
-    """``x[start:stop]`` as ``(c, tokens, features)`` fp32 (fp64 stays fp64)."""
-    x = x[start:stop]
+def _flat(x: Tensor) -> Tensor:
+    """``(rows, tokens, features)`` in fp32 (fp64 stays fp64)."""
     x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1, 1)
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _dense_chunk(use: _Use, name: str, p: Tensor, start: int, stop: int,
-                 batch_size: int) -> Tensor:
-    """The per-sample gradients ``(c, *p.shape)`` of ``p`` from one call of its module, for
-    samples ``start:stop``."""
-    dy = _rows(batch_size, start, stop, use.grad_output)
-    if use.kind in ("linear", "conv1d"):
-        if name == "bias":
-            return dy.sum(dim=1).reshape(dy.shape[0], *p.shape)
-        x = _rows(batch_size, start, stop, use.inputs[0])
-        if use.kind == "linear":
-            return torch.bmm(dy.transpose(1, 2), x)  # (c, out, in)
-        return torch.bmm(x.transpose(1, 2), dy)  # Conv1D: (c, in, out)
-    return _generic_chunk(use, name, start, stop)
+def _sparse_rows(use: _Use) -> tuple[Tensor, Tensor, Tensor]:
+    """An embedding call's per-sample gradient as ``(sample, row, values)``: one entry per
+    distinct (sample, token id), ``dy`` summed over the sample's repeats of the id;
+    ``padding_idx`` gets none."""
+    module = use.module
+    ids = use.inputs[0]
+    dy = _flat(use.grad_output)
+    vocab = module.num_embeddings
+    sample = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(ids)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    if module.padding_idx is not None:
+        keep = ids != module.padding_idx
+    keys = (sample * vocab + ids)[keep]
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    values = torch.zeros(unique.numel(), dy.shape[-1], dtype=dy.dtype, device=dy.device)
+    values.index_add_(0, inverse, dy.reshape(-1, dy.shape[-1])[keep.reshape(-1)])
+    return unique // vocab, unique % vocab, values
 
 
-def _generic_chunk(use: _Use, name: str, start: int, stop: int) -> Tensor:
-    """Per-sample gradients of one parameter of any module whose rows are independent: the
-    module's own forward, one row at a time under ``vmap``, pulled back by ``vjp``."""
+def _generic_grads(use: _Use, name: str) -> Tensor:
+    """Per-sample gradients ``(B, *shape)`` of one parameter of any module whose rows are
+    independent: the module's own forward, one row at a time under ``vmap``, pulled back by
+    ``vjp``."""
     from torch.func import functional_call, vjp, vmap
 
     module = use.module
@@ -252,7 +280,7 @@ def _generic_chunk(use: _Use, name: str, start: int, stop: int) -> Tensor:
     keys = list(use.kwargs)
     values = args + [use.kwargs[k] for k in keys]
     batched = [per_row(v) for v in values]
-    tensor_args = [v[start:stop] for v, b in zip(values, batched) if b]
+    tensor_args = [v for v, b in zip(values, batched) if b]
 
     def one_row(dy_row: Tensor, *rows: Tensor) -> Tensor:
         row_iter = iter(rows)
@@ -265,76 +293,150 @@ def _generic_chunk(use: _Use, name: str, start: int, stop: int) -> Tensor:
         output, pullback = vjp(forward, own[name])
         return pullback(dy_row.unsqueeze(0).to(output.dtype))[0]
 
-    dy = use.grad_output[start:stop]
-    grads = vmap(one_row)(dy, *tensor_args)
+    grads = vmap(one_row)(use.grad_output, *tensor_args)
     return grads if grads.dtype == torch.float64 else grads.float()
 
 
-def _sparse_rows(use: _Use, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
-    """An embedding call's per-sample gradient on samples ``start:stop`` as
-    ``(sample, row, values)``: one entry per distinct (sample, token id), ``dy`` summed over the
-    sample's repeats of the id; ``padding_idx`` gets none."""
-    module = use.module
-    ids = use.inputs[0][start:stop]
-    dy = _rows(0, start, stop, use.grad_output)
-    vocab = module.num_embeddings
-    sample = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(ids)
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    if module.padding_idx is not None:
-        keep = ids != module.padding_idx
-    keys = (sample * vocab + ids)[keep]
-    unique, inverse = torch.unique(keys, return_inverse=True)
-    values = torch.zeros(unique.numel(), dy.shape[-1], dtype=dy.dtype, device=dy.device)
-    values.index_add_(0, inverse, dy.reshape(-1, dy.shape[-1])[keep.reshape(-1)])
-    return unique // vocab, unique % vocab, values
+def _dense_grads(use: _Use, name: str, p: Tensor, lo: int = 0,
+                 hi: Optional[int] = None) -> Tensor:
+    """Per-sample gradients ``(B, hi - lo, *p.shape[1:])`` of rows ``lo:hi`` of ``p`` (all rows by
+    default) from one call of its module."""
+    if use.kind == "generic":
+        return _generic_grads(use, name)[:, lo:hi]
+    dy = _flat(use.grad_output)
+    if name == "bias":
+        return dy.sum(dim=1)[:, lo:hi]
+    x = _flat(use.inputs[0])
+    if use.kind == "linear":  # weight (out, in): G = dy^T x
+        return torch.bmm(dy[:, :, lo:hi].transpose(1, 2), x)
+    return torch.bmm(x[:, :, lo:hi].transpose(1, 2), dy)  # Conv1D weight (in, out): G = x^T dy
 
 
-def _columns(flat: Tensor, vectors: Sequence[Tensor],
-             weights: Sequence[Optional[Tensor]]) -> Tensor:
-    """``(c, k + q)`` float64 of ``(c, n)`` per-sample gradients: ``flat @ v`` for every vector,
-    ``(flat * flat) @ w`` for every weight (``None``: the plain sum of squares). One column at a
-    time, so nothing the size of the param is stacked."""
-    columns = [flat @ v for v in vectors]
-    if weights:
-        square = flat * flat
-        columns += [square.sum(dim=1) if w is None else square @ w for w in weights]
-    return torch.stack(columns, dim=1).to(torch.float64)
+def _linear_terms(use: _Use, name: str, vectors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``(B, k)`` float64: ``<v, g_x>`` of this call's share of the gradient, without forming it:
+    ``<V, dy^T x> = sum_t dy_t . (V x_t)``, one matrix product over the whole batch; products in
+    the param's precision, sums over tokens and features in float64 (these sums cancel)."""
+    dy = _flat(use.grad_output).to(dtype)
+    if use.kind == "embedding":
+        sample, row, values = _sparse_rows(use)
+        values = values.to(dtype)
+        out = torch.zeros(dy.shape[0], len(vectors), dtype=torch.float64, device=dy.device)
+        columns = [(values * v.view(-1, values.shape[1])[row]).double().sum(dim=1)
+                   for v in vectors]
+        return out.index_add_(0, sample, torch.stack(columns, dim=1))
+    if name == "bias":
+        mapped = [dy for _ in vectors]
+        shaped = [v.view(1, 1, -1) for v in vectors]
+        return torch.stack([(m * v).double().sum(dim=(1, 2)) for m, v in zip(mapped, shaped)],
+                           dim=1)
+    x = _flat(use.inputs[0]).to(dtype)
+    columns = []
+    for v in vectors:
+        # Linear: y = x W^T, so <V, G> = sum dy * (x V^T); Conv1D: y = x W, <V, G> = sum dy * (x V).
+        mapped = x @ (v.T if use.kind == "linear" else v)
+        columns.append((mapped * dy).double().sum(dim=(1, 2)))
+    return torch.stack(columns, dim=1)
+
+
+def _checked(value: Tensor, p: Tensor, what: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.shape != p.shape:
+        raise ValueError(f"a {what} vector is not a tensor shaped like its param {tuple(p.shape)}")
+    return value
 
 
 def _reduce_param(total: Tensor, j: int, p: Tensor, uses: Sequence[_Use],
                   linear: Sequence[Sequence[Tensor]],
                   quadratic: Sequence[Optional[Sequence[Tensor]]], batch_size: int,
                   max_elements: int) -> None:
-    """Add parameter ``j``'s columns to ``total``, chunk of samples by chunk of samples."""
+    """Add parameter ``j``'s columns to ``total`` (linear terms first, then quadratic)."""
     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-    n = p.numel()
-    vectors = [v[j].reshape(-1).to(device=p.device, dtype=dtype) for v in linear]
-    weights = [None if w is None else w[j].reshape(-1).to(device=p.device, dtype=dtype)
+    vectors = [_checked(v[j], p, "linear").to(device=p.device, dtype=dtype) for v in linear]
+    weights = [None if w is None else _checked(w[j], p, "quadratic").to(device=p.device,
+                                                                        dtype=dtype)
                for w in quadratic]
+    k = len(vectors)
+    if any(u.kind == "generic" for u in uses) or p.dim() <= 1:
+        # Small or opaque: the whole per-sample gradient, every use summed.
+        grad = None
+        for use in uses:
+            if use.kind == "embedding":
+                part = torch.zeros(batch_size, *p.shape, dtype=dtype, device=p.device)
+                sample, row, values = _sparse_rows(use)
+                part.index_put_((sample, row), values.to(dtype), accumulate=True)
+            else:
+                part = _dense_grads(use, use.names[j], p).to(dtype)
+            grad = part if grad is None else grad + part
+        flat = grad.reshape(batch_size, -1)
+        columns = [(flat * v.reshape(1, -1)).double().sum(dim=1) for v in vectors]
+        square = flat * flat
+        columns += [square.sum(dim=1).double() if w is None else (square @ w.reshape(-1)).double()
+                    for w in weights]
+        total += torch.stack(columns, dim=1)
+        return
     dense = [u for u in uses if u.kind != "embedding"]
-    sparse = [u for u in uses if u.kind == "embedding"]
+    if not weights or not dense:
+        # Linear terms are additive over uses: each from its inputs and output gradients,
+        # without forming the per-sample gradient.
+        for use in uses if vectors else []:
+            total[:, :k] += _linear_terms(use, use.names[j], vectors, dtype)
+        if not weights:
+            return
+    sparse = [_sparse_rows(u) for u in uses if u.kind == "embedding"]
     if not dense and len(sparse) == 1:
-        # An embedding alone: reduce the rows the samples touch, never a dense (V, d) block.
-        sample, row, values = _sparse_rows(sparse[0], 0, batch_size)
+        # An embedding alone: the rows the samples touch, never a dense (V, d) block.
+        sample, row, values = sparse[0]
         values = values.to(dtype)
         width = values.shape[1]
-        columns = [(values * v.view(-1, width)[row]).sum(dim=1) for v in vectors]
-        columns += [(values * values * (1 if w is None else w.view(-1, width)[row])).sum(dim=1)
-                    for w in weights]
-        total.index_add_(0, sample.to(total.device),
-                         torch.stack(columns, dim=1).to(torch.float64).to(total.device))
+        square = values * values
+        columns = [square.sum(dim=1) if w is None else (square * w.view(-1, width)[row]).sum(1)
+                   for w in weights]
+        total[:, k:].index_add_(0, sample, torch.stack(columns, dim=1).double())
         return
-    step = max(1, min(batch_size, max_elements // max(n, 1)))
-    for start in range(0, batch_size, step):
-        stop = min(batch_size, start + step)
-        grad = None
-        for use in dense:
-            part = _dense_chunk(use, use.names[j], p, start, stop, batch_size)
-            grad = part if grad is None else grad + part
-        if grad is None:
-            grad = torch.zeros(stop - start, *p.shape, dtype=dtype, device=p.device)
-        grad = grad.to(dtype).reshape(stop - start, *p.shape)
-        for use in sparse:  # tied with an embedding: add its rows before anything is squared
-            sample, row, values = _sparse_rows(use, start, stop)
-            grad.index_put_((sample, row), values.to(dtype), accumulate=True)
-        total[start:stop] += _columns(grad.reshape(stop - start, -1), vectors, weights)
+    # Quadratic terms need the per-sample gradient itself (the sum of every use, tied weights
+    # included): formed a block of rows at a time, small enough to stay in cache, and reduced
+    # at once.
+    if sparse:
+        sample = torch.cat([e[0] for e in sparse])
+        row = torch.cat([e[1] for e in sparse])
+        values = torch.cat([e[2] for e in sparse]).to(dtype)
+        order = torch.argsort(row, stable=True)
+        sample, row, values = sample[order], row[order], values[order]
+    rows = p.shape[0]
+    row_size = p.numel() // rows
+    step = max(1, min(rows, max_elements // (batch_size * row_size)))
+    flat_weights = [None if w is None else w.reshape(rows, -1) for w in weights]
+    flat_vectors = [v.reshape(rows, -1) for v in vectors]
+    acc = torch.zeros(batch_size, k + len(weights), dtype=torch.float64, device=p.device)
+    # One buffer for every block (no allocation per block); the row-major operands of each
+    # use's product made once: G[rows] = dy^T[rows] x (Linear) or x^T[rows] dy (Conv1D).
+    workspace = torch.empty(batch_size * step * row_size, dtype=dtype, device=p.device)
+    operands = []
+    for use in dense:
+        dy, x = _flat(use.grad_output).to(dtype), _flat(use.inputs[0]).to(dtype)
+        operands.append((dy.transpose(1, 2).contiguous(), x) if use.kind == "linear"
+                        else (x.transpose(1, 2).contiguous(), dy))
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        block = workspace[:batch_size * (hi - lo) * row_size].view(batch_size, hi - lo, row_size)
+        if not operands:
+            block.zero_()
+        for i, (left, right) in enumerate(operands):
+            if i == 0:
+                torch.bmm(left[:, lo:hi], right, out=block)
+            else:
+                block.baddbmm_(left[:, lo:hi], right)
+        if sparse:
+            first, last = torch.searchsorted(row, torch.tensor([lo, hi], device=row.device))
+            if last > first:
+                block.index_put_((sample[first:last], row[first:last] - lo),
+                                 values[first:last], accumulate=True)
+        flat = block.reshape(batch_size, -1)
+        for i, v in enumerate(flat_vectors):
+            # A block's dot product in fp32 (a cache-sized sum), the blocks summed in float64.
+            acc[:, i] += (flat @ v[lo:hi].reshape(-1)).double()
+        square = flat.square_()
+        for q, w in enumerate(flat_weights):
+            # Squares are non-negative: an fp32 sum loses nothing to cancellation.
+            acc[:, k + q] += (square.sum(dim=1) if w is None
+                              else square @ w[lo:hi].reshape(-1)).double()
+    total += acc
