@@ -37,6 +37,8 @@ from fisherforget.lwf.self_knowledge import (
     encode_pairs,
     fingerprint,
     generate_self_knowledge,
+    normalized_match,
+    pad_id_of,
 )
 
 __all__ = [
@@ -45,7 +47,8 @@ __all__ = [
     "forgetting_confidence", "mean_gradient",
     "optimizer_direction", "optimizer_fisher", "score_terms", "LearningWithForgetting",
     "LWFConfig", "UnlearningSchedule", "select", "batches_of", "collate", "encode_pairs",
-    "fingerprint", "generate_self_knowledge", "LWFCallback", "LWFTrainer",
+    "fingerprint", "generate_self_knowledge", "normalized_match", "pad_id_of", "LWFCallback",
+    "LWFTrainer",
 ]
 
 

@@ -74,13 +74,24 @@ class UnlearningSchedule:
 def select(scores: Tensor, fraction: float, *, positive_only: bool = False) -> Tensor:
     """Indices of the top ``fraction`` of ``scores`` (at least one sample), highest first; ties
     keep the lower index first. ``positive_only`` keeps only samples with a score > 0 (possibly
-    none: an empty index tensor)."""
-    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+    none: an empty index tensor).
+
+    A NaN score (an overflow, a NaN direction) ranks below every number, ``-inf`` included, so
+    it is never chosen ahead of a real score (and never with ``positive_only``); ``+inf`` ranks
+    first. All-NaN scores are an error: they cannot rank anything."""
+    if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+            or not 0 < fraction <= 1):
         raise ValueError(f"Invalid fraction: {fraction!r} (must be in (0, 1])")
-    if scores.dim() != 1 or scores.numel() == 0:
+    if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.numel() == 0:
         raise ValueError("select: scores must be a non-empty 1-D tensor")
+    nan = torch.isnan(scores)
+    if bool(nan.all()):
+        raise ValueError(f"select: all {scores.numel()} scores are NaN (the scoring diverged); "
+                         "nothing can be ranked")
     count = max(1, int(round(fraction * scores.numel())))
-    order = torch.sort(scores, descending=True, stable=True).indices[:count]
+    # Sort the numbers (stable, highest first), then append the NaNs in index order.
+    order = torch.sort(scores.masked_fill(nan, 0.0), descending=True, stable=True).indices
+    order = torch.cat([order[~nan[order]], torch.nonzero(nan).flatten()])[:count]
     if positive_only:
         order = order[scores[order] > 0]
     return order

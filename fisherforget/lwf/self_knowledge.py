@@ -9,14 +9,16 @@ response; :func:`collate` pads samples into a batch.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, Mapping, Optional, Sequence
+import string
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from fisherforget.fisher import IGNORE_INDEX
 
-__all__ = ["generate_self_knowledge", "encode_pairs", "collate", "batches_of", "fingerprint"]
+__all__ = ["generate_self_knowledge", "encode_pairs", "collate", "batches_of", "fingerprint",
+           "pad_id_of", "normalized_match"]
 
 
 def _format_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> str:
@@ -29,6 +31,44 @@ def _format_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> str:
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS token (GPT-2's and Llama 3's
+    tokenizers ship without a pad token); an error when it has neither."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, (list, tuple)):  # several EOS ids: any of them pads
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer has neither a pad nor an EOS token: pass a pad id")
+
+
+def normalized_match(response: str, reference: str) -> bool:
+    """The default judge of :func:`generate_self_knowledge`'s ``references``: the reference,
+    casefolded with whitespace collapsed and surrounding punctuation stripped, occurs in the
+    response normalised the same way."""
+    def norm(text: str) -> str:
+        return " ".join(text.casefold().split()).strip(string.punctuation + " ")
+
+    wanted = norm(reference)
+    return bool(wanted) and wanted in norm(response)
+
+
+def _left_padded(tokenizer: Any, texts: Sequence[str], pad_id: int, add_special_tokens: bool,
+                 device: torch.device) -> dict[str, Tensor]:
+    """Token ids of ``texts`` left-padded with ``pad_id`` and their attention mask, without
+    asking the tokenizer to pad (a tokenizer without a pad token refuses)."""
+    rows = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def generate_self_knowledge(
@@ -47,6 +87,9 @@ def generate_self_knowledge(
     chat_template: bool = False,
     progress: bool = True,
     generation_kwargs: Optional[Mapping[str, Any]] = None,
+    references: Optional[Sequence[str]] = None,
+    judge: Optional[Callable[[str, str], bool]] = None,
+    keep: str = "wrong",
 ) -> list[dict[str, Any]]:
     """Answer every prompt with the model itself; return the prompt/response pairs (``D_self``).
 
@@ -55,6 +98,15 @@ def generate_self_knowledge(
     seeded with ``seed`` inside ``torch.random.fork_rng``, so the caller's RNG state is unchanged
     and the same call gives the same pairs. ``chat_template=True`` wraps each prompt in the
     tokenizer's chat template as a user turn.
+
+    A tokenizer without a pad token (GPT-2's, Llama 3's) works: prompts are padded with its EOS
+    id here, and the tokenizer is not changed.
+
+    ``references`` (one reference answer per prompt, when the forgetting task has them) restricts
+    ``D_self`` to the model's *wrong* answers, as in the authors' earlier experiments: each
+    response is judged by ``judge(response, reference)`` (default :func:`normalized_match`) and
+    only the wrong ones are returned (``keep="all"`` returns every pair); the pairs then carry
+    ``reference`` and ``correct``.
 
     Returns one dict per (prompt, sample): ``prompt`` (the text as given), ``response`` (decoded,
     special tokens skipped), ``prompt_ids`` and ``response_ids`` (the exact token ids, the
@@ -70,12 +122,21 @@ def generate_self_knowledge(
             raise ValueError(f"Invalid {name}: {value!r} (must be an int >= 1)")
     if do_sample and not temperature > 0:
         raise ValueError(f"Invalid temperature: {temperature!r} (must be > 0 when sampling)")
-    pad_id = tokenizer.pad_token_id
+    if references is not None:
+        if isinstance(references, str) or not isinstance(references, Sequence):
+            raise TypeError("references must be a sequence of strings aligned with prompts")
+        if len(references) != len(prompts):
+            raise ValueError(f"references has {len(references)} entries for {len(prompts)} "
+                             "prompts: give one reference answer per prompt")
+        if any(not isinstance(r, str) for r in references):
+            raise TypeError("references must all be strings")
+    if keep not in ("wrong", "all"):
+        raise ValueError(f"Invalid keep: {keep!r} (must be 'wrong' or 'all')")
+    if judge is not None and not callable(judge):
+        raise TypeError("judge must be a callable (response, reference) -> bool")
+    judge = judge or normalized_match
+    pad_id = pad_id_of(tokenizer)
     eos_id = tokenizer.eos_token_id
-    if pad_id is None:
-        pad_id = eos_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token")
     device = _model_device(model)
     texts = [_format_prompt(tokenizer, p, chat_template) for p in prompts]
     kwargs: dict[str, Any] = dict(
@@ -95,18 +156,14 @@ def generate_self_knowledge(
         starts = tqdm(starts, desc="self-knowledge", total=len(starts), leave=False)
     devices = [device] if device.type == "cuda" else []
     was_training = model.training
-    old_side = getattr(tokenizer, "padding_side", "right")
     pairs: list[dict[str, Any]] = []
     model.eval()
     try:
-        tokenizer.padding_side = "left"
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
             for start in starts:
                 chunk = texts[start : start + batch_size]
-                enc = tokenizer(chunk, return_tensors="pt", padding=True,
-                                add_special_tokens=not chat_template)
-                enc = {k: v.to(device) for k, v in enc.items()}
+                enc = _left_padded(tokenizer, chunk, pad_id, not chat_template, device)
                 out = model.generate(**enc, **kwargs)
                 width = enc["input_ids"].shape[1]
                 for row in range(out.shape[0]):
@@ -114,15 +171,20 @@ def generate_self_knowledge(
                     prompt_mask = enc["attention_mask"][source].bool()
                     prompt_ids = enc["input_ids"][source][prompt_mask].tolist()
                     response_ids = _trim(out[row, width:].tolist(), eos_id, pad_id)
-                    pairs.append({
+                    pair = {
                         "prompt": prompts[start + source],
                         "response": tokenizer.decode(response_ids, skip_special_tokens=True),
                         "prompt_ids": prompt_ids,
                         "response_ids": response_ids,
-                    })
+                    }
+                    if references is not None:
+                        pair["reference"] = references[start + source]
+                        pair["correct"] = bool(judge(pair["response"], pair["reference"]))
+                    pairs.append(pair)
     finally:
-        tokenizer.padding_side = old_side
         model.train(was_training)
+    if references is not None and keep == "wrong":
+        pairs = [p for p in pairs if not p["correct"]]
     return pairs
 
 
@@ -143,7 +205,7 @@ def encode_pairs(
     chat_template: bool = False,
     add_eos: bool = True,
 ) -> list[dict[str, Tensor]]:
-    """Encode prompt/response pairs as causal-LM samples: ``input_ids = prompt + response`` and
+    """Encode prompt/response pairs (dicts, or ``(prompt, response)`` tuples) as causal-LM samples: ``input_ids = prompt + response`` and
     ``labels`` equal to ``input_ids`` on the response and -100 on the prompt (the loss, and every
     gradient LWF takes, covers the response only).
 
@@ -154,8 +216,17 @@ def encode_pairs(
     truncates the response (never the prompt; a prompt that alone is too long is an error).
     """
     eos_id = tokenizer.eos_token_id
+    if isinstance(pairs, (str, Mapping)):
+        raise TypeError("pairs must be an iterable of pairs (dicts or (prompt, response) tuples)")
     samples = []
     for index, pair in enumerate(pairs):
+        if isinstance(pair, (tuple, list)):
+            if len(pair) != 2:
+                raise ValueError(f"pair {index} must be (prompt, response), got {len(pair)} items")
+            pair = {"prompt": pair[0], "response": pair[1]}
+        elif not isinstance(pair, Mapping):
+            raise TypeError(f"pair {index} must be a dict or a (prompt, response) tuple, got "
+                            f"{type(pair).__name__}")
         if "prompt_ids" in pair and "response_ids" in pair:
             prompt_ids = list(pair["prompt_ids"])
             response_ids = list(pair["response_ids"])
@@ -183,22 +254,54 @@ def encode_pairs(
     return samples
 
 
-def collate(samples: Sequence[Mapping[str, Any]], pad_id: int = 0) -> dict[str, Tensor]:
-    """Right-pad 1-D samples (``input_ids``, optional ``labels``) into a batch with an
-    ``attention_mask``; padded labels are -100."""
+def collate(samples: Sequence[Mapping[str, Any]], pad_id: Optional[int] = 0) -> dict[str, Tensor]:
+    """Right-pad samples (``input_ids``, optional ``labels``; 1-D, or shaped ``(1, T)`` as
+    ``return_tensors="pt"`` gives them) into a batch with an ``attention_mask``; padded labels
+    are -100. ``pad_id=None`` pads with 0: padded positions are masked and carry no label, so any
+    valid id works (a tokenizer without a pad token needs no stand-in)."""
     if not samples:
         raise ValueError("collate: no samples")
-    width = max(len(s["input_ids"]) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        x = torch.as_tensor(sample["input_ids"], dtype=torch.long)
-        y = torch.as_tensor(sample.get("labels", x), dtype=torch.long)
+    if pad_id is None:
+        pad_id = 0
+    if not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0:
+        raise ValueError(f"Invalid pad_id: {pad_id!r} (must be None or an int >= 0)")
+    rows = [_sample_row(sample, index) for index, sample in enumerate(samples)]
+    width = max(len(x) for x, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (x, y) in enumerate(rows):
         ids[row, : len(x)] = x
         labels[row, : len(y)] = y
         mask[row, : len(x)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _sample_row(sample: Any, index: int) -> tuple[Tensor, Tensor]:
+    """A sample's ``(input_ids, labels)`` as 1-D long tensors, or an error naming it."""
+    if not isinstance(sample, Mapping) or "input_ids" not in sample:
+        raise TypeError(f"sample {index} must be a dict with 'input_ids', got "
+                        f"{type(sample).__name__}")
+    out = []
+    for key in ("input_ids", "labels"):
+        value = sample.get(key)
+        if value is None:
+            out.append(out[0])
+            continue
+        tensor = torch.as_tensor(value)
+        if tensor.dim() == 2 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.dim() != 1:
+            raise ValueError(f"sample {index}[{key!r}] must be 1-D (or shaped (1, T)), got shape "
+                             f"{tuple(tensor.shape)}")
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+            raise ValueError(f"sample {index}[{key!r}] must hold integer token ids, got "
+                             f"{tensor.dtype}")
+        out.append(tensor.long())
+    if out[1].shape != out[0].shape:
+        raise ValueError(f"sample {index}: labels has {out[1].numel()} entries, input_ids "
+                         f"{out[0].numel()}")
+    return out[0], out[1]
 
 
 def batches_of(
@@ -206,7 +309,7 @@ def batches_of(
     batch_size: int,
     *,
     indices: Optional[Sequence[int]] = None,
-    pad_id: int = 0,
+    pad_id: Optional[int] = 0,
     device: Optional[torch.device] = None,
 ):
     """Yield collated batches of ``samples`` (or of ``samples[indices]``) in order."""

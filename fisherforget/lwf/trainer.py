@@ -21,9 +21,13 @@ What the integration does:
 * mixed precision: ``accelerate`` wraps the model's ``forward`` in autocast when ``bf16``/``fp16``
   is on, and the unlearning and scoring passes call that same ``forward``, so they run in the same
   precision (fp16 ascent steps are not loss-scaled: prefer bf16);
-* checkpoints: ``on_save`` writes the LWF state (step, scores, selection, RNG) to
-  ``<output_dir>/checkpoint-<step>/lwf_state.pt``; on resume it is loaded back (``LWFTrainer``
-  also finds it for a checkpoint outside ``output_dir``), so a resumed run continues exactly;
+* checkpoints: ``on_save`` writes the LWF state (step, scores, selection, ``theta_0``, RNG) to
+  ``<output_dir>/checkpoint-<step>/lwf_state.pt``; on resume it is loaded back with
+  ``torch.load(weights_only=True)`` (``LWFTrainer`` also finds it for a checkpoint outside
+  ``output_dir``), so a resumed run continues exactly;
+* the interleaved schedule (``LWFConfig(interleave=k)``): ``LWFTrainer.compute_loss`` adds the
+  unlearning term to each micro-batch's loss (:meth:`LearningWithForgetting.interleaved_loss`);
+  with ``LWFCallback`` alone, do the same in your own ``compute_loss``;
 * logs: each phase adds ``lwf/fc_*`` (FC statistics), ``lwf/selected``, ``lwf/unlearn_loss*``,
   ``lwf/forget_loss`` (forgetting-task loss on ``D_self``) and ``lwf/freeze_above`` to the Trainer's
   logs (``trainer.state.log_history`` and every logging integration).
@@ -67,6 +71,11 @@ class LWFCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("LWFCallback needs the Trainer's model and optimizer")
+        if state.global_step == 0 and self.lwf.global_step > 0:
+            raise RuntimeError(
+                f"this LearningWithForgetting already ran {self.lwf.global_step} learning steps "
+                "and train() starts again at step 0: give a new LearningWithForgetting to a new "
+                "run, or resume from a checkpoint (train(resume_from_checkpoint=...))")
         self.lwf.bind(model, optimizer)
         if state.global_step > 0 and self.lwf.global_step != state.global_step:
             self._load(args, state)
@@ -99,7 +108,14 @@ class LWFCallback(TrainerCallback):
         for folder in candidates:
             path = os.path.join(folder, STATE_FILE)
             if os.path.isfile(path):
-                self.lwf.load_state_dict(torch.load(path, weights_only=False))
+                try:
+                    # weights_only: tensors and plain containers only, so a tampered file
+                    # cannot run code.
+                    saved = torch.load(path, weights_only=True, map_location="cpu")
+                except Exception as error:
+                    raise RuntimeError(f"{path} is not an LWF state this version can load "
+                                       f"safely (weights_only=True): {error}") from error
+                self.lwf.load_state_dict(saved)
                 if self.lwf.global_step != state.global_step:
                     raise RuntimeError(
                         f"{path} holds LWF state of step {self.lwf.global_step}, the checkpoint is "
@@ -156,6 +172,17 @@ class LWFTrainer(Trainer):
                 **self.fisher_kwargs,
             })
         return super().create_optimizer(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        """``Trainer.compute_loss``, plus the interleaved unlearning term when
+        ``lwf.config.interleave`` is set."""
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if self.lwf.config.interleave is None or not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        samples = inputs["input_ids"].shape[0] if "input_ids" in inputs else 1
+        loss = self.lwf.interleaved_loss(loss, samples)
+        return (loss, outputs) if return_outputs else loss
 
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
         folder = resume_from_checkpoint

@@ -8,7 +8,7 @@ import torch
 
 from fisherforget import FisherAdamW
 from fisherforget.fisher import batch_nll
-from fisherforget.lwf import LearningWithForgetting, LWFConfig, UnlearningSchedule, collate
+from fisherforget.lwf import LearningWithForgetting, LWFConfig, UnlearningSchedule, collate, select
 from lwf_testing import learn_batches, make_samples, tiny_llama
 
 
@@ -206,3 +206,17 @@ def test_helper_errors():
     lwf.bind(model, FisherAdamW(model.parameters()))
     with pytest.raises(RuntimeError, match="rescore"):
         lwf.unlearn(1)
+
+
+def test_select_ranks_nan_last_and_refuses_all_nan():
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([0.5, nan, 2.0, -inf, inf, 2.0, nan], dtype=torch.float64)
+    assert select(scores, 1.0).tolist() == [4, 2, 5, 0, 3, 1, 6]
+    assert select(scores, 0.5).tolist() == [4, 2, 5, 0]
+    assert select(scores, 1.0, positive_only=True).tolist() == [4, 2, 5, 0]
+    only = torch.tensor([nan, -1.0, nan], dtype=torch.float64)
+    assert select(only, 0.34).tolist() == [1]  # a NaN never comes before a number
+    with pytest.raises(ValueError, match="all 2 scores are NaN"):
+        select(torch.tensor([nan, nan]), 0.5)
+    with pytest.raises(ValueError, match="fraction"):
+        select(scores, True)

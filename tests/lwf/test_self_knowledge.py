@@ -5,6 +5,7 @@ import torch
 
 from fisherforget.fisher import IGNORE_INDEX
 from fisherforget.lwf import collate, encode_pairs, fingerprint, generate_self_knowledge
+from fisherforget.lwf.self_knowledge import normalized_match, pad_id_of
 from lwf_testing import tiny_llama, word_tokenizer
 
 PROMPTS = ["A 1 2 3 =", "B 4 =", "A 9 =", "B 1 1 1 1 =", "A 0 ="]
@@ -102,3 +103,119 @@ def test_generation_errors():
         generate_self_knowledge(model, tok, PROMPTS, max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         generate_self_knowledge(model, tok, PROMPTS, temperature=0.0)
+
+
+def padless_tokenizer():
+    """The word-level tokenizer without a pad token, as GPT-2's and Llama 3's ship."""
+    tok = word_tokenizer()
+    tok.pad_token = None
+    assert tok.pad_token_id is None and tok.eos_token_id is not None
+    return tok
+
+
+def test_a_tokenizer_without_a_pad_token_generates_the_same_pairs():
+    """Padding is done here (with EOS), so the pairs equal those of the same tokenizer with a pad
+    token, and the tokenizer is left as it was."""
+    model = tiny_llama()
+    with_pad = generate_self_knowledge(model, word_tokenizer(), PROMPTS, max_new_tokens=4,
+                                       do_sample=False, batch_size=3, progress=False)
+    tok = padless_tokenizer()
+    side = tok.padding_side
+    without = generate_self_knowledge(model, tok, PROMPTS, max_new_tokens=4, do_sample=False,
+                                      batch_size=3, progress=False)
+    assert [(p["prompt_ids"], p["response_ids"]) for p in without] == \
+        [(p["prompt_ids"], p["response_ids"]) for p in with_pad]
+    assert tok.pad_token is None and tok.padding_side == side
+    assert pad_id_of(tok) == tok.eos_token_id and pad_id_of(word_tokenizer()) == 0
+
+
+def test_pad_id_of_a_tokenizer_without_pad_or_eos():
+    class Bare:
+        pad_token_id = None
+        eos_token_id = None
+
+    with pytest.raises(ValueError, match="neither a pad nor an EOS"):
+        pad_id_of(Bare())
+
+
+def test_collate_accepts_pad_id_none_and_batched_samples():
+    flat = [{"input_ids": torch.tensor([1, 4, 5]), "labels": torch.tensor([-100, 4, 5])},
+            {"input_ids": torch.tensor([1, 6]), "labels": torch.tensor([-100, 6])}]
+    batched = [{k: v[None] for k, v in s.items()} for s in flat]  # return_tensors="pt"
+    lists = [{k: v.tolist() for k, v in s.items()} for s in flat]
+    expected = collate(flat, 0)
+    for samples in (batched, lists):
+        got = collate(samples, pad_id=None)
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+    no_labels = collate([{"input_ids": [1, 4, 5]}])
+    assert no_labels["labels"].tolist() == [[1, 4, 5]]
+
+
+@pytest.mark.parametrize("samples, error, message", [
+    ([{"input_ids": torch.zeros(2, 3, dtype=torch.long)}], ValueError,
+     r"sample 0\['input_ids'\] must be 1-D"),
+    ([{"input_ids": [1, 2]}, {"input_ids": torch.ones(3)}], ValueError,
+     r"sample 1\['input_ids'\] must hold integer token ids"),
+    ([{"input_ids": [1, 2, 3], "labels": [1, 2]}], ValueError, "labels has 2 entries"),
+    ([("A 1 =", "2")], TypeError, "sample 0 must be a dict"),
+    ([{"labels": [1]}], TypeError, "sample 0 must be a dict with 'input_ids'"),
+])
+def test_collate_errors_name_the_sample(samples, error, message):
+    with pytest.raises(error, match=message):
+        collate(samples)
+
+
+@pytest.mark.parametrize("pad_id", [-1, 1.0, "0", True])
+def test_collate_refuses_bad_pad_ids(pad_id):
+    with pytest.raises(ValueError, match="pad_id"):
+        collate([{"input_ids": [1, 2]}], pad_id=pad_id)
+
+
+def test_encode_pairs_takes_tuples_and_names_bad_pairs():
+    tok = word_tokenizer()
+    as_dicts = encode_pairs(tok, [{"prompt": "A 1 =", "response": "2"}])
+    for pairs in ([("A 1 =", "2")], [["A 1 =", "2"]]):
+        got = encode_pairs(tok, pairs)
+        assert torch.equal(got[0]["input_ids"], as_dicts[0]["input_ids"])
+        assert torch.equal(got[0]["labels"], as_dicts[0]["labels"])
+    with pytest.raises(ValueError, match=r"pair 1 must be \(prompt, response\), got 3 items"):
+        encode_pairs(tok, [("A 1 =", "2"), ("A", "1", "2")])
+    with pytest.raises(TypeError, match="pair 0 must be a dict or a"):
+        encode_pairs(tok, ["A 1 = 2"])
+    with pytest.raises(TypeError, match="pairs must be an iterable"):
+        encode_pairs(tok, "A 1 = 2")
+
+
+def test_references_keep_only_the_wrong_answers():
+    model = tiny_llama()
+    tok = word_tokenizer()
+    every = generate_self_knowledge(model, tok, PROMPTS, max_new_tokens=3, do_sample=False,
+                                    progress=False)
+    # A reference equal to the model's own answer for prompts 0 and 2: those answers are right.
+    references = [p["response"] if i in (0, 2) else "9 9 9 9 9" for i, p in enumerate(every)]
+    assert all(p["response"] != "9 9 9 9 9" for p in every)
+    wrong = generate_self_knowledge(model, tok, PROMPTS, max_new_tokens=3, do_sample=False,
+                                    progress=False, references=references)
+    assert [p["prompt"] for p in wrong] == [PROMPTS[i] for i in (1, 3, 4)]
+    assert all(p["correct"] is False and p["reference"] == "9 9 9 9 9" for p in wrong)
+    both = generate_self_knowledge(model, tok, PROMPTS, max_new_tokens=3, do_sample=False,
+                                   progress=False, references=references, keep="all")
+    assert [p["correct"] for p in both] == [True, False, True, False, False]
+    # A custom judge decides instead.
+    none_right = generate_self_knowledge(model, tok, PROMPTS, max_new_tokens=3, do_sample=False,
+                                         progress=False, references=references,
+                                         judge=lambda response, reference: False)
+    assert len(none_right) == len(PROMPTS)
+    with pytest.raises(ValueError, match="references has 2 entries for 5 prompts"):
+        generate_self_knowledge(model, tok, PROMPTS, references=["1", "2"], progress=False)
+    with pytest.raises(ValueError, match="keep"):
+        generate_self_knowledge(model, tok, PROMPTS, references=references, keep="right",
+                                progress=False)
+
+
+def test_normalized_match():
+    assert normalized_match("The capital is  PARIS.", "paris")
+    assert normalized_match("Dental caries on pit and fissure surface", "dental caries ON pit")
+    assert not normalized_match("Lyon", "Paris")
+    assert not normalized_match("anything", " . ")

@@ -136,3 +136,62 @@ def test_bf16_autocast_reaches_the_unlearning_passes(tmp_path):
     assert [e["step"] for e in lwf_logs(trainer)] == [2]
     assert dtypes["unlearn"] == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_state_file_loads_with_weights_only_and_a_tampered_one_is_refused(tmp_path):
+    trainer, lwf = make_trainer(tmp_path / "run", max_steps=5)
+    trainer.train()
+    path = tmp_path / "run" / "checkpoint-5" / STATE_FILE
+    state = torch.load(path, weights_only=True)  # plain tensors and containers only
+    assert state["global_step"] == 5 and len(state["start_weights"]) > 0
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo tampered > " + str(tmp_path / "ran"),))
+
+    state["history"].append(Payload())
+    torch.save(state, path)
+    resumed, _ = make_trainer(tmp_path / "run", max_steps=6)
+    with pytest.raises(RuntimeError, match=r"lwf_state.pt is not an LWF state.*weights_only"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-5"))
+    assert not (tmp_path / "ran").exists()
+
+
+def test_train_twice_on_one_lwf_is_refused(tmp_path):
+    trainer, lwf = make_trainer(tmp_path, max_steps=3)
+    trainer.train()
+    with pytest.raises(RuntimeError, match="already ran 3 learning steps"):
+        trainer.train()
+
+
+def test_max_steps_shorter_than_warmup_warns(tmp_path):
+    model = tiny_llama(seed=0)
+    lwf = LearningWithForgetting(None, None, make_samples(8, seed=7),
+                                 LWFConfig(every=5, warmup=20, batch_size=4))
+    trainer = LWFTrainer(model=model, args=arguments(tmp_path, max_steps=4,
+                                                     save_strategy="no"),
+                         train_dataset=make_samples(32, seed=2), data_collator=collate, lwf=lwf)
+    with pytest.warns(UserWarning, match=r"never unlearn.*4 learning steps.*warmup=20"):
+        trainer.train()
+    assert lwf.history == []
+
+
+def test_interleaved_schedule_in_the_trainer(tmp_path):
+    """compute_loss adds the interleaved term: the run differs from plain fine-tuning only after
+    warm-up, and no periodic phase runs."""
+    def run(interleave):
+        model = tiny_llama(seed=0)
+        config = LWFConfig(interleave=interleave, interleave_weight=0.5, warmup=2, fraction=0.5,
+                           batch_size=4, scores="random", forget_eval_size=0)
+        lwf = LearningWithForgetting(None, None, make_samples(8, seed=7), config)
+        trainer = LWFTrainer(model=model, args=arguments(tmp_path / str(interleave), max_steps=4,
+                                                         save_strategy="no"),
+                             train_dataset=make_samples(32, seed=2), data_collator=collate,
+                             lwf=lwf)
+        trainer.train()
+        return model, lwf
+
+    plain, _ = run(10**6)  # due only after 10^6 samples: never within the run
+    mixed, lwf = run(2)
+    assert not any("lwf/phase" in h for h in lwf.history)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), mixed.parameters()))
