@@ -49,6 +49,30 @@ def _two_threads():
     torch.set_num_threads(2)
 
 
+def test_readme_lwf_example_runs_as_written(smollm2, tmp_path, monkeypatch):
+    """The README's real-model block, executed as written (a copy of the loaded model stands in
+    for its load_pretrained call, which would take another 20 s)."""
+    import copy
+    import pathlib
+    import re
+
+    from fisherforget.demo import pretrained
+
+    tokenizer, model = smollm2
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("On a real model (SmolLM2"):text.index("Or keep your `Trainer`")]
+    block = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    monkeypatch.setattr(pretrained, "load_pretrained",
+                        lambda *args: (copy.deepcopy(tokenizer), copy.deepcopy(model)))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    lwf, trainer = namespace["lwf"], namespace["trainer"]
+    assert [h["step"] for h in lwf.history] == [2, 4]
+    assert lwf.fc.kind == "fc" and torch.isfinite(lwf.fc.fc).all()
+    assert namespace["tokenizer"].pad_token_id is None
+
+
 def test_lwf_on_smollm2_generate_score_unlearn_save_resume(smollm2, tmp_path):
     tokenizer, model = smollm2
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as shipped
