@@ -26,7 +26,7 @@ resident set before it, measured in a second process of the same script started 
 so a freed block cannot hide a later allocation (glibc's default would keep it; the page faults
 this costs are why the times are not taken there).
 
-    python benchmarks/lwf_scoring.py [--repeats 5] [--threads 2] [--out benchmarks/results/lwf_scoring.json]
+    python benchmarks/lwf_scoring.py [--repeats 5] [--threads 2] [--out FILE.json]
 
 The last line printed is ``scoring/train-step: time X.XXx, extra memory Y.YYx``.
 """

@@ -232,7 +232,6 @@ def per_sample_gradients(
     _check_batch(batch)
     if labels is None:
         labels = labels_of(batch)
-    names = list(params)
     tensors = list(params.values())
     if method == "loop":
         for i in range(batch["input_ids"].shape[0]):

@@ -81,23 +81,30 @@ def test_auroc_and_selection_quality_by_brute_force():
 
     class Scores:  # the ForgettingScores surface selection_quality uses
         eta = 1.0
-        first_order = torch.ones(30, dtype=torch.float64)
-        second_order = torch.zeros(30, dtype=torch.float64)
+
+        def term(self, name):
+            return torch.ones(30, dtype=torch.float64) if name == "direction" else \
+                torch.zeros(30, dtype=torch.float64)
 
         def ranking(self, kind):
-            return scores if kind == "fc" else -scores
+            return scores if kind == "loss_change" else -scores
 
     relations = ["F" if p else "K" for p in positive.tolist()]
     got = train.selection_quality(Scores(), relations, ["F"], k=5)
     top = torch.sort(scores, descending=True, stable=True).indices[:5]
-    assert got["fc"]["precision_top"] == pytest.approx(float(positive[top].double().mean()))
-    assert got["fisher_alignment"]["auroc"] == pytest.approx(1 - got["fc"]["auroc"])
+    assert got["loss_change"]["precision_top"] == pytest.approx(
+        float(positive[top].double().mean()))
+    assert got["fisher_alignment"]["auroc"] == pytest.approx(1 - got["loss_change"]["auroc"])
+    assert got["quadratic_over_linear_max"] == 0.0
 
 
 def _same_environment(committed):
+    # The CPU's name alone ("AMD EPYC") covers several generations whose kernels (AVX2, AVX-512)
+    # round differently: the instruction set torch dispatches to must match too.
     env = committed["environment"]
-    here = report.cpu_model(), torch.__version__, 1
-    there = env["cpu"], env["torch"], env["torch_threads"]
+    here = (report.cpu_model(), torch.backends.cpu.get_cpu_capability(), torch.__version__, 1)
+    there = (env["cpu"], env.get("cpu_capability", "not recorded"), env["torch"],
+             env["torch_threads"])
     return here == there, f"committed on {there}, this machine is {here}"
 
 

@@ -284,7 +284,7 @@ def run_pretrained(args) -> int:
                        fraction=0.3, lr=args.unlearn_lr or lrs[0], normalize=True,
                        rescore_every=max(1, steps // 2), moments="separate",
                        batch_size=batch_size, score_batch_size=16, forget_eval_size=16,
-                       score_params=score_params, score_method="vmap", backend=args.backend)
+                       score_params=score_params, backend=args.backend)
 
     def measure(split_samples) -> dict:
         return {"learn": response_metrics(model, split_samples, 16, pad_id, eos_id, device),

@@ -204,5 +204,6 @@ def environment(device) -> dict:
     return {"fisherforget": fisherforget.__version__, "commit": commit or None,
             "uncommitted_changes": bool(dirty), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "device": str(device), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "device": str(device), "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}

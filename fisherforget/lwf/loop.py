@@ -850,11 +850,12 @@ class LearningWithForgetting:
         if cfg.early and total_steps is None:
             raise ValueError("begin(total_steps) needs total_steps in the early variant")
         periodic = UnlearningSchedule(every=cfg.every, steps=cfg.steps, warmup=cfg.warmup)
+        first = max(cfg.warmup, 1) if cfg.interleave else max(cfg.warmup, cfg.every)
         if total_steps is not None and periodic.phases(total_steps) == 0 and (
                 cfg.interleave is None or total_steps <= cfg.warmup):
             warnings.warn(
                 f"LWF will never unlearn: the run has {total_steps} learning steps and the first "
-                f"unlearning comes after step {max(cfg.warmup, 1) if cfg.interleave else max(cfg.warmup, cfg.every)}"
+                f"unlearning comes after step {first}"
                 f" (warmup={cfg.warmup}, every={cfg.every}); lower warmup/every or train longer",
                 UserWarning, stacklevel=2)
         self.began = True

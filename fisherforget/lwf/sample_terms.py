@@ -96,8 +96,8 @@ def per_sample_terms(
     ``<linear[k], g_x>``, then ``sum_i quadratic[q][i] * g_x[i]^2`` (``None``: ones, i.e.
     ``||g_x||^2``), for each row ``x`` of ``batch``.
 
-    ``g_x`` is the gradient of row ``x``'s token-averaged NLL (:func:`fisherforget.fisher.sequence_nll`)
-    with respect to ``params`` (``{name: parameter}`` as :func:`~fisherforget.fisher.resolve_params`
+    ``g_x`` is the gradient of row ``x``'s token-averaged NLL
+    (:func:`fisherforget.fisher.sequence_nll`) with respect to ``params`` (``{name: parameter}`` as :func:`~fisherforget.fisher.resolve_params`
     returns them); ``linear[k]`` and ``quadratic[q]`` are lists aligned with ``params``, shaped
     like the params. Products are formed in fp32 (fp64 for fp64 params) and summed over params in
     float64. ``max_elements`` bounds the per-sample gradient elements formed at once. Left or right

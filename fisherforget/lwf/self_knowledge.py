@@ -205,7 +205,8 @@ def encode_pairs(
     chat_template: bool = False,
     add_eos: bool = True,
 ) -> list[dict[str, Tensor]]:
-    """Encode prompt/response pairs (dicts, or ``(prompt, response)`` tuples) as causal-LM samples: ``input_ids = prompt + response`` and
+    """Encode prompt/response pairs (dicts, or ``(prompt, response)`` tuples) as causal-LM
+    samples: ``input_ids = prompt + response`` and
     ``labels`` equal to ``input_ids`` on the response and -100 on the prompt (the loss, and every
     gradient LWF takes, covers the response only).
 

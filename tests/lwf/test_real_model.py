@@ -68,6 +68,7 @@ def test_readme_lwf_example_runs_as_written(smollm2, tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     lwf, trainer = namespace["lwf"], namespace["trainer"]
+    assert any("lwf/fc_mean" in entry for entry in trainer.state.log_history)
     assert [h["step"] for h in lwf.history] == [2, 4]
     assert lwf.fc.kind == "fc" and torch.isfinite(lwf.fc.fc).all()
     assert namespace["tokenizer"].pad_token_id is None
