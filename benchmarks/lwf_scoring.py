@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     train_step()  # warm-up: the optimizer's state exists from here on
     gen = torch.Generator().manual_seed(1)
