@@ -267,25 +267,22 @@ def swapped_weights(params: Sequence[Tensor], values: Sequence[Tensor]) -> Itera
                              f"{tuple(getattr(v, 'shape', ()))}, the param {tuple(p.shape)}")
     exchange = [not is_dtensor(p) and v.dtype == p.dtype and v.device == p.device
                 and not is_dtensor(v) for p, v in zip(params, values)]
-    saved = []
     with torch.no_grad():
-        for p, v, swap in zip(params, values, exchange):
-            saved.append(p.data if swap else p.detach().clone())
+        saved = [p.data if swap else p.detach().clone() for p, swap in zip(params, exchange)]
+
+    @torch.no_grad()
+    def put(contents: Sequence[Tensor]) -> None:
+        for p, value, swap in zip(params, contents, exchange):
+            if swap:
+                p.data = value
+            else:
+                p.copy_(value)
+
     try:
-        with torch.no_grad():
-            for p, v, swap in zip(params, values, exchange):
-                if swap:
-                    p.data = v
-                else:
-                    p.copy_(v)
+        put(values)
         yield
     finally:
-        with torch.no_grad():
-            for p, s, swap in zip(params, saved, exchange):
-                if swap:
-                    p.data = s
-                else:
-                    p.copy_(s)
+        put(saved)
 
 
 def _aligned(values: Tensors, names: Sequence[str], params: Sequence[Tensor],
