@@ -310,9 +310,39 @@ def preflight_fused_step(tensors: StepTensors, hyper: StepHyper, backend: str) -
     every launch of a step before the first launch, so a backend refusing its second bucket
     leaves the first unchanged."""
     get_impl("fused_step", backend)  # loads the backend module, which registers its check
+    check_writable(tensors)
     check = _CHECKS["fused_step"].get(backend)
     if check is not None:
         check(tensors, hyper)
+
+
+_WRITTEN = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "fishers", "steps",
+            "fisher_counts")
+
+
+def check_writable(tensors: StepTensors) -> None:
+    """Every tensor a step writes can be written element by element, on every backend: none
+    overlaps itself (an ``expand``-ed view: a kernel's write-back would fail, or race, midway)
+    and no two entries share their memory (a duplicated param or step tensor: one update
+    would overwrite the other). Raises naming the list and index; part of the preflight, so
+    nothing is written when it fails."""
+    seen: dict[int, str] = {}
+    for name in _WRITTEN:
+        for i, t in enumerate(getattr(tensors, name)):
+            if t is None or t.numel() == 0 or t.device.type == "meta":  # meta: no memory
+                continue
+            if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+                raise ValueError(
+                    f"{name}[{i}] (shape {tuple(t.shape)}, stride {t.stride()}) overlaps itself "
+                    "(e.g. an expand()-ed view): a step cannot write it element by element; "
+                    "pass a tensor that owns its elements (.contiguous() or .clone())")
+            where = f"{name}[{i}]"
+            first = seen.setdefault(t.data_ptr(), where)
+            if first != where:
+                raise ValueError(
+                    f"{where} shares its memory with {first}: a step would write both and lose "
+                    "one update; give each entry its own tensor (a param listed twice, or one "
+                    "step tensor for two params)")
 
 
 def registered_backends(op: str) -> list[str]:
@@ -375,6 +405,10 @@ def dispatch_fused_step(tensors: StepTensors, hyper: StepHyper, grad_scale: Opti
         )
         return
     get_impl("fused_step", backend)(tensors, hyper, grad_scale, found_inf)
+    # Kernels write through data pointers, which autograd does not see: bump the params'
+    # version counters as torch's fused step does, so that a step between a forward and its
+    # backward is caught ("modified by an inplace operation").
+    torch._C._increment_version(tensors.params)
 
 
 def fisher_accumulate(

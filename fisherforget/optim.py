@@ -63,6 +63,51 @@ def _swapped_moments(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _TrackedState(defaultdict):
+    """``opt.state``: a ``defaultdict(dict)`` that counts its own changes (entries added,
+    removed, replaced, cleared), so that the optimizer's cached launch plans notice a state
+    reset done the PyTorch way (``del opt.state[p]``, ``opt.state.pop(p)``,
+    ``opt.state.clear()``, ``opt.state[p] = {}``) and the next step is a true first step."""
+
+    _versions = itertools.count(1)  # shared: two mappings (one replacing another) never agree
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(dict, *args)
+        self.version = next(self._versions) << 32
+
+    def __setitem__(self, key, value) -> None:
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self.version += 1
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.version += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.version += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None) -> Any:
+        self.version += 1
+        return super().setdefault(key, default)
+
+    def __reduce__(self):
+        # Pickles (and deep-copies) as a plain mapping of its entries.
+        return (_TrackedState, (), None, None, iter(self.items()))
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
@@ -307,6 +352,36 @@ class FisherAdamW(Optimizer):
         backends.load("reference")
         super().__init__(params, defaults)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "state" and not isinstance(value, _TrackedState):
+            value = _TrackedState(value)  # the base class and load_state_dict assign plain dicts
+        super().__setattr__(name, value)
+
+    def _epoch(self) -> tuple:
+        """What a cached plan was built against: the optimizer's own count of state changes and
+        the state mapping's (a user's ``del opt.state[p]``)."""
+        return (self._state_epoch, id(self.state), self.state.version)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The base class keeps defaults, state and param groups; a copy made inside an
+        # unlearning() phase must still restore the learning settings on exit.
+        return {**super().__getstate__(), "_phase": self._phase, "_warned": set(self._warned)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Called by copy.deepcopy / pickle (a fresh object: its caches start empty, as plans
+        # hold the original's tensors and the base class carries no private attribute) and by
+        # the base load_state_dict (an existing object: caches kept, the new state mapping
+        # makes every plan stale).
+        super().__setstate__(state)
+        if "_plans" not in self.__dict__:
+            self._hyper_cache = {}
+            self._plans = {}
+            self._state_epoch = 0
+            self.__dict__.setdefault("_phase", None)
+            self.__dict__.setdefault("_warned", set())
+        if not isinstance(self.state, _TrackedState):
+            self.state = _TrackedState(self.state)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Inside a phase the new group would take the phase's direction with nothing to restore
         # on exit (and no learning moments with moments="separate").
@@ -404,7 +479,7 @@ class FisherAdamW(Optimizer):
 
     def _plan(self, gi: int, group: dict[str, Any], hyper: ops.StepHyper,
               params: list[Tensor], grads: list[Tensor]) -> _Plan:
-        key = (self._state_epoch, id(self.state), group["backend"], hyper.amsgrad,
+        key = (self._epoch(), group["backend"], hyper.amsgrad,
                hyper.uses_fisher, group["state_dtype"], group["fisher_dtype"],
                tuple(map(id, params)))
         plan = None if torch.compiler.is_compiling() else self._plans.get(gi)
@@ -526,7 +601,7 @@ class FisherAdamW(Optimizer):
         # would rebuild them.
         if not torch.compiler.is_compiling():
             for plan in plans:
-                plan.key = (self._state_epoch,) + plan.key[1:]
+                plan.key = (self._epoch(),) + plan.key[1:]
         # The backends' own checks (dtypes their kernels take, devices) depend only on what the
         # plan and the gradient layout fix: they run when either changes, for every launch of
         # the step before the first launch.
@@ -781,7 +856,9 @@ class FisherAdamW(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``FisherAdamW`` state dict, keeping every state tensor's saved dtype (the base
         class would cast fp32 moments and the Fisher to a bf16 param's dtype, and a bool mask to
-        float). Validates everything first; on error nothing changes.
+        float). Validates everything first; on error nothing changes. Each group keeps this
+        optimizer's ``backend`` (a checkpoint saved with ``backend="cuda"`` on a GPU machine
+        loads on a CPU one).
 
         For DTensor params (FSDP2) every shaped state tensor is laid out like its param: a
         DTensor is redistributed when placed differently, a full plain tensor is cut into this
@@ -791,6 +868,13 @@ class FisherAdamW(Optimizer):
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups'")
         saved_groups = [_dtypes_from_names(g) for g in state_dict["param_groups"]]
+        for saved, group in zip(saved_groups, self.param_groups):
+            if isinstance(saved, dict) and saved.get("backend") in backends.BACKEND_CHOICES:
+                # The backend is an implementation choice of this machine, not state: a
+                # checkpoint saved with backend="cuda" loads where there is no GPU, with the
+                # backend this optimizer was built with (a name that is no backend at all is
+                # still refused below).
+                saved["backend"] = group["backend"]
         for gi, saved in enumerate(saved_groups):
             missing = [k for k in _GROUP_KEYS if k not in saved]
             if missing:
@@ -944,8 +1028,14 @@ def _checked_param_state(pstate: Any, p: Tensor, group: dict[str, Any],
         for other in others:
             if first in pstate and other not in pstate:
                 raise bad(other, f"is missing (the state has {first!r})")
-    if set(pstate) - {"mask"} and "step" not in pstate:
-        raise bad("step", "is missing")
+    # Learning moments need their step count, unlearning moments theirs; a state may hold
+    # either set alone (e.g. only unlearn_* after an early unlearning phase).
+    for count, keys in (("step", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "fisher")),
+                        ("unlearn_step", ("unlearn_exp_avg", "unlearn_exp_avg_sq",
+                                          "unlearn_max_exp_avg_sq"))):
+        present = [k for k in keys if k in pstate]
+        if present and count not in pstate:
+            raise bad(count, f"is missing (the state has {present[0]!r})")
     wide = p.dtype == torch.float64
     out: dict[str, Tensor] = {}
     for key, value in pstate.items():

@@ -768,6 +768,11 @@ ERROR_CASES = [
               r"Invalid fisher: 'median'"),
     ErrorCase("grad_scale_shape", _scalar("grad_scale", torch.ones(2)), ValueError,
               r"grad_scale must hold one value"),
+    # What no backend can write element by element, refused before any launch.
+    ErrorCase("self_overlapping_param", _set("params", lambda old, c: old[:1].expand(10)),
+              ValueError, r"params\[{i}\] \(shape \(10,\), stride \(0,\)\) overlaps itself"),
+    ErrorCase("shared_exp_avg", _set("exp_avgs", lambda old, c: c.lists["exp_avg_sqs"][c.index]),
+              ValueError, r"exp_avg_sqs\[{i}\] shares its memory with exp_avgs\[{i}\]"),
     # The kernels' dtypes: fp64 params only on the reference.
     ErrorCase("fp64_param", _both(_set("params", lambda old, c: old.double()),
                                   _set("grads", lambda old, c: old.double())), TypeError,
