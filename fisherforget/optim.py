@@ -162,6 +162,26 @@ def _normalize_group(group: dict[str, Any]) -> ops.StepHyper:
     return hyper
 
 
+def _warn_if_fisher_stalls(group: dict[str, Any]) -> None:
+    """A bf16 Fisher keeps 8 significant bits: an accumulation increment under half an ulp of
+    the running value is rounded away. A "sum" or "mean" stalls as it grows (1,000 steps of
+    g = 1: a "sum" of 256), and an "ema" stops short of its target by up to
+    ``2^-8 / (1 - fisher_beta)`` of its value (a beta=0.999 EMA of g = 1 stays at 0.25 after
+    1,000 steps, exact 0.632; beta=0.99 ends 19% low when g^2 moves from 1 to 4). Accumulation
+    is exact to fp32 rounding only with ``fisher_dtype=torch.float32`` (the default): warn."""
+    if group.get("fisher_dtype") != torch.bfloat16 or group.get("fisher") is None:
+        return
+    mode, beta = group["fisher"], group["fisher_beta"]
+    shortfall = ("it stalls as it grows" if mode != "ema" else
+                 f"it stops short of its target by up to {2.0 ** -8 / (1 - beta):.0%} of its "
+                 "value" if beta < 1 else "it never moves")
+    warnings.warn(
+        f'fisher_dtype=torch.bfloat16 with fisher="{mode}": increments under half a bf16 ulp '
+        f"of the running Fisher are rounded away, so {shortfall} (1,000 steps of g = 1: a "
+        "'sum' of 256, a beta=0.999 EMA of 0.25); keep fisher_dtype=torch.float32 (the "
+        "default) for an accurate Fisher", UserWarning, stacklevel=3)
+
+
 def _needs_fisher(group: dict[str, Any]) -> bool:
     return (
         group["fisher"] is not None
@@ -335,6 +355,7 @@ class FisherAdamW(Optimizer):
             backend=backend,
         )
         _normalize_group(defaults)
+        _warn_if_fisher_stalls(defaults)
         self._hyper_cache: dict[int, _HyperCache] = {}
         self._plans: dict[int, _Plan] = {}
         self._state_epoch = 0  # bumped whenever state entries are added, removed or swapped
@@ -391,6 +412,9 @@ class FisherAdamW(Optimizer):
         group = self.param_groups[-1]
         try:
             _normalize_group(group)
+            fisher_settings = ("fisher", "fisher_beta", "fisher_dtype")
+            if any(group[k] != self.defaults[k] for k in fisher_settings):
+                _warn_if_fisher_stalls(group)  # the defaults' were judged in __init__
             for p in group["params"]:
                 if p.dtype not in _PARAM_DTYPES:
                     raise TypeError(
