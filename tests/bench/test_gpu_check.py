@@ -261,3 +261,33 @@ def test_real_dry_run_on_cpu(tmp_path):
     assert files == OUTPUT_FILES
     summary = (out / "summary.txt").read_text()
     assert "[step]" in summary and proc.stdout.rstrip().endswith(summary.rstrip())
+
+
+def test_the_budget_fits_one_device_call_and_every_stage_runs():
+    """The default budget and the device call's timeout_s are one documented pair (540 + 30 s to
+    bring the results back = 570), and with a build of the measured ~150 s every stage still
+    gets a limit (each stage's cap and reserve, simulated at its full limit)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = (root / "benchmarks" / "gpu_check.sh").read_text()
+    budget = int(re.search(r'BUDGET="\$\{GPU_CHECK_BUDGET_S:-(\d+)\}"', script).group(1))
+    pytest_cap = int(re.search(r'PYTEST_CAP="\$\{GPU_CHECK_PYTEST_S:-(\d+)\}"', script).group(1))
+    assert budget + 30 == 570
+    docs = (root / "docs" / "benchmarks.md").read_text()
+    assert "timeout_s=570" in docs and "GPU_CHECK_BUDGET_S=540" in docs
+    stages = []
+    for line in script.splitlines():
+        m = re.match(r'\s*(?:bench_)?stage (\w+) ("\$PYTEST_CAP"|\d+) (\d+) ', line)
+        if m and m.group(1) not in ("jit_build",):  # the JIT stage runs only if the build failed
+            cap = pytest_cap if m.group(2) == '"$PYTEST_CAP"' else int(m.group(2))
+            stages.append((m.group(1), cap, int(m.group(3))))
+    names = [s[0] for s in stages]
+    assert names[:5] == ["env", "build", "extension_import", "doctor", "pytest_cuda"], names
+    used = 0
+    for name, cap, reserve in stages:
+        limit = min(cap, budget - used - reserve)
+        assert limit >= 5, f"{name} would be skipped (limit {limit})"
+        used += 150 if name == "build" else limit
+    assert used <= budget
