@@ -897,6 +897,9 @@ class LearningWithForgetting:
             "generator": self.generator.get_state(),
             "began": self.began,
             "start_weights": self.start_weights,
+            # The KL retain loss's reference model (a model's worth of tensors, only with it).
+            "start_model": None if self.start_model is None else {
+                k: v.detach().clone() for k, v in self.start_model.state_dict().items()},
             "interleave_carry": self._interleave_carry,
             "history": list(self.history),
             "samples": self._fingerprints(),
@@ -937,6 +940,14 @@ class LearningWithForgetting:
             self.start_weights = [t.to(self.device) if self.model is not None else t
                                   for t in start]
         self._interleave_carry = float(state.get("interleave_carry", 0.0))
+        start_model = state.get("start_model")
+        if start_model is not None:
+            if self.model is None:
+                raise RuntimeError("this LWF state holds the KL retain loss's start model: bind "
+                                   "the model before load_state_dict()")
+            reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            reference.load_state_dict(start_model)
+            self.start_model = reference
         self.history = list(state["history"])
 
 

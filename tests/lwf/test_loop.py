@@ -302,3 +302,21 @@ def test_theta_0_survives_a_checkpoint():
     for a, b in zip(resumed.start_weights, lwf.start_weights):
         assert torch.equal(a, b)
     torch.testing.assert_close(resumed.score().fc, lwf.score().fc)
+
+
+def test_the_kl_reference_model_survives_a_checkpoint():
+    """retain_loss='kl' compares with the model as it was at begin(): a resumed run gets that
+    model back from the LWF state, not the resumed weights."""
+    config = LWFConfig(fraction=0.5, batch_size=4, retain_loss="kl", scores="random")
+    model, opt, lwf = primed(config)
+    state = lwf.state_dict()
+    assert state["start_model"] is not None
+    resumed_model = tiny_llama(seed=9)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = LearningWithForgetting(resumed_model, FisherAdamW(resumed_model.parameters()),
+                                     make_samples(8, seed=3), config)
+    resumed.load_state_dict(state)
+    for a, b in zip(resumed.start_model.parameters(), lwf.start_model.parameters()):
+        assert torch.equal(a, b)
+    assert not any(p.requires_grad for p in resumed.start_model.parameters())
+    torch.testing.assert_close(resumed._retain_term(), lwf._retain_term())
