@@ -518,8 +518,16 @@ class LearningWithForgetting:
         return scores
 
     def _learning_lr(self) -> float:
-        lr = self.optimizer.param_groups[0]["lr"]
-        return float(lr.item() if isinstance(lr, Tensor) else lr)
+        """The learning rate of the learning task's step, the default ``alpha``/``pilot_lr``:
+        the first group's peak lr (``initial_lr``, which schedulers record, else ``lr``), not
+        the scheduled value of the moment (a linear decay ends at 0)."""
+        group = self.optimizer.param_groups[0]
+        lr = group.get("initial_lr", group["lr"])
+        lr = float(lr.item() if isinstance(lr, Tensor) else lr)
+        if not lr > 0:
+            raise ValueError(f"the learning optimizer's lr is {lr}: set LWFConfig(alpha=...) "
+                             "(and pilot_lr) for the step the forgetting confidence assumes")
+        return lr
 
     def _fisher(self, params: Sequence[Tensor]) -> list[Tensor]:
         cfg = self.config

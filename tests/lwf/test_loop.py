@@ -320,3 +320,17 @@ def test_the_kl_reference_model_survives_a_checkpoint():
         assert torch.equal(a, b)
     assert not any(p.requires_grad for p in resumed.start_model.parameters())
     torch.testing.assert_close(resumed._retain_term(), lwf._retain_term())
+
+
+def test_alpha_defaults_to_the_peak_learning_rate_not_the_scheduled_one():
+    model, opt, lwf = primed(LWFConfig(fraction=0.5, batch_size=4))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)  # decayed to 0
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    assert lwf.score().alpha == pytest.approx(1e-2)  # initial_lr
+    for group in opt.param_groups:
+        group.pop("initial_lr")
+    with pytest.raises(ValueError, match=r"lr is 0.0: set LWFConfig\(alpha=...\)"):
+        lwf.score()
+    lwf.config.alpha = 1e-3
+    assert lwf.score().alpha == 1e-3
