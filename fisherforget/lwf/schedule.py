@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -72,14 +73,16 @@ class UnlearningSchedule:
 
 
 def select(scores: Tensor, fraction: float, *, positive_only: bool = False) -> Tensor:
-    """Indices of the top ``fraction`` of ``scores`` (at least one sample), highest first; ties
-    keep the lower index first. ``positive_only`` keeps only samples with a score > 0 (possibly
-    none: an empty index tensor).
+    """Indices of the top ``fraction`` of ``scores`` (``round(fraction * len(scores))`` of them,
+    at least one), highest first; ties keep the lower index first. ``positive_only`` then keeps
+    only those with a score > 0 (possibly none: an empty index tensor).
 
-    A NaN score (an overflow, a NaN direction) ranks below every number, ``-inf`` included, so
-    it is never chosen ahead of a real score (and never with ``positive_only``); ``+inf`` ranks
-    first. All-NaN scores are an error: they cannot rank anything."""
-    if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+    Non-finite scores: ``+inf`` ranks first and ``-inf`` after every finite score. A NaN score
+    (an overflow, a NaN direction, ``eta=inf``) ranks last, below ``-inf``, so it is never
+    chosen ahead of a number: NaN samples are selected only when the fraction reaches past every
+    number (then in index order), and never with ``positive_only``. All-NaN scores are a
+    :class:`ValueError`: they rank nothing, and unlearning arbitrary samples would be wrong."""
+    if (not isinstance(fraction, numbers.Real) or isinstance(fraction, bool)
             or not 0 < fraction <= 1):
         raise ValueError(f"Invalid fraction: {fraction!r} (must be in (0, 1])")
     if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.numel() == 0:

@@ -9,8 +9,9 @@ response; :func:`collate` pads samples into a batch.
 from __future__ import annotations
 
 import hashlib
-import string
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+import unicodedata
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -45,15 +46,47 @@ def pad_id_of(tokenizer: Any) -> int:
     raise ValueError("the tokenizer has neither a pad nor an EOS token: pass a pad id")
 
 
+def _normalized(text: str) -> str:
+    """Casefolded, whitespace runs collapsed to one space, punctuation (any Unicode punctuation:
+    quotes, guillemets, full stops of other scripts) stripped from both ends."""
+    text = " ".join(text.casefold().split())
+    start, end = 0, len(text)
+    while start < end and (text[start] == " " or unicodedata.category(text[start])[0] == "P"):
+        start += 1
+    while end > start and (text[end - 1] == " " or unicodedata.category(text[end - 1])[0] == "P"):
+        end -= 1
+    return text[start:end]
+
+
 def normalized_match(response: str, reference: str) -> bool:
     """The default judge of :func:`generate_self_knowledge`'s ``references``: the reference,
     casefolded with whitespace collapsed and surrounding punctuation stripped, occurs in the
-    response normalised the same way."""
-    def norm(text: str) -> str:
-        return " ".join(text.casefold().split()).strip(string.punctuation + " ")
+    response normalised the same way (a substring test: ``"4"`` also matches ``"14"``; pass
+    your own ``judge`` for stricter answers). An empty reference matches nothing."""
+    wanted = _normalized(reference)
+    return bool(wanted) and wanted in _normalized(response)
 
-    wanted = norm(reference)
-    return bool(wanted) and wanted in norm(response)
+
+def _as_list(value: Any, name: str) -> list:
+    """``value`` (a list, a tuple, a dataset column, any iterable but a string or a mapping) as
+    a list, or a TypeError naming ``name``."""
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of strings, got {type(value).__name__}")
+    return list(value)
+
+
+def _stop_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """The token ids that end an answer: the tokenizer's EOS plus the model's generation EOS
+    ids (Llama 3 Instruct ends a turn with ``<|eot_id|>``, which is not always the tokenizer's
+    EOS)."""
+    ids: list[int] = []
+    sources = (getattr(tokenizer, "eos_token_id", None),
+               getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    for value in sources:
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if item is not None and int(item) not in ids:
+                ids.append(int(item))
+    return ids
 
 
 def _left_padded(tokenizer: Any, texts: Sequence[str], pad_id: int, add_special_tokens: bool,
@@ -100,22 +133,32 @@ def generate_self_knowledge(
     tokenizer's chat template as a user turn.
 
     A tokenizer without a pad token (GPT-2's, Llama 3's) works: prompts are padded with its EOS
-    id here, and the tokenizer is not changed.
+    id here (:func:`pad_id_of`), and the tokenizer is not changed. An answer ends at the first
+    of the tokenizer's EOS and the model's ``generation_config.eos_token_id`` ids (or the
+    ``eos_token_id`` of ``generation_kwargs``), kept in ``response_ids``.
 
     ``references`` (one reference answer per prompt, when the forgetting task has them) restricts
     ``D_self`` to the model's *wrong* answers, as in the authors' earlier experiments: each
-    response is judged by ``judge(response, reference)`` (default :func:`normalized_match`) and
-    only the wrong ones are returned (``keep="all"`` returns every pair); the pairs then carry
-    ``reference`` and ``correct``.
+    response is judged by ``judge(response, reference) -> bool`` (default
+    :func:`normalized_match`: the normalised reference occurs in the normalised response) and,
+    with ``keep="wrong"`` (the default), only the wrong ones are returned; ``keep="all"`` returns
+    every pair. With references every pair carries ``reference`` and ``correct`` (a bool); with
+    ``num_return_sequences > 1`` each sample is judged on its own. A warning says when every
+    answer was judged correct (nothing left to unlearn). ``references`` must have one entry per
+    prompt; ``judge`` without ``references`` is an error.
 
-    Returns one dict per (prompt, sample): ``prompt`` (the text as given), ``response`` (decoded,
-    special tokens skipped), ``prompt_ids`` and ``response_ids`` (the exact token ids, the
-    response ending with EOS when the model produced one), for :func:`encode_pairs`.
+    Returns one dict per (prompt, sample), in prompt order: ``prompt`` (the text as given),
+    ``response`` (decoded, special tokens skipped), ``prompt_ids`` and ``response_ids`` (the
+    exact token ids, the response ending with its stop id when the model produced one), for
+    :func:`encode_pairs`.
     """
-    if not isinstance(prompts, Sequence) or isinstance(prompts, str):
-        raise TypeError("prompts must be a sequence of strings")
-    if any(not isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must all be strings")
+    prompts = _as_list(prompts, "prompts")
+    if not prompts:
+        raise ValueError("prompts is empty: give the forgetting task's prompts")
+    bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise TypeError(f"prompts must all be strings: prompts[{bad}] is a "
+                        f"{type(prompts[bad]).__name__}")
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
                         ("num_return_sequences", num_return_sequences)):
         if not isinstance(value, int) or value < 1:
@@ -123,31 +166,38 @@ def generate_self_knowledge(
     if do_sample and not temperature > 0:
         raise ValueError(f"Invalid temperature: {temperature!r} (must be > 0 when sampling)")
     if references is not None:
-        if isinstance(references, str) or not isinstance(references, Sequence):
-            raise TypeError("references must be a sequence of strings aligned with prompts")
+        references = _as_list(references, "references")
         if len(references) != len(prompts):
             raise ValueError(f"references has {len(references)} entries for {len(prompts)} "
                              "prompts: give one reference answer per prompt")
-        if any(not isinstance(r, str) for r in references):
-            raise TypeError("references must all be strings")
+        bad = next((i for i, r in enumerate(references) if not isinstance(r, str)), None)
+        if bad is not None:
+            raise TypeError(f"references must all be strings: references[{bad}] is a "
+                            f"{type(references[bad]).__name__}")
     if keep not in ("wrong", "all"):
         raise ValueError(f"Invalid keep: {keep!r} (must be 'wrong' or 'all')")
     if judge is not None and not callable(judge):
-        raise TypeError("judge must be a callable (response, reference) -> bool")
+        raise TypeError(f"judge must be a callable (response, reference) -> bool, got "
+                        f"{type(judge).__name__}")
+    if judge is not None and references is None:
+        raise ValueError("judge is given without references: there is nothing to judge against")
     judge = judge or normalized_match
     pad_id = pad_id_of(tokenizer)
-    eos_id = tokenizer.eos_token_id
     device = _model_device(model)
     texts = [_format_prompt(tokenizer, p, chat_template) for p in prompts]
     kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id,
         num_return_sequences=num_return_sequences,
     )
-    if eos_id is not None:
-        kwargs["eos_token_id"] = eos_id
+    stop_ids = _stop_ids(model, tokenizer)
+    if stop_ids:
+        kwargs["eos_token_id"] = stop_ids
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     kwargs.update(generation_kwargs or {})
+    if kwargs.get("eos_token_id") is not None:  # the caller's stop ids, when given, decide
+        value = kwargs["eos_token_id"]
+        stop_ids = [int(i) for i in (value if isinstance(value, (list, tuple)) else [value])]
 
     starts = range(0, len(texts), batch_size)
     if progress:
@@ -170,7 +220,7 @@ def generate_self_knowledge(
                     source = row // num_return_sequences
                     prompt_mask = enc["attention_mask"][source].bool()
                     prompt_ids = enc["input_ids"][source][prompt_mask].tolist()
-                    response_ids = _trim(out[row, width:].tolist(), eos_id, pad_id)
+                    response_ids = _trim(out[row, width:].tolist(), stop_ids, pad_id)
                     pair = {
                         "prompt": prompts[start + source],
                         "response": tokenizer.decode(response_ids, skip_special_tokens=True),
@@ -184,16 +234,23 @@ def generate_self_knowledge(
     finally:
         model.train(was_training)
     if references is not None and keep == "wrong":
+        if pairs and all(p["correct"] for p in pairs):
+            warnings.warn(f"generate_self_knowledge: all {len(pairs)} answers were judged "
+                          "correct against references, so no pair is kept (keep='wrong'): "
+                          "nothing to unlearn", UserWarning, stacklevel=2)
         pairs = [p for p in pairs if not p["correct"]]
     return pairs
 
 
-def _trim(ids: list[int], eos_id: Optional[int], pad_id: int) -> list[int]:
-    """Cut a generated continuation after its first EOS (kept) and drop trailing padding."""
-    if eos_id is not None and eos_id in ids:
-        return ids[: ids.index(eos_id) + 1]
-    while ids and ids[-1] == pad_id and pad_id != eos_id:
-        ids = ids[:-1]
+def _trim(ids: list[int], stop_ids: Sequence[int], pad_id: int) -> list[int]:
+    """Cut a generated continuation after its first stop id (kept) and drop trailing padding
+    (``generate`` pads rows that stopped early)."""
+    for index, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[: index + 1]
+    if pad_id not in stop_ids:
+        while ids and ids[-1] == pad_id:
+            ids = ids[:-1]
     return ids
 
 
@@ -215,8 +272,14 @@ def encode_pairs(
     the prompt with the tokenizer's special tokens (or the chat template), the response without,
     plus EOS when ``add_eos`` and the response does not already end with it. ``max_length``
     truncates the response (never the prompt; a prompt that alone is too long is an error).
+    A pair that is neither a mapping nor a 2-sequence, or lacks string fields, is an error naming
+    its index.
     """
     eos_id = tokenizer.eos_token_id
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                   or max_length < 2):
+        raise ValueError(f"Invalid max_length: {max_length!r} (must be None or an int >= 2: a "
+                         "prompt token and a response token)")
     if isinstance(pairs, (str, Mapping)):
         raise TypeError("pairs must be an iterable of pairs (dicts or (prompt, response) tuples)")
     samples = []
@@ -255,17 +318,35 @@ def encode_pairs(
     return samples
 
 
-def collate(samples: Sequence[Mapping[str, Any]], pad_id: Optional[int] = 0) -> dict[str, Tensor]:
-    """Right-pad samples (``input_ids``, optional ``labels``; 1-D, or shaped ``(1, T)`` as
-    ``return_tensors="pt"`` gives them) into a batch with an ``attention_mask``; padded labels
-    are -100. ``pad_id=None`` pads with 0: padded positions are masked and carry no label, so any
-    valid id works (a tokenizer without a pad token needs no stand-in)."""
-    if not samples:
-        raise ValueError("collate: no samples")
+def _check_pad_id(pad_id: Optional[int]) -> int:
     if pad_id is None:
-        pad_id = 0
+        return 0
     if not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0:
         raise ValueError(f"Invalid pad_id: {pad_id!r} (must be None or an int >= 0)")
+    return pad_id
+
+
+def collate(samples: Sequence[Mapping[str, Any]], pad_id: Optional[int] = 0) -> dict[str, Tensor]:
+    """Right-pad samples into a batch of ``input_ids``, ``attention_mask`` and ``labels``.
+
+    A sample is a mapping with ``input_ids`` and optionally ``labels`` (default: ``input_ids``),
+    each a list, array or tensor of token ids, 1-D or shaped ``(1, T)`` as ``return_tensors="pt"``
+    gives them; other keys are ignored. Padded positions get ``pad_id``, attention mask 0 and
+    label -100. ``pad_id=None`` pads with 0: padded positions are masked and carry no label, so
+    any valid id works and a tokenizer without a pad token (``tokenizer.pad_token_id is None``)
+    needs no stand-in.
+
+    Errors name the sample's index and key: a sample that is not a mapping or lacks
+    ``input_ids``; another shape, an empty sample, non-integer ids, negative ``input_ids``,
+    ``labels`` below 0 other than -100, or ``labels`` of another length than ``input_ids``.
+    """
+    if isinstance(samples, Mapping):
+        raise TypeError("collate takes a sequence of samples, got one mapping: wrap a single "
+                        "sample in a list")
+    samples = list(samples)
+    if not samples:
+        raise ValueError("collate: no samples")
+    pad_id = _check_pad_id(pad_id)
     rows = [_sample_row(sample, index) for index, sample in enumerate(samples)]
     width = max(len(x) for x, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -289,16 +370,28 @@ def _sample_row(sample: Any, index: int) -> tuple[Tensor, Tensor]:
         if value is None:
             out.append(out[0])
             continue
-        tensor = torch.as_tensor(value)
+        try:
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"sample {index}[{key!r}] must be a sequence of integer token ids, "
+                            f"got {type(value).__name__}: {error}") from None
         if tensor.dim() == 2 and tensor.shape[0] == 1:
             tensor = tensor[0]
         if tensor.dim() != 1:
             raise ValueError(f"sample {index}[{key!r}] must be 1-D (or shaped (1, T)), got shape "
                              f"{tuple(tensor.shape)}")
+        if tensor.numel() == 0:
+            raise ValueError(f"sample {index}[{key!r}] is empty")
         if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
             raise ValueError(f"sample {index}[{key!r}] must hold integer token ids, got "
                              f"{tensor.dtype}")
-        out.append(tensor.long())
+        tensor = tensor.long()
+        invalid = (tensor < 0) if key == "input_ids" else (tensor < 0) & (tensor != IGNORE_INDEX)
+        if bool(invalid.any()):
+            allowed = ">= 0" if key == "input_ids" else f">= 0 or {IGNORE_INDEX}"
+            raise ValueError(f"sample {index}[{key!r}] holds {int(tensor[invalid][0])} at "
+                             f"position {int(invalid.nonzero()[0])} (must be {allowed})")
+        out.append(tensor)
     if out[1].shape != out[0].shape:
         raise ValueError(f"sample {index}: labels has {out[1].numel()} entries, input_ids "
                          f"{out[0].numel()}")
@@ -312,9 +405,21 @@ def batches_of(
     indices: Optional[Sequence[int]] = None,
     pad_id: Optional[int] = 0,
     device: Optional[torch.device] = None,
-):
-    """Yield collated batches of ``samples`` (or of ``samples[indices]``) in order."""
+) -> Iterator[dict[str, Tensor]]:
+    """Yield collated batches of ``samples`` (or of ``samples[indices]``) in order, padded as
+    :func:`collate` pads (``pad_id=None``: 0)."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"Invalid batch_size: {batch_size!r} (must be an int >= 1)")
+    # Checked here, at the call, rather than when the first batch is drawn.
+    pad_id = _check_pad_id(pad_id)
     order = list(range(len(samples))) if indices is None else [int(i) for i in indices]
+    outside = [i for i in order if not -len(samples) <= i < len(samples)]
+    if outside:
+        raise IndexError(f"indices: {outside[:5]} outside the {len(samples)} samples")
+    return _batches(samples, order, batch_size, pad_id, device)
+
+
+def _batches(samples, order: list[int], batch_size: int, pad_id: int, device):
     for start in range(0, len(order), batch_size):
         batch = collate([samples[i] for i in order[start : start + batch_size]], pad_id)
         yield batch if device is None else {k: v.to(device) for k, v in batch.items()}

@@ -3,6 +3,7 @@ and exact resumption from its state."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,3 +221,28 @@ def test_select_ranks_nan_last_and_refuses_all_nan():
         select(torch.tensor([nan, nan]), 0.5)
     with pytest.raises(ValueError, match="fraction"):
         select(scores, True)
+    assert select(scores, np.float32(0.25)).tolist() == [4, 2]  # any real fraction
+
+
+def test_select_matches_a_reference_ranking_on_random_scores():
+    """Against an independent ranking: numbers by (-score, index), then NaNs by index."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n = int(torch.randint(1, 12, (1,), generator=gen))
+        values = torch.randint(-3, 4, (n,), generator=gen).double()  # many ties
+        special = torch.rand(n, generator=gen)
+        values[special < 0.15] = float("nan")
+        values[(special >= 0.15) & (special < 0.25)] = float("inf")
+        values[(special >= 0.25) & (special < 0.3)] = -float("inf")
+        if bool(torch.isnan(values).all()):
+            values[0] = 0.0
+        items = values.tolist()
+        ranked = sorted((i for i in range(n) if items[i] == items[i]),
+                        key=lambda i: (-items[i], i))
+        nans = [i for i in range(n) if items[i] != items[i]]
+        for fraction in (0.1, 0.5, 1.0):
+            count = max(1, int(round(fraction * n)))
+            expected = (ranked + nans)[:count]
+            assert select(values, fraction).tolist() == expected, (items, fraction)
+            assert select(values, fraction, positive_only=True).tolist() == \
+                [i for i in expected if items[i] > 0]

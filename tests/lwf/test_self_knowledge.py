@@ -219,3 +219,138 @@ def test_normalized_match():
     assert normalized_match("Dental caries on pit and fissure surface", "dental caries ON pit")
     assert not normalized_match("Lyon", "Paris")
     assert not normalized_match("anything", " . ")
+
+
+def test_collate_names_unusable_samples():
+    good = {"input_ids": [1, 4, 5]}
+    with pytest.raises(TypeError, match="got one mapping: wrap a single sample in a list"):
+        collate(good)
+    cases = [
+        ({"input_ids": "A 1 ="}, TypeError, r"sample 1\['input_ids'\] must be a sequence of "
+                                            "integer token ids, got str"),
+        ({"input_ids": [[1, 2], [3]]}, TypeError, r"sample 1\['input_ids'\]"),
+        ({"input_ids": []}, ValueError, r"sample 1\['input_ids'\] is empty"),
+        ({"input_ids": [1, -100, 4]}, ValueError,
+         r"sample 1\['input_ids'\] holds -100 at position 1 \(must be >= 0\)"),
+        ({"input_ids": [1, 4, 5], "labels": [-100, 4, -1]}, ValueError,
+         r"sample 1\['labels'\] holds -1 at position 2 \(must be >= 0 or -100\)"),
+        ({"input_ids": torch.ones(3, 1, dtype=torch.long)}, ValueError,
+         r"sample 1\['input_ids'\] must be 1-D \(or shaped \(1, T\)\), got shape \(3, 1\)"),
+    ]
+    for bad, error, message in cases:
+        with pytest.raises(error, match=message):
+            collate([good, bad])
+
+
+def test_collate_takes_numpy_and_any_iterable_of_samples():
+    np = pytest.importorskip("numpy")
+    samples = [{"input_ids": np.array([1, 4, 5]), "labels": np.array([-100, 4, 5])},
+               {"input_ids": np.array([[1, 6]], dtype=np.int32)}]
+    batch = collate(iter(samples), pad_id=None)
+    assert batch["input_ids"].tolist() == [[1, 4, 5], [1, 6, 0]]
+    assert batch["labels"].tolist() == [[-100, 4, 5], [1, 6, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_batches_of_checks_its_arguments_at_the_call():
+    from fisherforget.lwf import batches_of
+
+    samples = [{"input_ids": [1, 4, 5]}, {"input_ids": [1, 6]}, {"input_ids": [1]}]
+    for kwargs, error, message in [
+        (dict(batch_size=0), ValueError, "Invalid batch_size: 0"),
+        (dict(batch_size=2, pad_id=-1), ValueError, "Invalid pad_id: -1"),
+        (dict(batch_size=2, indices=[0, 3]), IndexError, r"indices: \[3\] outside the 3"),
+    ]:
+        with pytest.raises(error, match=message):
+            batches_of(samples, **kwargs)  # raised before any batch is drawn
+    batches = list(batches_of(samples, 2, indices=[2, 0], pad_id=None))
+    assert [b["input_ids"].tolist() for b in batches] == [[[1, 0, 0], [1, 4, 5]]]
+
+
+def test_encode_pairs_checks_max_length():
+    tok = word_tokenizer()
+    for bad in (0, 1, -3, 2.5, True):
+        with pytest.raises(ValueError, match="Invalid max_length"):
+            encode_pairs(tok, [("A 1 =", "2")], max_length=bad)
+
+
+def test_generation_takes_any_iterable_of_prompts_and_names_bad_ones():
+    class Column:  # e.g. a datasets column: iterable, not a list
+        def __init__(self, items):
+            self.items = items
+
+        def __iter__(self):
+            return iter(self.items)
+
+    tok, model = word_tokenizer(), tiny_llama()
+    expected = generate_self_knowledge(model, tok, PROMPTS[:3], max_new_tokens=2,
+                                       do_sample=False, progress=False)
+    for prompts in (tuple(PROMPTS[:3]), Column(PROMPTS[:3])):
+        assert generate_self_knowledge(model, tok, prompts, max_new_tokens=2, do_sample=False,
+                                       progress=False) == expected
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate_self_knowledge(model, tok, [], progress=False)
+    with pytest.raises(TypeError, match=r"prompts\[1\] is a int"):
+        generate_self_knowledge(model, tok, ["A 1 =", 3], progress=False)
+    with pytest.raises(TypeError, match="prompts must be a sequence of strings, got dict"):
+        generate_self_knowledge(model, tok, {"A 1 =": "2"}, progress=False)
+
+
+def test_references_as_any_iterable_and_judge_misuse():
+    tok, model = word_tokenizer(), tiny_llama()
+    every = generate_self_knowledge(model, tok, PROMPTS[:2], max_new_tokens=2, do_sample=False,
+                                    progress=False)
+    references = (every[0]["response"], "9 9 9 9 9")  # a tuple: right, then wrong
+    kept = generate_self_knowledge(model, tok, PROMPTS[:2], max_new_tokens=2, do_sample=False,
+                                   progress=False, references=iter(references), keep="all")
+    assert [(p["reference"], p["correct"]) for p in kept] == [(references[0], True),
+                                                              (references[1], False)]
+    with pytest.raises(ValueError, match="judge is given without references"):
+        generate_self_knowledge(model, tok, PROMPTS[:2], judge=normalized_match, progress=False)
+    with pytest.raises(TypeError, match="judge must be a callable"):
+        generate_self_knowledge(model, tok, PROMPTS[:2], references=references, judge="exact",
+                                progress=False)
+    with pytest.raises(TypeError, match=r"references\[1\] is a NoneType"):
+        generate_self_knowledge(model, tok, PROMPTS[:2], references=["1", None], progress=False)
+    with pytest.warns(UserWarning, match="all 2 answers were judged correct"):
+        left = generate_self_knowledge(model, tok, PROMPTS[:2], max_new_tokens=2,
+                                       do_sample=False, progress=False, references=references,
+                                       judge=lambda response, reference: True)
+    assert left == []
+
+
+def test_answers_stop_at_the_models_own_eos_ids_too():
+    """Llama 3 Instruct ends a turn with <|eot_id|>, listed in its generation_config but not
+    always the tokenizer's EOS: an answer stops at the first of either, as greedy decoding by
+    hand with both stop ids does."""
+    tok = padless_tokenizer()
+    model = tiny_llama().eval()
+    free = generate_self_knowledge(model, tok, PROMPTS, max_new_tokens=4, do_sample=False,
+                                   progress=False)
+    # A stop id the model emits after its first answer token somewhere (not the EOS).
+    extra = next(p["response_ids"][1] for p in free
+                 if len(p["response_ids"]) > 2 and p["response_ids"][1] != tok.eos_token_id
+                 and p["response_ids"][1] != p["response_ids"][0])
+    model.generation_config.eos_token_id = [extra]
+    pairs = generate_self_knowledge(model, tok, PROMPTS, max_new_tokens=4, do_sample=False,
+                                    batch_size=2, progress=False)
+    stops = {extra, tok.eos_token_id}
+    for pair in pairs:
+        ids, expected = list(pair["prompt_ids"]), []
+        with torch.no_grad():
+            for _ in range(4):
+                nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+                expected.append(nxt)
+                ids.append(nxt)
+                if nxt in stops:
+                    break
+        assert pair["response_ids"] == expected
+    assert any(p["response_ids"][-1] == extra for p in pairs)
+    assert tok.pad_token is None
+
+
+def test_normalized_match_strips_unicode_punctuation():
+    assert normalized_match("«Paris»", "“paris”")
+    assert normalized_match("答案是巴黎。", "巴黎")
+    assert not normalized_match("Lyon!", "“Paris”")
+    assert normalized_match("It is 14.", "4")  # a substring test, as documented
