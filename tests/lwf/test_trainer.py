@@ -1,8 +1,12 @@
 """The ``transformers`` integration: trains, logs, checkpoints and resumes to the same result."""
 
 import os
+import pathlib
 import shutil
+import types
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +22,7 @@ from fisherforget.lwf import (  # noqa: E402
     LWFTrainer,
     collate,
 )
-from fisherforget.lwf.trainer import STATE_FILE  # noqa: E402
+from fisherforget.lwf.trainer import STATE_FILE, weights_only_state  # noqa: E402
 from lwf_testing import make_samples, tiny_llama  # noqa: E402
 
 CONFIG = LWFConfig(every=3, steps=2, warmup=2, rescore_every=6, fraction=0.5, lr=2e-3,
@@ -35,22 +39,38 @@ def arguments(out, max_steps=10, **overrides):
     return TrainingArguments(**kwargs)
 
 
-def make_trainer(out, **overrides):
+def make_trainer(out, config=CONFIG, **overrides):
     model = tiny_llama(seed=0)
-    lwf = LearningWithForgetting(None, None, make_samples(16, seed=7), CONFIG)
+    lwf = LearningWithForgetting(None, None, make_samples(16, seed=7), config)
     trainer = LWFTrainer(model=model, args=arguments(out, **overrides),
                          train_dataset=make_samples(64, seed=2), data_collator=collate, lwf=lwf,
                          fisher_kwargs={"fisher_beta": 0.9})
     return trainer, lwf
 
 
+def spy_state_loads(monkeypatch):
+    """Record the keyword arguments of every torch.load of an LWF state file."""
+    calls = []
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        if str(f).endswith(STATE_FILE):
+            calls.append(kwargs)
+        return original(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    return calls
+
+
 def lwf_logs(trainer):
     return [entry for entry in trainer.state.log_history if "lwf/phase" in entry]
 
 
-def test_trainer_trains_logs_checkpoints_and_resumes_exactly(tmp_path):
+def test_trainer_trains_logs_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
     full, full_lwf = make_trainer(tmp_path / "full")
     full.train()
+    # 10 optimizer steps of 2 micro-batches each: LWF counts optimizer steps, not micro-batches
+    assert full.args.gradient_accumulation_steps == 2 and full.state.global_step == 10
     assert isinstance(full.optimizer.optimizer if hasattr(full.optimizer, "optimizer")
                       else full.optimizer, FisherAdamW)
     # phases after learning steps 2, 5, 8 (warmup 2, every 3), each in the Trainer's logs
@@ -64,10 +84,13 @@ def test_trainer_trains_logs_checkpoints_and_resumes_exactly(tmp_path):
     assert os.path.isfile(tmp_path / "full" / "checkpoint-5" / STATE_FILE)
     assert full_lwf.global_step == 10
 
-    # Resume from the step-5 checkpoint (outside the new run's output_dir) with a fresh model.
+    # Resume from the step-5 checkpoint (outside the new run's output_dir, given as a
+    # pathlib.Path) with a fresh model; the LWF state is read with weights_only=True.
     resumed, resumed_lwf = make_trainer(tmp_path / "resumed")
     torch.manual_seed(123)  # a different global RNG state: everything must come from checkpoints
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-5"))
+    loads = spy_state_loads(monkeypatch)
+    resumed.train(resume_from_checkpoint=pathlib.Path(tmp_path / "full" / "checkpoint-5"))
+    assert [kwargs.get("weights_only") for kwargs in loads] == [True]
     assert resumed_lwf.global_step == 10
     # the resumed log history holds the checkpoint's entries, then this run's phase at step 8
     assert lwf_logs(resumed) == logs
@@ -160,8 +183,102 @@ def test_state_file_loads_with_weights_only_and_a_tampered_one_is_refused(tmp_pa
 def test_train_twice_on_one_lwf_is_refused(tmp_path):
     trainer, lwf = make_trainer(tmp_path, max_steps=3)
     trainer.train()
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    history = list(lwf.history)
     with pytest.raises(RuntimeError, match="already ran 3 learning steps"):
         trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))
+    assert lwf.global_step == 3 and lwf.history == history
+
+
+def test_numpy_config_values_round_trip_with_weights_only(tmp_path, monkeypatch):
+    """np.float64 is a float, so LWFConfig takes it, but it pickles as NumPy, which
+    weights_only=True refuses: the saved state holds plain Python numbers instead."""
+    config = LWFConfig(every=3, steps=2, warmup=2, fraction=np.float64(0.5),
+                       lr=np.float64(2e-3), batch_size=4, forget_eval_size=8)
+    full, full_lwf = make_trainer(tmp_path, config=config, max_steps=6, save_steps=3)
+    full.train()
+    state = torch.load(tmp_path / "checkpoint-3" / STATE_FILE, weights_only=True)
+    assert type(state["config"]["lr"]) is float and state["config"]["lr"] == 2e-3
+    resumed, resumed_lwf = make_trainer(tmp_path, config=config, max_steps=6, save_steps=3)
+    loads = spy_state_loads(monkeypatch)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert [kwargs.get("weights_only") for kwargs in loads] == [True]
+    assert resumed_lwf.history == full_lwf.history
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_weights_only_state_converts_or_names_what_it_cannot_store():
+    param = torch.nn.Parameter(torch.ones(2))
+    state = {"a": [np.float32(0.5), np.int64(3), np.bool_(True), (1, None)],
+             "p": param, "arr": np.arange(3), "nested": {"x": "s"}}
+    out = weights_only_state(state)
+    assert out["a"] == [0.5, 3, True, (1, None)]
+    assert [type(v) for v in out["a"][:3]] == [float, int, bool]
+    assert type(out["p"]) is torch.Tensor and torch.equal(out["p"], param.detach())
+    assert torch.equal(out["arr"], torch.arange(3)) and out["nested"] == {"x": "s"}
+    with pytest.raises(TypeError, match=r"state\['history'\]\[1\] holds a .*object"):
+        weights_only_state({"history": [1, object()]})
+
+
+def test_resuming_without_optimizer_state_is_refused(tmp_path):
+    """save_only_model=True checkpoints hold no optimizer state; the Fisher that LWF scores and
+    protects with would silently restart from nothing."""
+    first, _ = make_trainer(tmp_path, max_steps=3, save_steps=3, save_only_model=True)
+    first.train()
+    assert not os.path.exists(tmp_path / "checkpoint-3" / "optimizer.pt")
+    again, lwf = make_trainer(tmp_path, max_steps=5, save_only_model=True)
+    with pytest.raises(RuntimeError, match="without the optimizer state.*save_only_model=True"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert lwf.global_step == 0 and lwf.history == []
+
+
+def test_lwf_trainer_refuses_other_optimizers_up_front(tmp_path):
+    def build(**kwargs):
+        model = tiny_llama()
+        lwf = LearningWithForgetting(None, None, make_samples(4), CONFIG)
+        args = kwargs.pop("args", arguments(tmp_path, max_steps=2))
+        return LWFTrainer(model=model, args=args, train_dataset=make_samples(16),
+                          data_collator=collate, lwf=lwf, **kwargs)
+
+    model = tiny_llama()
+    with pytest.raises(TypeError, match="optimizers: LWF needs a .*FisherAdamW, got SGD"):
+        build(optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(TypeError, match="optimizer_cls_and_kwargs: .* got 'AdamW'"):
+        build(optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-3}))
+    with pytest.raises(ValueError, match=r"args.optim='adafactor'"):
+        build(args=arguments(tmp_path, max_steps=2, optim="adafactor"))
+    with pytest.raises(ValueError, match="callbacks: LWFTrainer adds its own LWFCallback"):
+        build(callbacks=[LWFCallback(LearningWithForgetting(None, None, make_samples(4)))])
+    with pytest.raises(TypeError, match="lwf must be"):
+        LWFTrainer(model=model, args=arguments(tmp_path), lwf=None)
+    # A FisherAdamW given by the caller is used as it is.
+    own = FisherAdamW(model.parameters(), lr=1e-3)
+    trainer = LWFTrainer(model=model, args=arguments(tmp_path, max_steps=3, save_strategy="no"),
+                         train_dataset=make_samples(16), data_collator=collate,
+                         lwf=LearningWithForgetting(None, None, make_samples(4), CONFIG),
+                         optimizers=(own, None))
+    trainer.train()
+    assert trainer.lwf.optimizer is own
+
+
+def test_on_save_writes_only_where_it_should(tmp_path):
+    callback = LWFCallback(LearningWithForgetting(None, None, make_samples(4), CONFIG))
+    state = types.SimpleNamespace(global_step=4)
+    (tmp_path / "checkpoint-4").mkdir()
+    callback.on_save(types.SimpleNamespace(should_save=False, output_dir=str(tmp_path)), state,
+                     None)
+    assert not (tmp_path / "checkpoint-4" / STATE_FILE).exists()  # not the saving process
+    with pytest.warns(UserWarning, match="checkpoint-7 does not exist"):
+        callback.on_save(types.SimpleNamespace(should_save=True, output_dir=str(tmp_path)),
+                         types.SimpleNamespace(global_step=7), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.on_save(types.SimpleNamespace(should_save=True, output_dir=str(tmp_path)), state,
+                         None)
+    saved = torch.load(tmp_path / "checkpoint-4" / STATE_FILE, weights_only=True)
+    assert saved["global_step"] == 0 and saved["samples"]["count"] == 4
 
 
 def test_max_steps_shorter_than_warmup_warns(tmp_path):
