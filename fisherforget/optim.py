@@ -393,7 +393,13 @@ class FisherAdamW(Optimizer):
         # hold the original's tensors and the base class carries no private attribute) and by
         # the base load_state_dict (an existing object: caches kept, the new state mapping
         # makes every plan stale).
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        had_differentiable = "differentiable" in defaults
         super().__setstate__(state)
+        if not had_differentiable:
+            # The base class adds it for its own optimizers; it is no FisherAdamW setting (a
+            # group added to a copy would carry it into the copy's state dict).
+            self.defaults.pop("differentiable", None)
         if "_plans" not in self.__dict__:
             self._hyper_cache = {}
             self._plans = {}
@@ -1045,16 +1051,17 @@ def _checked_param_state(pstate: Any, p: Tensor, group: dict[str, Any],
     if unknown:
         raise ValueError(f"state_dict: the state of {where} has unknown entries {unknown} "
                          "(not a FisherAdamW state)")
-    needs = list(_TOGETHER)
-    if group["amsgrad"]:
-        needs.append(("step", "max_exp_avg_sq"))
-    for first, *others in needs:
+    # (No entry is required by the group's settings: the optimizer itself saves states without
+    # them, e.g. a ``max_exp_avg_sq`` that amsgrad=True, set after the last step, has not made
+    # yet, which the next step creates as zeros here as it would have there.)
+    for first, *others in _TOGETHER:
         for other in others:
             if first in pstate and other not in pstate:
                 raise bad(other, f"is missing (the state has {first!r})")
     # Learning moments need their step count, unlearning moments theirs; a state may hold
-    # either set alone (e.g. only unlearn_* after an early unlearning phase).
-    for count, keys in (("step", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "fisher")),
+    # either set alone (e.g. only unlearn_* after an early unlearning phase), and a Fisher
+    # without either (made by an early unlearning phase that scales or freezes by it).
+    for count, keys in (("step", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
                         ("unlearn_step", ("unlearn_exp_avg", "unlearn_exp_avg_sq",
                                           "unlearn_max_exp_avg_sq"))):
         present = [k for k in keys if k in pstate]

@@ -218,3 +218,74 @@ def test_a_bf16_fisher_is_warned_about_and_the_warning_is_right(settings):
         low.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "fisher": "ema",
                              "fisher_beta": 0.9})
     assert any("rounded away" in str(w.message) for w in caught)
+
+
+def _saved_and_loaded(opt, params, **settings):
+    """The optimizer's own state dict through torch.save / torch.load(weights_only=True), loaded
+    into a fresh optimizer on clones of ``params``."""
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    other = FisherAdamW(clones, **settings)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    return other, clones
+
+
+def _step_both_identically(pairs, grads):
+    for g in grads:
+        for o, ps in pairs:
+            step_with(o, ps, g)
+            with o.unlearning(lr=1e-3, moments="separate"):
+                step_with(o, ps, g)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(fisher="ema"), dict(fisher="mean", amsgrad=True),
+    dict(fisher="sum", fisher_dtype=torch.bfloat16, state_dtype=torch.bfloat16),
+    dict(fisher=None),
+])
+@pytest.mark.parametrize("phase", [
+    "early_separate_freezing", "early_separate_scaling", "early_shared_amsgrad",
+    "amsgrad_set_after_a_step", "fisher_set_after_a_step",
+])
+def test_states_made_by_early_phases_and_changed_settings_load_back(settings, phase):
+    """An early unlearning phase that freezes or scales by the Fisher makes a Fisher beside
+    unlearn_* moments and no 'step'; amsgrad (or a Fisher) switched on after a step leaves a
+    state without max_exp_avg_sq (or Fisher) until the next step. Each loads and steps on
+    exactly like the original."""
+    import warnings
+
+    params, grads = model_and_grads()
+    settings = dict(lr=1e-2, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a bf16 Fisher may warn
+        opt = FisherAdamW(params, **settings)
+        if phase.startswith("early"):
+            moments = "shared" if "shared" in phase else "separate"
+            override = dict(freezing=dict(freeze_above=1.0), scaling=dict(fisher_scale=0.5),
+                            amsgrad=dict(amsgrad=True))[phase.rsplit("_", 1)[1]]
+            with opt.unlearning(lr=1e-3, moments=moments, **override):
+                step_with(opt, params, grads[0])
+        else:
+            step_with(opt, params, grads[0])
+            key = "amsgrad" if phase.startswith("amsgrad") else "fisher"
+            opt.param_groups[0][key] = True if key == "amsgrad" else "ema"
+            settings[key] = opt.param_groups[0][key]
+        other, clones = _saved_and_loaded(opt, params, **settings)
+        _step_both_identically([(opt, params), (other, clones)], grads[1:])
+    assert_same(params, clones)
+    for p, q in zip(params, clones):
+        assert opt.state[p].keys() == other.state[q].keys()
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, other.state[q][key]), key
+
+
+def test_a_copy_adds_no_setting_of_the_base_class():
+    params, grads = model_and_grads()
+    opt = FisherAdamW(params, lr=1e-2)
+    step_with(opt, params, grads[0])
+    copied = copy.deepcopy(opt)
+    assert copied.defaults.keys() == opt.defaults.keys()
+    copied.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    assert "differentiable" not in copied.state_dict()["param_groups"][1]
