@@ -292,8 +292,8 @@ def encode_pairs(
             raise TypeError(f"pair {index} must be a dict or a (prompt, response) tuple, got "
                             f"{type(pair).__name__}")
         if "prompt_ids" in pair and "response_ids" in pair:
-            prompt_ids = list(pair["prompt_ids"])
-            response_ids = list(pair["response_ids"])
+            prompt_ids = _token_ids(pair["prompt_ids"], f"pair {index}['prompt_ids']")
+            response_ids = _token_ids(pair["response_ids"], f"pair {index}['response_ids']")
         else:
             if not isinstance(pair.get("prompt"), str) or not isinstance(pair.get("response"), str):
                 raise ValueError(f"pair {index} needs string 'prompt' and 'response' fields")
@@ -324,6 +324,27 @@ def _check_pad_id(pad_id: Optional[int]) -> int:
     if not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0:
         raise ValueError(f"Invalid pad_id: {pad_id!r} (must be None or an int >= 0)")
     return pad_id
+
+
+def _token_ids(value: Any, where: str) -> list[int]:
+    """Token ids (a list, an array, a tensor; 1-D or shaped ``(1, T)``) as a list of ints >= 0,
+    or an error naming ``where``."""
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{where} must be a sequence of integer token ids, got "
+                        f"{type(value).__name__}: {error}") from None
+    if tensor.dim() == 2 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.dim() != 1 or (tensor.numel() and (tensor.dtype.is_floating_point
+                                                   or tensor.dtype.is_complex
+                                                   or tensor.dtype == torch.bool)):
+        raise ValueError(f"{where} must be a 1-D sequence of integer token ids, got shape "
+                         f"{tuple(tensor.shape)} of {tensor.dtype}")
+    ids = tensor.long().tolist()
+    if any(i < 0 for i in ids):
+        raise ValueError(f"{where} holds a negative token id")
+    return ids
 
 
 def collate(samples: Sequence[Mapping[str, Any]], pad_id: Optional[int] = 0) -> dict[str, Tensor]:

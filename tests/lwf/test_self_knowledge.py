@@ -354,3 +354,17 @@ def test_normalized_match_strips_unicode_punctuation():
     assert normalized_match("答案是巴黎。", "巴黎")
     assert not normalized_match("Lyon!", "“Paris”")
     assert normalized_match("It is 14.", "4")  # a substring test, as documented
+
+
+def test_encode_pairs_takes_token_ids_in_any_form_and_names_bad_ones():
+    expected = [1, 4, 7, 8, 2]
+    for prompt_ids, response_ids in (([1, 4, 7], [8, 2]), (torch.tensor([[1, 4, 7]]),
+                                                            torch.tensor([8, 2]))):
+        got = encode_pairs(word_tokenizer(), [{"prompt_ids": prompt_ids,
+                                               "response_ids": response_ids}])
+        assert got[0]["input_ids"].tolist() == expected
+        assert got[0]["labels"].tolist() == [IGNORE_INDEX] * 3 + [8, 2]
+    with pytest.raises(ValueError, match=r"pair 0\['response_ids'\] must be a 1-D"):
+        encode_pairs(word_tokenizer(), [{"prompt_ids": [1], "response_ids": [0.5]}])
+    with pytest.raises(ValueError, match=r"pair 0\['prompt_ids'\] holds a negative"):
+        encode_pairs(word_tokenizer(), [{"prompt_ids": [-100, 1], "response_ids": [4]}])
