@@ -42,6 +42,7 @@ from __future__ import annotations
 import numbers
 import os
 import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -54,6 +55,11 @@ from fisherforget.optim import FisherAdamW
 __all__ = ["LWFCallback", "LWFTrainer", "STATE_FILE", "weights_only_state"]
 
 STATE_FILE = "lwf_state.pt"
+
+# Which callback drives each LearningWithForgetting in which Trainer run (its TrainerState), to
+# catch two callbacks stepping one helper twice per optimizer step.
+_DRIVERS: "weakref.WeakKeyDictionary[LearningWithForgetting, tuple[Any, Any]]" = (
+    weakref.WeakKeyDictionary())
 
 
 def weights_only_state(value: Any, where: str = "state") -> Any:
@@ -105,6 +111,12 @@ class LWFCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("LWFCallback needs the Trainer's model and optimizer")
+        driver = _DRIVERS.get(self.lwf)
+        if driver is not None and driver[0] is not self and driver[1] is state:
+            raise ValueError("callbacks: two LWFCallbacks drive the same LearningWithForgetting "
+                             "in this Trainer (each would step it once per optimizer step); "
+                             "pass one (LWFTrainer adds its own)")
+        _DRIVERS[self.lwf] = (self, state)
         if state.global_step == 0 and self.lwf.global_step > 0:
             raise RuntimeError(
                 f"this LearningWithForgetting already ran {self.lwf.global_step} learning steps "

@@ -312,3 +312,17 @@ def test_interleaved_schedule_in_the_trainer(tmp_path):
     mixed, lwf = run(2)
     assert not any("lwf/phase" in h for h in lwf.history)
     assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), mixed.parameters()))
+
+
+def test_two_callbacks_on_one_lwf_are_refused_before_any_step(tmp_path):
+    model = tiny_llama()
+    lwf = LearningWithForgetting(None, None, make_samples(4), CONFIG)
+    opt = FisherAdamW(model.parameters(), lr=1e-3)
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=3, save_strategy="no"),
+                      train_dataset=make_samples(16), data_collator=collate,
+                      optimizers=(opt, None), callbacks=[LWFCallback(lwf), LWFCallback(lwf)])
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="two LWFCallbacks drive the same"):
+        trainer.train()
+    assert lwf.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
