@@ -35,6 +35,7 @@ import copy
 import dataclasses
 import logging
 import math
+import numbers
 import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -188,8 +189,11 @@ class LWFConfig:
 
     def validate(self) -> None:
         """Check every field (:class:`ValueError` / :class:`TypeError` naming the field)."""
-        self.schedule  # validates the schedule fields
+        _check_int(self, "every", 1)
+        _check_int(self, "steps", 1)
+        _check_int(self, "warmup", 0)
         _check_int(self, "rescore_every", 1, optional=True)
+        self.schedule  # validates the schedule fields together
         _check_int(self, "pilot_steps", 0)
         _check_int(self, "score_batches", 1)
         _check_int(self, "batch_size", 1)
@@ -259,10 +263,13 @@ def _check_int(config: LWFConfig, name: str, low: Optional[int], optional: bool 
     value = getattr(config, name)
     if optional and value is None:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+    if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+            or (low is not None and value < low)):
         bound = "" if low is None else f" >= {low}"
         raise ValueError(f"Invalid {name}: {value!r} (must be {'None or ' if optional else ''}"
                          f"an int{bound})")
+    if type(value) is not int:  # e.g. np.int64: stored as a plain int (checkpoints stay plain)
+        object.__setattr__(config, name, int(value))
 
 
 def _check_number(config: LWFConfig, name: str, *, low: float, high: Optional[float] = None,
@@ -270,12 +277,15 @@ def _check_number(config: LWFConfig, name: str, *, low: float, high: Optional[fl
     value = getattr(config, name)
     if optional and value is None:
         return
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > low if open_low else value >= low) and (high is None or value <= high))
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value) and (value > low if open_low else value >= low)
+          and (high is None or value <= high))
     if not ok:
         interval = f"{'(' if open_low else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
         raise ValueError(f"Invalid {name}: {value!r} (must be {'None or ' if optional else ''}a "
                          f"finite number in {interval})")
+    if type(value) not in (int, float):  # e.g. np.float64: stored as a plain float
+        object.__setattr__(config, name, float(value))
 
 
 def _check_choice(config: LWFConfig, name: str, choices: Sequence[Any]) -> None:
@@ -1005,5 +1015,6 @@ def _check_fits(model: nn.Module, samples: Sequence[Mapping[str, Tensor]], where
                              f"{positions} positions (max_position_embeddings): truncate it "
                              "(encode_pairs(max_length=...)) or drop it")
         if isinstance(vocab, int) and (int(ids.max()) >= vocab or int(ids.min()) < 0):
-            raise ValueError(f"{where}[{index}] holds token id {int(ids.max())} outside the "
-                             f"model's vocabulary of {vocab}: encoded with another tokenizer?")
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"{where}[{index}] holds token id {bad} outside the model's "
+                             f"vocabulary of {vocab}: encoded with another tokenizer?")

@@ -334,3 +334,29 @@ def test_alpha_defaults_to_the_peak_learning_rate_not_the_scheduled_one():
         lwf.score()
     lwf.config.alpha = 1e-3
     assert lwf.score().alpha == 1e-3
+
+
+def test_numpy_numbers_in_the_config_are_stored_as_plain_ones():
+    import numpy as np
+
+    config = LWFConfig(lr=np.float64(2e-4), every=np.int64(7), fraction=np.float32(0.25))
+    assert type(config.lr) is float and type(config.every) is int
+    assert type(config.fraction) is float and config.every == 7
+    config.batch_size = np.int32(4)
+    assert type(config.batch_size) is int
+    model = tiny_llama()
+    lwf = LearningWithForgetting(model, FisherAdamW(model.parameters()), make_samples(4), config)
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(lwf.state_dict(), buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)  # plain values only
+
+
+def test_a_negative_token_id_is_named():
+    model = tiny_llama()
+    samples = make_samples(2)
+    samples[1]["input_ids"][2] = -5
+    with pytest.raises(ValueError, match=r"forget_samples\[1\] holds token id -5"):
+        LearningWithForgetting(model, FisherAdamW(model.parameters()), samples)
