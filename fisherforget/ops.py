@@ -21,7 +21,9 @@ The math of the three ops is stated once, here (and in ``docs/design.md``, which
         p = p - lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps) / (1 + fisher_scale*F)
 
     The bias corrections are computed in float64 from the per-tensor step count; params of a
-    low-precision dtype are rounded once, when stored. With ``fisher_mode=None``, no mask, no
+    low-precision dtype are rounded once, when stored. A bf16 Fisher that accumulates is stored
+    with stochastic rounding (unbiased; the random bits hash the tensor's Fisher count after the
+    step and the element's index, the same on every backend: ``docs/design.md``). With ``fisher_mode=None``, no mask, no
     thresholds and ``fisher_scale=0`` this is ``torch.optim.AdamW``'s step (to rounding).
 ``fisher_accumulate(fishers, grads, alpha, beta, grad_scale)``
     ``F = alpha * F + beta * (g / grad_scale)^2`` in fp32, in place, over many tensors.
@@ -326,6 +328,8 @@ def check_writable(tensors: StepTensors) -> None:
     and no two entries share their memory (a duplicated param or step tensor: one update
     would overwrite the other). Raises naming the list and index; part of the preflight, so
     nothing is written when it fails."""
+    if torch.compiler.is_compiling():
+        return  # checked eagerly; a traced step takes the same tensors (and cannot trace this)
     seen: dict[int, str] = {}
     for name in _WRITTEN:
         for i, t in enumerate(getattr(tensors, name)):

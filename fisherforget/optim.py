@@ -63,51 +63,6 @@ def _swapped_moments(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _TrackedState(defaultdict):
-    """``opt.state``: a ``defaultdict(dict)`` that counts its own changes (entries added,
-    removed, replaced, cleared), so that the optimizer's cached launch plans notice a state
-    reset done the PyTorch way (``del opt.state[p]``, ``opt.state.pop(p)``,
-    ``opt.state.clear()``, ``opt.state[p] = {}``) and the next step is a true first step."""
-
-    _versions = itertools.count(1)  # shared: two mappings (one replacing another) never agree
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(dict, *args)
-        self.version = next(self._versions) << 32
-
-    def __setitem__(self, key, value) -> None:
-        self.version += 1
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key) -> None:
-        self.version += 1
-        super().__delitem__(key)
-
-    def pop(self, *args: Any) -> Any:
-        self.version += 1
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        self.version += 1
-        return super().popitem()
-
-    def clear(self) -> None:
-        self.version += 1
-        super().clear()
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self.version += 1
-        super().update(*args, **kwargs)
-
-    def setdefault(self, key, default=None) -> Any:
-        self.version += 1
-        return super().setdefault(key, default)
-
-    def __reduce__(self):
-        # Pickles (and deep-copies) as a plain mapping of its entries.
-        return (_TrackedState, (), None, None, iter(self.items()))
-
-
 def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
@@ -160,26 +115,6 @@ def _normalize_group(group: dict[str, Any]) -> ops.StepHyper:
     group["fisher"] = None if hyper.fisher_mode is None else str(hyper.fisher_mode)
     group["backend"] = str(group["backend"])
     return hyper
-
-
-def _warn_if_fisher_stalls(group: dict[str, Any]) -> None:
-    """A bf16 Fisher keeps 8 significant bits: an accumulation increment under half an ulp of
-    the running value is rounded away. A "sum" or "mean" stalls as it grows (1,000 steps of
-    g = 1: a "sum" of 256), and an "ema" stops short of its target by up to
-    ``2^-8 / (1 - fisher_beta)`` of its value (a beta=0.999 EMA of g = 1 stays at 0.25 after
-    1,000 steps, exact 0.632; beta=0.99 ends 19% low when g^2 moves from 1 to 4). Accumulation
-    is exact to fp32 rounding only with ``fisher_dtype=torch.float32`` (the default): warn."""
-    if group.get("fisher_dtype") != torch.bfloat16 or group.get("fisher") is None:
-        return
-    mode, beta = group["fisher"], group["fisher_beta"]
-    shortfall = ("it stalls as it grows" if mode != "ema" else
-                 f"it stops short of its target by up to {2.0 ** -8 / (1 - beta):.0%} of its "
-                 "value" if beta < 1 else "it never moves")
-    warnings.warn(
-        f'fisher_dtype=torch.bfloat16 with fisher="{mode}": increments under half a bf16 ulp '
-        f"of the running Fisher are rounded away, so {shortfall} (1,000 steps of g = 1: a "
-        "'sum' of 256, a beta=0.999 EMA of 0.25); keep fisher_dtype=torch.float32 (the "
-        "default) for an accurate Fisher", UserWarning, stacklevel=3)
 
 
 def _needs_fisher(group: dict[str, Any]) -> bool:
@@ -246,7 +181,7 @@ class _Plan:
     a set, with the gradients the plan was checked with."""
 
     __slots__ = ("key", "buckets", "shapes", "dtypes", "devices", "distributed", "grads_key",
-                 "checked_hyper")
+                 "checked_hyper", "states")
 
     def __init__(self, key: tuple, buckets: list[_Bucket], params: list[Tensor],
                  grads: list[Tensor]):
@@ -315,7 +250,14 @@ class FisherAdamW(Optimizer):
         freeze_above, freeze_below: freeze elements whose Fisher is above / below the threshold.
         state_dtype: dtype of ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` (fp32 default, also for
             bf16/fp16 params; fp64 params always keep fp64 state).
-        fisher_dtype: dtype of the Fisher estimate (fp32 default).
+        fisher_dtype: dtype of the Fisher estimate (fp32 default). A bf16 Fisher (half the
+            memory, 8 significant bits) is stored with stochastic rounding on every backend, so
+            that increments under half an ulp of the running value are not rounded away: the
+            stored value is within one bf16 ulp of the fp32 accumulation and equals it in
+            expectation (a "sum" of 1,000 steps of ``g = 1`` averages 1,000 over the elements,
+            each element a few percent off). The random bits are a hash of the Fisher count and
+            the element's index: reproducible, the same on every backend, and carried by
+            checkpoints and copies with the count (docs/design.md, "Low-precision Fisher").
         backend: ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"reference"``.
 
     Every option is an ordinary param-group key: schedulers, ``add_param_group`` and per-group
@@ -355,7 +297,6 @@ class FisherAdamW(Optimizer):
             backend=backend,
         )
         _normalize_group(defaults)
-        _warn_if_fisher_stalls(defaults)
         self._hyper_cache: dict[int, _HyperCache] = {}
         self._plans: dict[int, _Plan] = {}
         self._state_epoch = 0  # bumped whenever state entries are added, removed or swapped
@@ -372,16 +313,6 @@ class FisherAdamW(Optimizer):
         # torch.compile (an import there breaks the graph).
         backends.load("reference")
         super().__init__(params, defaults)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "state" and not isinstance(value, _TrackedState):
-            value = _TrackedState(value)  # the base class and load_state_dict assign plain dicts
-        super().__setattr__(name, value)
-
-    def _epoch(self) -> tuple:
-        """What a cached plan was built against: the optimizer's own count of state changes and
-        the state mapping's (a user's ``del opt.state[p]``)."""
-        return (self._state_epoch, id(self.state), self.state.version)
 
     def __getstate__(self) -> dict[str, Any]:
         # The base class keeps defaults, state and param groups; a copy made inside an
@@ -406,8 +337,6 @@ class FisherAdamW(Optimizer):
             self._state_epoch = 0
             self.__dict__.setdefault("_phase", None)
             self.__dict__.setdefault("_warned", set())
-        if not isinstance(self.state, _TrackedState):
-            self.state = _TrackedState(self.state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Inside a phase the new group would take the phase's direction with nothing to restore
@@ -418,9 +347,6 @@ class FisherAdamW(Optimizer):
         group = self.param_groups[-1]
         try:
             _normalize_group(group)
-            fisher_settings = ("fisher", "fisher_beta", "fisher_dtype")
-            if any(group[k] != self.defaults[k] for k in fisher_settings):
-                _warn_if_fisher_stalls(group)  # the defaults' were judged in __init__
             for p in group["params"]:
                 if p.dtype not in _PARAM_DTYPES:
                     raise TypeError(
@@ -509,11 +435,15 @@ class FisherAdamW(Optimizer):
 
     def _plan(self, gi: int, group: dict[str, Any], hyper: ops.StepHyper,
               params: list[Tensor], grads: list[Tensor]) -> _Plan:
-        key = (self._epoch(), group["backend"], hyper.amsgrad,
+        key = (self._state_epoch, id(self.state), group["backend"], hyper.amsgrad,
                hyper.uses_fisher, group["state_dtype"], group["fisher_dtype"],
                tuple(map(id, params)))
         plan = None if torch.compiler.is_compiling() else self._plans.get(gi)
-        if plan is not None and plan.key == key:
+        # A user's del opt.state[p] / pop / clear / opt.state[p] = {} leaves the key as it was:
+        # the plan is only reused while every param's state entry is still the one it holds
+        # (one C-level pass, no Python per tensor).
+        if (plan is not None and plan.key == key
+                and all(map(operator.is_, map(self.state.get, params), plan.states))):
             return plan
         self._check_grads_one_by_one(gi, group)
         # Resolve every bucket's backend before creating any state, so that a backend that
@@ -553,6 +483,7 @@ class FisherAdamW(Optimizer):
             buckets.append(_Bucket(None if whole else index, tensors, resolved[bucket_key]))
         # _init_state may have added entries: step() gives the key the epoch after them.
         plan = _Plan(key, buckets, params, grads)
+        plan.states = list(map(self.state.get, params))
         if not torch.compiler.is_compiling():
             self._plans[gi] = plan
         return plan
@@ -631,7 +562,7 @@ class FisherAdamW(Optimizer):
         # would rebuild them.
         if not torch.compiler.is_compiling():
             for plan in plans:
-                plan.key = (self._epoch(),) + plan.key[1:]
+                plan.key = (self._state_epoch,) + plan.key[1:]
         # The backends' own checks (dtypes their kernels take, devices) depend only on what the
         # plan and the gradient layout fix: they run when either changes, for every launch of
         # the step before the first launch.
