@@ -128,6 +128,15 @@ def per_sample_terms(
             raise TypeError(f"per_sample_terms: {type(module).__name__} holds scored parameters "
                             f"but returns {type(output).__name__}, not a tensor; use "
                             "method='loop'")
+        if not output.requires_grad:
+            if not torch.is_grad_enabled():
+                raise ValueError(
+                    f"per_sample_terms: a {type(module).__name__} holding scored parameters ran "
+                    "without autograd (under torch.no_grad, or inside reentrant gradient "
+                    "checkpointing, which recomputes it during backward): its share of the "
+                    "gradient cannot be read from its output; use gradient checkpointing with "
+                    "use_reentrant=False, or method='loop'")
+            return None  # its scored parameters did not enter this call: no gradient from it
         kind = _kind(module)
         names = {index[id(p)]: n for n, p in module.named_parameters(recurse=False)
                  if id(p) in index}
@@ -164,7 +173,8 @@ def per_sample_terms(
     loss = sequence_nll(logits, labels_of(batch), "mean").sum()
     _check_coverage(loss, tensors, uses, list(params))
     outputs = [u.output for u in uses]
-    grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+    # No hooked call (no scored param enters the forward): every term is 0.
+    grads = torch.autograd.grad(loss, outputs, allow_unused=True) if outputs else []
     del loss, logits
     for use, g in zip(uses, grads):
         use.grad_output = g
@@ -405,7 +415,8 @@ def _reduce_param(total: Tensor, j: int, p: Tensor, uses: Sequence[_Use],
     row_size = p.numel() // rows
     step = max(1, min(rows, max_elements // (batch_size * row_size)))
     flat_weights = [None if w is None else w.reshape(rows, -1) for w in weights]
-    flat_vectors = [v.reshape(rows, -1) for v in vectors]
+    # Without a dense use the linear terms were added above, from each use's rows.
+    flat_vectors = [v.reshape(rows, -1) for v in vectors] if dense else []
     acc = torch.zeros(batch_size, k + len(weights), dtype=torch.float64, device=p.device)
     # One buffer for every block (no allocation per block); the row-major operands of each
     # use's product made once: G[rows] = dy^T[rows] x (Linear) or x^T[rows] dy (Conv1D).

@@ -4,7 +4,7 @@ then the sums over parameters directly (float64)."""
 import pytest
 import torch
 
-from fisherforget.fisher import IGNORE_INDEX, logits_of, resolve_params, sequence_nll
+from fisherforget.fisher import IGNORE_INDEX, labels_of, logits_of, resolve_params, sequence_nll
 from fisherforget.lwf import collate
 from fisherforget.lwf.sample_terms import per_sample_terms
 from lwf_testing import WORDS, make_samples, tiny_llama
@@ -43,9 +43,10 @@ def brute(model, batch, params, linear, quadratic):
     """Row by row: the gradient of the row's token-averaged NLL, then the sums in float64."""
     rows = []
     tensors = list(params.values())
+    labels = labels_of(batch)  # default: input_ids where attention_mask is 1
     for i in range(batch["input_ids"].shape[0]):
         inputs = {k: v[i:i + 1] for k, v in batch.items() if k != "labels"}
-        loss = sequence_nll(logits_of(model(**inputs)), batch["labels"][i:i + 1], "mean")[0]
+        loss = sequence_nll(logits_of(model(**inputs)), labels[i:i + 1], "mean")[0]
         grads = [g.double() for g in torch.autograd.grad(loss, tensors, allow_unused=True,
                                                          materialize_grads=True)]
         row = [sum((v.double() * g).sum() for v, g in zip(vs, grads)) for vs in linear]
@@ -208,3 +209,67 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="input_ids"):
         per_sample_terms(model, {"input_ids": torch.zeros(3, dtype=torch.long)}, params,
                          quadratic=[None])
+
+
+def test_default_labels_unused_params_and_kept_grads():
+    """No labels (input_ids where the mask is 1), train mode, a chosen param the forward never
+    uses (gradient 0), and .grad values already there left as they were."""
+    model = llama(tied=True).train()
+    model.unused = torch.nn.Linear(4, 3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before = [p.grad.clone() for p in model.parameters()]
+    batch = left_padded(make_samples(4, seed=11))
+    del batch["labels"]
+    got = check(model, batch, lambda name, p: "unused" in name or "norm" in name
+                or "embed" in name)
+    assert all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters()))
+    alone = per_sample_terms(model, batch, resolve_params(model, ["unused.weight", "unused.bias"]),
+                             quadratic=[None])
+    assert got.abs().max() > 0 and torch.equal(alone, torch.zeros(4, 1, dtype=torch.float64))
+
+
+class TwoCalls(torch.nn.Module):
+    """One embedding looked up twice and one Linear applied twice per forward (no tie), and a
+    parameter owned by the parent and used in its own forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(len(WORDS), 8)
+        self.mix = torch.nn.Linear(8, 8)
+        self.scale = torch.nn.Parameter(torch.randn(8))
+        self.head = torch.nn.Linear(8, len(WORDS))
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids) + self.embed(torch.flip(input_ids, [1]))
+        h = self.mix(torch.tanh(self.mix(h))) * self.scale
+        return self.head(h.cumsum(dim=1))
+
+
+@pytest.mark.parametrize("max_elements", [7, 10**9])
+def test_modules_called_twice_and_a_parent_param(max_elements):
+    """Both calls' shares summed before squaring; the linear terms counted once (two embedding
+    calls and no dense use used to add them twice)."""
+    model = TwoCalls()
+    check(model, right_padded(make_samples(3, seed=12)), max_elements=max_elements)
+    check(model, right_padded(make_samples(3, seed=12)), ["embed.weight"],
+          max_elements=max_elements)
+
+
+def test_gradient_checkpointing():
+    """Non-reentrant checkpointing works; reentrant (layers run under no_grad, recomputed in
+    backward) is refused by name, and so is a call under torch.no_grad."""
+    model = llama(tied=True).train()
+    batch = right_padded(make_samples(3, seed=13))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    check(model, batch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    params = resolve_params(model)
+    hooks = [dict(m._forward_hooks) for m in model.modules()]  # transformers adds its own
+    with pytest.raises(ValueError, match="reentrant gradient checkpointing"):
+        per_sample_terms(model, batch, params, quadratic=[None])
+    assert [dict(m._forward_hooks) for m in model.modules()] == hooks
+    model.gradient_checkpointing_disable()
+    with torch.no_grad(), pytest.raises(ValueError, match="without autograd"):
+        per_sample_terms(model, batch, params, quadratic=[None])
