@@ -181,7 +181,7 @@ class _Plan:
     a set, with the gradients the plan was checked with."""
 
     __slots__ = ("key", "buckets", "shapes", "dtypes", "devices", "distributed", "grads_key",
-                 "checked_hyper", "states")
+                 "checked_hyper")
 
     def __init__(self, key: tuple, buckets: list[_Bucket], params: list[Tensor],
                  grads: list[Tensor]):
@@ -300,6 +300,9 @@ class FisherAdamW(Optimizer):
         self._hyper_cache: dict[int, _HyperCache] = {}
         self._plans: dict[int, _Plan] = {}
         self._state_epoch = 0  # bumped whenever state entries are added, removed or swapped
+        # The state entries as the last planning saw them (a user's reset is told by identity).
+        self._seen_states: list = []
+        self._seen_epoch = -1
         # The learning settings of each group while inside unlearning(), else None.
         self._phase: Optional[dict[str, Any]] = None
         # Each degenerate-setting warning is given once per optimizer.
@@ -335,6 +338,7 @@ class FisherAdamW(Optimizer):
             self._hyper_cache = {}
             self._plans = {}
             self._state_epoch = 0
+            self._seen_states, self._seen_epoch = [], -1
             self.__dict__.setdefault("_phase", None)
             self.__dict__.setdefault("_warned", set())
 
@@ -439,11 +443,7 @@ class FisherAdamW(Optimizer):
                hyper.uses_fisher, group["state_dtype"], group["fisher_dtype"],
                tuple(map(id, params)))
         plan = None if torch.compiler.is_compiling() else self._plans.get(gi)
-        # A user's del opt.state[p] / pop / clear / opt.state[p] = {} leaves the key as it was:
-        # the plan is only reused while every param's state entry is still the one it holds
-        # (one C-level pass, no Python per tensor).
-        if (plan is not None and plan.key == key
-                and all(map(operator.is_, map(self.state.get, params), plan.states))):
+        if plan is not None and plan.key == key:
             return plan
         self._check_grads_one_by_one(gi, group)
         # Resolve every bucket's backend before creating any state, so that a backend that
@@ -483,7 +483,6 @@ class FisherAdamW(Optimizer):
             buckets.append(_Bucket(None if whole else index, tensors, resolved[bucket_key]))
         # _init_state may have added entries: step() gives the key the epoch after them.
         plan = _Plan(key, buckets, params, grads)
-        plan.states = list(map(self.state.get, params))
         if not torch.compiler.is_compiling():
             self._plans[gi] = plan
         return plan
@@ -537,6 +536,13 @@ class FisherAdamW(Optimizer):
             if not (math.isfinite(scale) and scale > 0):
                 raise ValueError(f"Invalid grad_scale: {scale} (must be a finite number > 0)")
 
+        compiling = torch.compiler.is_compiling()
+        if not compiling and (len(self.state) != len(self._seen_states) or not all(
+                map(operator.is_, self.state.values(), self._seen_states))):
+            # The state mapping changed behind the optimizer's back (del opt.state[p], pop,
+            # clear, opt.state[p] = {}): no cached plan may keep updating orphaned tensors.
+            # One C-level pass over the entries, no Python per tensor.
+            self._state_epoch += 1
         # Everything is checked and planned (state, buckets, backends) before any launch, so a
         # failure leaves params and state unchanged.
         launches = []
@@ -560,9 +566,12 @@ class FisherAdamW(Optimizer):
         # State that this step created (each plan's own, and that of later groups, for their
         # params only) leaves the plans valid: they take the epoch after it, or the next step
         # would rebuild them.
-        if not torch.compiler.is_compiling():
+        if not compiling:
             for plan in plans:
                 plan.key = (self._state_epoch,) + plan.key[1:]
+            if self._seen_epoch != self._state_epoch:
+                self._seen_states = list(self.state.values())
+                self._seen_epoch = self._state_epoch
         # The backends' own checks (dtypes their kernels take, devices) depend only on what the
         # plan and the gradient layout fix: they run when either changes, for every launch of
         # the step before the first launch.
