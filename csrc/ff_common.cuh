@@ -44,6 +44,16 @@ FF_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16
 template <>
 FF_HD __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// A Fisher value as stored: fp32 as is, bf16 stochastically rounded with the random bits of
+// element `index` of its tensor (ff_math.h; the CPU kernels and the reference compute the same).
+FF_HD float fisher_from_float(float x, uint32_t, int64_t, const float*) { return x; }
+FF_HD __nv_bfloat16 fisher_from_float(float x, uint32_t key, int64_t index,
+                                      const __nv_bfloat16*) {
+  __nv_bfloat16_raw raw;
+  raw.x = math::bf16_bits_stochastic(x, key, index);
+  return __nv_bfloat16(raw);
+}
+
 // ------------------------------------------------------------------ rounding-exact arithmetic
 // The reference backend evaluates the update as a chain of separate torch ops, each rounded. nvcc
 // contracts a * b + c into one fused multiply-add (one rounding) wherever it can, and the host

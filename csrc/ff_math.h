@@ -28,9 +28,42 @@
 #endif
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 namespace fisherforget {
 namespace math {
+
+// ---------------------------------------------------------- stochastic rounding of a bf16 Fisher
+// A bf16 Fisher is stored with stochastic rounding, so that accumulation increments under half an
+// ulp are kept in expectation instead of rounded away (docs/design.md, "Low-precision Fisher").
+// The random bits are a hash of the tensor's Fisher count after this step and the element's index
+// in the tensor: reproducible, identical on every backend (fisherforget/backends/reference.py
+// computes the same bits), nothing to seed or save.
+//   key = mix32(count)        r = mix32(uint32(index) ^ key) & 0xFFFF
+//   bf16 bits = (bits(x) + r) >> 16                       (NaN: 0x7FC0, as torch's conversion)
+FF_MATH_FN uint32_t mix32(uint32_t x) {  // "lowbias32" (C. Wellons): a full-avalanche mixer
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+FF_MATH_FN uint32_t fisher_key(float count_after) {
+  return mix32(static_cast<uint32_t>(count_after));
+}
+FF_MATH_FN uint16_t bf16_bits_stochastic(float x, uint32_t key, int64_t index) {
+  if (x != x) return 0x7FC0;
+#ifdef __CUDA_ARCH__
+  const uint32_t bits = __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+#endif
+  const uint32_t r = mix32(static_cast<uint32_t>(index) ^ key) & 0xFFFFu;
+  return static_cast<uint16_t>((bits + r) >> 16);
+}
 
 // ------------------------------------------------------------------------- float lanes (scalar)
 // On the device the _rn intrinsics keep nvcc from contracting a*b+c into one rounding; host code

@@ -19,6 +19,7 @@ struct StepTensor {
   const float* step;
   const float* fisher_count;
   int64_t numel;
+  int64_t first;  // the position in the tensor of the element the pointers point at
 };
 
 // Hyperparameters of one call, pre-rounded exactly as the reference backend rounds them: a Python
@@ -66,6 +67,7 @@ struct StepBlockConsts {
   float bias_correction2_sqrt;  // (float)sqrt(1 - beta2^t)
   float fisher_a, fisher_b;
   float grad_scale;  // *StepScalars::grad_scale, loaded once per thread (1 when absent)
+  uint32_t fisher_key;  // math::fisher_key(count after this step): a bf16 Fisher's random bits
 };
 
 FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& t) {
@@ -108,6 +110,8 @@ FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& 
   c.fisher_a = s.fisher_a;
   c.fisher_b = s.fisher_b;
   c.grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
+  c.fisher_key = t.fisher_count != nullptr ? math::fisher_key(math::add(*t.fisher_count, 1.0f))
+                                           : 0u;
   if (s.fisher_mode == static_cast<int>(FisherMode::kMean)) {
     // n = count + 1 accumulations including this one: F = (n-1)/n * F + 1/n * g^2.
     const float n = math::add(*t.fisher_count, 1.0f);
@@ -207,6 +211,7 @@ struct FusedStepThread {
     t.step = static_cast<const float*>(table.address(kStepStep, w.slot));
     t.fisher_count = static_cast<const float*>(table.address(kStepFisherCount, w.slot));
     t.numel = w.n;
+    t.first = start;
     w.c = step_block_consts(a.s, t);
     return w;
   }
@@ -249,7 +254,10 @@ struct FusedStepThread {
           s, c, to_float(g.v[k]), to_float(p.v[k]), to_float(m.v[k]), to_float(v.v[k]),
           s.amsgrad ? to_float(vmax.v[k]) : 0.0f, s.has_fisher ? to_float(f.v[k]) : 0.0f,
           t.mask == nullptr || mask.v[k]);
-      if (s.has_fisher) f_out.v[k] = from_float<F>(e.fisher);
+      if (s.has_fisher) {
+        f_out.v[k] = fisher_from_float(e.fisher, c.fisher_key,
+                                       t.first + base + tile_element<kPacket>(thread, k), fisher);
+      }
       if (!e.frozen) {
         any_active = true;
         p_out.v[k] = from_float<P>(e.param);
@@ -282,7 +290,7 @@ struct FusedStepThread {
         to_float(*exp_avg_sq), s.amsgrad ? to_float(*max_exp_avg_sq) : 0.0f,
         s.has_fisher ? to_float(*fisher) : 0.0f, t.mask == nullptr || t.mask[i]);
     if (s.has_fisher && s.fisher_mode != static_cast<int>(FisherMode::kNone)) {
-      *fisher = from_float<F>(e.fisher);
+      *fisher = fisher_from_float(e.fisher, c.fisher_key, t.first + i, fisher);
     }
     if (!e.frozen) {
       *param = from_float<P>(e.param);

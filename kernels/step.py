@@ -61,6 +61,16 @@ COUNT_FIELD: tl.constexpr = tl.constexpr(_COUNT)
 NUMEL_FIELD: tl.constexpr = tl.constexpr(_NUMEL)
 
 
+@triton.jit
+def _mix32(x):
+    """csrc/ff_math.h's mix32 on uint32 lanes (the random bits of a bf16 Fisher's rounding)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
 @triton.jit(do_not_specialize=["blocks_per_chunk", "fisher_accumulates", "fisher_is_mean"])
 def _fused_step_kernel(
     tensor_table_ptr, chunk_table_ptr,
@@ -138,7 +148,10 @@ def _fused_step_kernel(
         # mean: a = (n-1)/n, b = 1/n with n = count + 1 accumulations, per tensor.
         is_mean = fisher_is_mean != 0
         count_ptr = tl.load(row + COUNT_FIELD).to(tl.pointer_type(tl.float32))
-        n = tl.load(count_ptr, mask=is_mean, other=0.0) + 1.0
+        n = tl.load(count_ptr, mask=accumulates, other=0.0) + 1.0
+        if F_DTYPE == tl.bfloat16:
+            # Stochastic rounding of the stored Fisher: key from the count after this step.
+            fisher_key = _mix32(n.to(tl.uint32))
         a_f = tl.where(is_mean, tl.div_rn(n - 1.0, n), tl.full([], fisher_a, tl.float32))
         b_f = tl.where(is_mean, tl.div_rn(tl.full([], 1.0, tl.float32), n),
                        tl.full([], fisher_b, tl.float32))
@@ -211,7 +224,16 @@ def _fused_step_kernel(
             if HAS_FISHER:
                 f_accumulated = a_f * f_old + b_f * (g * g)
                 f_new = tl.where(accumulates, f_accumulated, f_old)
-                tl.store(f_ptrs, f_new.to(F_DTYPE), mask=live & accumulates)
+                if F_DTYPE == tl.bfloat16:
+                    # bits + 16 random bits, truncated: unbiased (csrc/ff_math.h; NaN kept).
+                    index = (chunk_start + offsets).to(tl.uint32)
+                    random = _mix32(index ^ fisher_key) & 0xFFFF
+                    bits = (f_new.to(tl.uint32, bitcast=True) + random) & 0xFFFF0000
+                    f_store = tl.where(f_new != f_new, f_new,
+                                       bits.to(tl.float32, bitcast=True)).to(F_DTYPE)
+                else:
+                    f_store = f_new.to(F_DTYPE)
+                tl.store(f_ptrs, f_store, mask=live & accumulates)
             # Frozen elements store nothing. Freezing is compiled in only when a mask or a
             # threshold is set: a per-element store mask rules out vector stores.
             updates = live

@@ -45,7 +45,7 @@ struct ScalarLoops {
       exp_avg[i] = static_cast<S>(m);
       exp_avg_sq[i] = static_cast<S>(v);
       if (f.amsgrad) max_exp_avg_sq[i] = static_cast<S>(vmax);
-      if (f.accumulate) fisher[i] = static_cast<F>(fi);
+      if (f.accumulate) fisher[i] = fisher_to_store(fi, tc.fisher_key, i, fisher);
     }
   }
 
@@ -260,6 +260,7 @@ void fused_step(const StepEntry* entries, int64_t n, const StepSettings& s) {
     w.consts.bias_correction2_sqrt = bias_correction2_sqrt;
     w.consts.fisher_a = fisher_a;
     w.consts.fisher_b = fisher_b;
+    w.consts.fisher_key = call.flags.accumulate ? math::fisher_key(*e.fisher_count + 1.0f) : 0u;
     if (call.flags.accumulate && s.fisher_mode == FisherMode::kMean) {
       // n = count + 1 accumulations including this one: F = (n-1)/n * F + 1/n * g^2.
       const float count = *e.fisher_count + 1.0f;

@@ -85,6 +85,31 @@ FF_AVX2 void store(c10::BFloat16* p, Vf8 x) {
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
+// A Fisher as stored (segments.h fisher_to_store): fp32 as is; bf16 stochastically rounded with
+// the random bits of elements index .. index + 7 (ff_math.h), NaN -> 0x7FC0 as the scalar loop.
+FF_AVX2 void store_fisher(float* p, Vf8 x, int64_t, uint32_t) { store(p, x); }
+FF_AVX2 __m256i mix32(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB352D));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+FF_AVX2 void store_fisher(c10::BFloat16* p, Vf8 x, int64_t index, uint32_t key) {
+  const __m256i lanes = _mm256_add_epi32(
+      _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(index))),
+      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i random = _mm256_and_si256(
+      mix32(_mm256_xor_si256(lanes, _mm256_set1_epi32(static_cast<int>(key)))),
+      _mm256_set1_epi32(0xFFFF));
+  __m256i rounded =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x.v), random), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
 FF_AVX2 void store(c10::Half* p, Vf8 x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -125,6 +150,8 @@ struct Loops {
     S *exp_avg, *exp_avg_sq, *max_exp_avg_sq;
     F* fisher;
     const bool* mask;
+    int64_t index;        // the position in the tensor of the element `param` points at
+    uint32_t fisher_key;  // TensorConsts::fisher_key
   };
 
   template <typename P, typename S, typename F, typename Flags>
@@ -145,7 +172,7 @@ struct Loops {
     store(at.exp_avg, m);
     store(at.exp_avg_sq, v);
     if (f.amsgrad) store(at.max_exp_avg_sq, vmax);
-    if (f.accumulate) store(at.fisher, fisher);
+    if (f.accumulate) store_fisher(at.fisher, fisher, at.index, at.fisher_key);
   }
 
   template <typename P, typename S, typename F>
@@ -177,6 +204,8 @@ struct Loops {
     at.max_exp_avg_sq = call.flags.amsgrad ? static_cast<S*>(e.max_exp_avg_sq) + begin : nullptr;
     at.fisher = e.fisher != nullptr ? static_cast<F*>(e.fisher) + begin : nullptr;
     at.mask = e.mask != nullptr ? e.mask + begin : nullptr;
+    at.index = begin;
+    at.fisher_key = tc.fisher_key;
     const int64_t n = end - begin;
     if (e.mask == nullptr && math::is_plain(call.flags)) {
       if (call.flags.accumulate) {
@@ -205,6 +234,7 @@ struct Loops {
       if (f.amsgrad) at.max_exp_avg_sq += 8;
       if (at.fisher != nullptr) at.fisher += 8;
       if (at.mask != nullptr) at.mask += 8;
+      at.index += 8;
     }
     const int64_t r = n - i;
     if (r == 0) return;
@@ -225,7 +255,9 @@ struct Loops {
                                   exp_avg_sq.v,
                                   at.max_exp_avg_sq != nullptr ? max_exp_avg_sq.v : nullptr,
                                   at.fisher != nullptr ? fisher.v : nullptr,
-                                  at.mask != nullptr ? mask.v : nullptr};
+                                  at.mask != nullptr ? mask.v : nullptr,
+                                  at.index,
+                                  at.fisher_key};
     step_group(f, k, c, may_freeze, buffers);
     param.drain(at.param, r);
     exp_avg.drain(at.exp_avg, r);

@@ -24,7 +24,16 @@ struct StepCall {
 // The per-tensor scalars of a step (from its step and Fisher counts).
 struct TensorConsts {
   float decay, step_size, bias_correction2_sqrt, fisher_a, fisher_b;
+  uint32_t fisher_key;  // math::fisher_key(count after this step): a bf16 Fisher's random bits
 };
+
+// A Fisher value as stored: fp32 as is, bf16 stochastically rounded (ff_math.h); `index` is the
+// element's position in its tensor.
+static inline float fisher_to_store(float x, uint32_t, int64_t, const float*) { return x; }
+static inline c10::BFloat16 fisher_to_store(float x, uint32_t key, int64_t index,
+                                            const c10::BFloat16*) {
+  return c10::BFloat16(math::bf16_bits_stochastic(x, key, index), c10::BFloat16::from_bits());
+}
 
 // Elements [begin, end) of one tensor.
 using StepSegmentFn = void (*)(const StepCall& call, const StepEntry& entry,

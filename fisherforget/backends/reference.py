@@ -28,6 +28,38 @@ def _where_kept(keep: Optional[Tensor], old: Tensor, new: Tensor) -> Tensor:
     return new if keep is None else torch.where(keep, old, new)
 
 
+# Stochastic rounding of a bf16 Fisher (docs/design.md, "Low-precision Fisher"), the same bits as
+# the kernels (csrc/ff_math.h: mix32, fisher_key, bf16_bits_stochastic): uint32 arithmetic done in
+# int64, a product split in 16-bit halves so that it never overflows.
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def round_fisher_bf16(value: Tensor, count_after: Tensor) -> Tensor:
+    """``value`` (fp32) as a bf16 Fisher stores it: stochastically rounded, with the random bits
+    of each element hashed from ``count_after`` (the tensor's Fisher count after this step) and
+    the element's row-major index. Exact values stay exact; the expectation is ``value``."""
+    key = _mix32(count_after.to(torch.int64) & _MASK32)
+    index = torch.arange(value.numel(), dtype=torch.int64, device=value.device)
+    random = _mix32((index & _MASK32) ^ key) & 0xFFFF
+    bits = value.reshape(-1).view(torch.int32).to(torch.int64) & _MASK32
+    rounded = (bits + random) & 0xFFFF0000
+    rounded = torch.where(rounded > 0x7FFFFFFF, rounded - (1 << 32), rounded)
+    rounded = rounded.to(torch.int32).view(torch.float32).view(value.shape)
+    return torch.where(value.isnan(), value, rounded).to(torch.bfloat16)
+
+
 @ops.register("fused_step", "reference")
 def fused_step(
     tensors: ops.StepTensors,
@@ -132,6 +164,8 @@ def fused_step(
         if amsgrad:
             max_exp_avg_sqs[i].copy_(_where_kept(keep, vmax_old, vmax_new))
         if uses_fisher and fisher_mode is not None:
+            if fishers[i].dtype == torch.bfloat16:
+                fisher_new = round_fisher_bf16(fisher_new, count_new).to(cdt)
             fishers[i].copy_(_where_kept(skip, fisher_old, fisher_new))
             fisher_counts[i].copy_(count_new)
         step.copy_(new_step)
