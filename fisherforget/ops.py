@@ -328,11 +328,16 @@ def check_writable(tensors: StepTensors) -> None:
     and no two entries share their memory (a duplicated param or step tensor: one update
     would overwrite the other). Raises naming the list and index; part of the preflight, so
     nothing is written when it fails."""
+    _check_written([(name, getattr(tensors, name)) for name in _WRITTEN])
+
+
+def _check_written(lists: Sequence[tuple[str, Sequence[Optional[Tensor]]]]) -> None:
+    """:func:`check_writable` over named lists of tensors an op writes."""
     if torch.compiler.is_compiling():
         return  # checked eagerly; a traced step takes the same tensors (and cannot trace this)
-    seen: dict[int, str] = {}
-    for name in _WRITTEN:
-        for i, t in enumerate(getattr(tensors, name)):
+    seen: dict[tuple, str] = {}
+    for name, values in lists:
+        for i, t in enumerate(values):
             if t is None or t.numel() == 0 or t.device.type == "meta":  # meta: no memory
                 continue
             if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
@@ -341,7 +346,7 @@ def check_writable(tensors: StepTensors) -> None:
                     "(e.g. an expand()-ed view): a step cannot write it element by element; "
                     "pass a tensor that owns its elements (.contiguous() or .clone())")
             where = f"{name}[{i}]"
-            first = seen.setdefault(t.data_ptr(), where)
+            first = seen.setdefault((t.device, t.data_ptr()), where)
             if first != where:
                 raise ValueError(
                     f"{where} shares its memory with {first}: a step would write both and lose "
@@ -434,6 +439,7 @@ def fisher_accumulate(
     for name, value in (("alpha", alpha), ("beta", beta)):
         if not _is_number(value) or not math.isfinite(value):
             raise ValueError(f"Invalid {name}: {value!r} (must be a finite number)")
+    _check_written([("fishers", fishers)])  # an entry given twice would lose an accumulation
     if _through_custom_op(backend):
         torch.ops.fisherforget.fisher_accumulate(
             list(fishers), list(grads), grad_scale, alpha=float(alpha), beta=float(beta),
@@ -443,6 +449,7 @@ def fisher_accumulate(
     get_impl("fisher_accumulate", backend)(
         fishers, grads, alpha=float(alpha), beta=float(beta), grad_scale=grad_scale
     )
+    torch._C._increment_version(list(fishers))  # written through data pointers, as fused_step
 
 
 def fisher_score(

@@ -773,6 +773,8 @@ ERROR_CASES = [
               ValueError, r"params\[{i}\] \(shape \(10,\), stride \(0,\)\) overlaps itself"),
     ErrorCase("shared_exp_avg", _set("exp_avgs", lambda old, c: c.lists["exp_avg_sqs"][c.index]),
               ValueError, r"exp_avg_sqs\[{i}\] shares its memory with exp_avgs\[{i}\]"),
+    ErrorCase("shared_count", _set("fisher_counts", lambda old, c: c.lists["steps"][c.index]),
+              ValueError, r"fisher_counts\[{i}\] shares its memory with steps\[{i}\]"),
     # The kernels' dtypes: fp64 params only on the reference.
     ErrorCase("fp64_param", _both(_set("params", lambda old, c: old.double()),
                                   _set("grads", lambda old, c: old.double())), TypeError,

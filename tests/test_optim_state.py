@@ -171,12 +171,12 @@ def test_the_public_op_refuses_entries_sharing_memory(shared):
     assert all(torch.equal(a, b) for a, b in zip(tensors.params, before))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_a_step_between_forward_and_backward_is_caught_by_autograd(backend):
-    from fisherforget import backends
+    from step_cases import unavailable
 
-    if not backends.is_available(backend):
-        pytest.skip(f"backend {backend} unavailable")
+    if unavailable(backend):
+        pytest.skip(unavailable(backend))
     w = torch.nn.Parameter(torch.randn(4, 4))
     opt = FisherAdamW([w], lr=1e-2, backend=backend)
     w.grad = torch.randn(4, 4)
@@ -258,3 +258,28 @@ def test_a_copy_adds_no_setting_of_the_base_class():
     assert copied.defaults.keys() == opt.defaults.keys()
     copied.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
     assert "differentiable" not in copied.state_dict()["param_groups"][1]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_fisher_accumulate_refuses_a_fisher_given_twice_and_bumps_versions(backend):
+    """Two entries on one tensor would lose an accumulation; a self-overlapping Fisher could not
+    be written element by element: both refused before anything is written. Written Fishers
+    get new autograd versions, as the params of a step do."""
+    from step_cases import unavailable
+
+    if unavailable(backend):
+        pytest.skip(unavailable(backend))
+    fisher, other = torch.ones(6), torch.ones(6)
+    grads = [torch.full((6,), 2.0), torch.full((6,), 3.0)]
+    with pytest.raises(ValueError, match=r"fishers\[1\] shares its memory with fishers\[0\]"):
+        ops.fisher_accumulate([fisher, fisher], grads, alpha=1.0, beta=1.0, backend=backend)
+    assert torch.equal(fisher, torch.ones(6))
+    expanded = torch.zeros(1).expand(6)
+    with pytest.raises(ValueError, match=r"fishers\[1\] \(shape \(6,\), stride \(0,\)\) "
+                                         r"overlaps itself"):
+        ops.fisher_accumulate([other, expanded], grads, alpha=1.0, beta=1.0, backend=backend)
+    assert torch.equal(other, torch.ones(6))
+    version = fisher._version
+    ops.fisher_accumulate([fisher, other], grads, alpha=1.0, beta=1.0, backend=backend)
+    assert fisher._version > version
+    assert torch.equal(fisher, torch.full((6,), 5.0)) and torch.equal(other, torch.full((6,), 10.0))
