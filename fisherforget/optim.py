@@ -12,6 +12,7 @@ import itertools
 import math
 import operator
 import numbers
+import re
 import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -209,6 +210,25 @@ class _Plan:
                 and [g.device for g in grads] == self.devices
                 and {g.layout for g in grads} == _STRIDED
                 and {type(g) for g in grads} <= _PLAIN_TENSOR_TYPES)
+
+
+def _naming_the_param(exc: Exception, gi: int, group: dict[str, Any], params: list[Tensor],
+                      bucket: _Bucket) -> Exception:
+    """A backend's preflight error names an entry of one launch (``params[1]``); the same
+    error, naming the param of the group it belongs to. The error path only."""
+    match = re.match(r"(\w+)\[(\d+)\]", str(exc))
+    if match is None:
+        return exc
+    j = int(match.group(2))
+    i = j if bucket.index is None else bucket.index[j] if j < len(bucket.index) else None
+    if i is None or i >= len(params):
+        return exc
+    p = params[i]
+    pi = next(k for k, q in enumerate(group["params"]) if q is p)
+    try:
+        return type(exc)(f"param {pi} of group {gi} (shape {tuple(p.shape)}): {exc}")
+    except Exception:  # an exception type built differently: keep it as it is
+        return exc
 
 
 def _layout_key(tensors: list[Tensor]) -> Optional[bytes]:
@@ -559,7 +579,7 @@ class FisherAdamW(Optimizer):
                 grads = [_dist.local(g) for g in grads]
                 plan.checked_hyper = None
             if plan.checked_hyper is not hyper:
-                unchecked.append((plan, hyper, len(launches)))
+                unchecked.append((plan, hyper, len(launches), gi, params))
             for bucket in plan.buckets:
                 launches.append((bucket.with_grads(grads), hyper, bucket))
             plans.append(plan)
@@ -575,10 +595,14 @@ class FisherAdamW(Optimizer):
         # The backends' own checks (dtypes their kernels take, devices) depend only on what the
         # plan and the gradient layout fix: they run when either changes, for every launch of
         # the step before the first launch.
-        for plan, hyper, first in unchecked:
+        for plan, hyper, first, gi, params in unchecked:
             for tensors, _, bucket in launches[first:first + len(plan.buckets)]:
-                ops.preflight_fused_step(tensors, hyper, bucket.backend)
-        for plan, hyper, _ in unchecked:
+                try:
+                    ops.preflight_fused_step(tensors, hyper, bucket.backend)
+                except (ValueError, TypeError, RuntimeError) as exc:
+                    raise _naming_the_param(exc, gi, self.param_groups[gi], params,
+                                            bucket) from None
+        for plan, hyper, *_ in unchecked:
             plan.checked_hyper = hyper
         for tensors, hyper, bucket in launches:
             ops.dispatch_fused_step(tensors, hyper, grad_scale, found_inf, bucket.backend)
@@ -816,6 +840,15 @@ class FisherAdamW(Optimizer):
                 state_dict["state"] = {pid: _swapped_moments(pstate)
                                        for pid, pstate in state_dict["state"].items()}
         for group in state_dict["param_groups"]:
+            if group["amsgrad"]:
+                # amsgrad switched on after the last step: the max_exp_avg_sq the next step
+                # creates as zeros is saved as such, so the state is complete for loading.
+                for pid in group["params"]:
+                    pstate = state_dict["state"].get(pid)
+                    if pstate and "step" in pstate and "max_exp_avg_sq" not in pstate:
+                        state_dict["state"][pid] = dict(
+                            pstate, max_exp_avg_sq=torch.zeros_like(pstate["exp_avg_sq"]))
+        for group in state_dict["param_groups"]:
             # A value set later (e.g. a numpy scalar from a schedule) is saved as a plain number.
             _normalize_group(group)
             for key in _DTYPE_KEYS:
@@ -991,10 +1024,10 @@ def _checked_param_state(pstate: Any, p: Tensor, group: dict[str, Any],
     if unknown:
         raise ValueError(f"state_dict: the state of {where} has unknown entries {unknown} "
                          "(not a FisherAdamW state)")
-    # (No entry is required by the group's settings: the optimizer itself saves states without
-    # them, e.g. a ``max_exp_avg_sq`` that amsgrad=True, set after the last step, has not made
-    # yet, which the next step creates as zeros here as it would have there.)
-    for first, *others in _TOGETHER:
+    needs = list(_TOGETHER)
+    if group["amsgrad"]:  # (state_dict() saves the zeros of amsgrad switched on after a step)
+        needs.append(("step", "max_exp_avg_sq"))
+    for first, *others in needs:
         for other in others:
             if first in pstate and other not in pstate:
                 raise bad(other, f"is missing (the state has {first!r})")

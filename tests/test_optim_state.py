@@ -142,7 +142,8 @@ def test_a_self_overlapping_param_is_refused_before_anything_changes():
     opt = FisherAdamW([good, overlapping], lr=1e-2)
     good.grad, overlapping.grad = torch.ones(4), torch.ones(4)
     before = good.detach().clone()
-    with pytest.raises(ValueError, match=r"params\[1\] .* overlaps itself"):
+    with pytest.raises(ValueError, match=r"param 1 of group 0 \(shape \(4,\)\): params\[1\] .* "
+                                         r"overlaps itself"):
         opt.step()
     assert torch.equal(good.detach(), before)
     assert all(not s or s["step"].item() == 0 for s in opt.state.values())
@@ -245,7 +246,7 @@ def test_states_made_by_early_phases_and_changed_settings_load_back(settings, ph
         _step_both_identically([(opt, params), (other, clones)], grads[1:])
     assert_same(params, clones)
     for p, q in zip(params, clones):
-        assert opt.state[p].keys() == other.state[q].keys()
+        assert opt.state[p].keys() == other.state[q].keys(), (phase, settings)
         for key, value in opt.state[p].items():
             assert torch.equal(value, other.state[q][key]), key
 
@@ -283,3 +284,18 @@ def test_fisher_accumulate_refuses_a_fisher_given_twice_and_bumps_versions(backe
     ops.fisher_accumulate([fisher, other], grads, alpha=1.0, beta=1.0, backend=backend)
     assert fisher._version > version
     assert torch.equal(fisher, torch.full((6,), 5.0)) and torch.equal(other, torch.full((6,), 10.0))
+
+
+def test_a_preflight_error_names_the_param_of_the_group_not_the_launch():
+    """With two buckets (an fp32 and a bf16 param) the overlapping param is entry 0 of its
+    launch but param 2 of its group: the message names both."""
+    good = torch.nn.Parameter(torch.randn(4))
+    low = torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    overlapping = torch.nn.Parameter(torch.zeros(1).expand(4))
+    opt = FisherAdamW([good, low, overlapping], lr=1e-2)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones(4, dtype=p.dtype)
+    before = [p.detach().clone() for p in (good, low)]
+    with pytest.raises(ValueError, match=r"param 2 of group 0 \(shape \(4,\)\): params\[1\] "):
+        opt.step()
+    assert torch.equal(good.detach(), before[0]) and torch.equal(low.detach(), before[1])
