@@ -70,7 +70,7 @@ from fisherforget.lwf.confidence import (
 )
 from fisherforget.lwf.sample_terms import Lazy
 from fisherforget.lwf.schedule import UnlearningSchedule, select
-from fisherforget.lwf.self_knowledge import batches_of, collate, fingerprint
+from fisherforget.lwf.self_knowledge import _sample_row, batches_of, collate, fingerprint
 
 __all__ = ["LWFConfig", "LearningWithForgetting", "RETAIN_SETS"]
 
@@ -973,31 +973,14 @@ _DIRECTION_SCORES = ("loss_change", "fisher_alignment", "fisher_overlap")
 
 
 def _as_sample(sample: Any, index: int, where: str) -> dict[str, Tensor]:
-    """A sample as 1-D long tensors (a leading dimension of 1, as ``return_tensors="pt"`` gives,
-    is dropped), with ``labels`` (default: ``input_ids``)."""
-    if not isinstance(sample, Mapping) or "input_ids" not in sample:
-        raise TypeError(f"{where}[{index}] must be a dict with 'input_ids' (and 'labels'), got "
-                        f"{type(sample).__name__}")
-    out = {}
-    for key in ("input_ids", "labels"):
-        value = sample.get(key, out.get("input_ids"))
-        tensor = torch.as_tensor(value)
-        if tensor.dim() == 2 and tensor.shape[0] == 1:
-            tensor = tensor[0]
-        if tensor.dim() != 1 or tensor.numel() == 0:
-            raise ValueError(f"{where}[{index}][{key!r}] must be a non-empty 1-D sequence of "
-                             f"token ids (or shaped (1, T)), got shape {tuple(tensor.shape)}")
-        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
-            raise ValueError(f"{where}[{index}][{key!r}] must hold integer token ids, got "
-                             f"{tensor.dtype}")
-        out[key] = tensor.long()
-    if out["labels"].shape != out["input_ids"].shape:
-        raise ValueError(f"{where}[{index}]: labels has {out['labels'].numel()} entries, "
-                         f"input_ids {out['input_ids'].numel()}")
-    if not bool((out["labels"][1:] != IGNORE_INDEX).any()):
+    """A sample as 1-D long tensors (:func:`~fisherforget.lwf.collate`'s rules: a leading
+    dimension of 1 is dropped, ``labels`` default to ``input_ids``) that has a label to learn
+    or unlearn."""
+    input_ids, labels = _sample_row(sample, f"{where}[{index}]")
+    if not bool((labels[1:] != IGNORE_INDEX).any()):
         raise ValueError(f"{where}[{index}] has no label token after the first position: "
                          "nothing to learn or unlearn")
-    return out
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def _check_fits(model: nn.Module, samples: Sequence[Mapping[str, Tensor]], where: str) -> None:

@@ -326,9 +326,9 @@ def _check_pad_id(pad_id: Optional[int]) -> int:
     return pad_id
 
 
-def _token_ids(value: Any, where: str) -> list[int]:
-    """Token ids (a list, an array, a tensor; 1-D or shaped ``(1, T)``) as a list of ints >= 0,
-    or an error naming ``where``."""
+def _id_vector(value: Any, where: str) -> Tensor:
+    """Token ids (a list, an array, a tensor; 1-D or shaped ``(1, T)`` as
+    ``return_tensors="pt"`` gives them) as a 1-D long tensor, or an error naming ``where``."""
     try:
         tensor = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -336,12 +336,18 @@ def _token_ids(value: Any, where: str) -> list[int]:
                         f"{type(value).__name__}: {error}") from None
     if tensor.dim() == 2 and tensor.shape[0] == 1:
         tensor = tensor[0]
-    if tensor.dim() != 1 or (tensor.numel() and (tensor.dtype.is_floating_point
-                                                   or tensor.dtype.is_complex
-                                                   or tensor.dtype == torch.bool)):
-        raise ValueError(f"{where} must be a 1-D sequence of integer token ids, got shape "
-                         f"{tuple(tensor.shape)} of {tensor.dtype}")
-    ids = tensor.long().tolist()
+    if tensor.dim() != 1:
+        raise ValueError(f"{where} must be 1-D (or shaped (1, T)), got shape "
+                         f"{tuple(tensor.shape)}")
+    if tensor.numel() and (tensor.dtype.is_floating_point or tensor.dtype.is_complex
+                           or tensor.dtype == torch.bool):
+        raise ValueError(f"{where} must hold integer token ids, got {tensor.dtype}")
+    return tensor.long()
+
+
+def _token_ids(value: Any, where: str) -> list[int]:
+    """:func:`_id_vector` as a list of ints >= 0."""
+    ids = _id_vector(value, where).tolist()
     if any(i < 0 for i in ids):
         raise ValueError(f"{where} holds a negative token id")
     return ids
@@ -368,7 +374,7 @@ def collate(samples: Sequence[Mapping[str, Any]], pad_id: Optional[int] = 0) -> 
     if not samples:
         raise ValueError("collate: no samples")
     pad_id = _check_pad_id(pad_id)
-    rows = [_sample_row(sample, index) for index, sample in enumerate(samples)]
+    rows = [_sample_row(sample, f"sample {index}") for index, sample in enumerate(samples)]
     width = max(len(x) for x, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -380,41 +386,29 @@ def collate(samples: Sequence[Mapping[str, Any]], pad_id: Optional[int] = 0) -> 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _sample_row(sample: Any, index: int) -> tuple[Tensor, Tensor]:
-    """A sample's ``(input_ids, labels)`` as 1-D long tensors, or an error naming it."""
+def _sample_row(sample: Any, name: str) -> tuple[Tensor, Tensor]:
+    """A sample's ``(input_ids, labels)`` as 1-D long tensors, or an error naming it (``name``:
+    e.g. ``"sample 3"``)."""
     if not isinstance(sample, Mapping) or "input_ids" not in sample:
-        raise TypeError(f"sample {index} must be a dict with 'input_ids', got "
-                        f"{type(sample).__name__}")
+        raise TypeError(f"{name} must be a dict with 'input_ids', got {type(sample).__name__}")
     out = []
     for key in ("input_ids", "labels"):
         value = sample.get(key)
         if value is None:
             out.append(out[0])
             continue
-        try:
-            tensor = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(f"sample {index}[{key!r}] must be a sequence of integer token ids, "
-                            f"got {type(value).__name__}: {error}") from None
-        if tensor.dim() == 2 and tensor.shape[0] == 1:
-            tensor = tensor[0]
-        if tensor.dim() != 1:
-            raise ValueError(f"sample {index}[{key!r}] must be 1-D (or shaped (1, T)), got shape "
-                             f"{tuple(tensor.shape)}")
+        where = f"{name}[{key!r}]"
+        tensor = _id_vector(value, where)
         if tensor.numel() == 0:
-            raise ValueError(f"sample {index}[{key!r}] is empty")
-        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
-            raise ValueError(f"sample {index}[{key!r}] must hold integer token ids, got "
-                             f"{tensor.dtype}")
-        tensor = tensor.long()
+            raise ValueError(f"{where} is empty")
         invalid = (tensor < 0) if key == "input_ids" else (tensor < 0) & (tensor != IGNORE_INDEX)
         if bool(invalid.any()):
             allowed = ">= 0" if key == "input_ids" else f">= 0 or {IGNORE_INDEX}"
-            raise ValueError(f"sample {index}[{key!r}] holds {int(tensor[invalid][0])} at "
-                             f"position {int(invalid.nonzero()[0])} (must be {allowed})")
+            raise ValueError(f"{where} holds {int(tensor[invalid][0])} at position "
+                             f"{int(invalid.nonzero()[0])} (must be {allowed})")
         out.append(tensor)
     if out[1].shape != out[0].shape:
-        raise ValueError(f"sample {index}: labels has {out[1].numel()} entries, input_ids "
+        raise ValueError(f"{name}: labels has {out[1].numel()} entries, input_ids "
                          f"{out[0].numel()}")
     return out[0], out[1]
 

@@ -358,5 +358,5 @@ def test_a_negative_token_id_is_named():
     model = tiny_llama()
     samples = make_samples(2)
     samples[1]["input_ids"][2] = -5
-    with pytest.raises(ValueError, match=r"forget_samples\[1\] holds token id -5"):
+    with pytest.raises(ValueError, match=r"forget_samples\[1\]\['input_ids'\] holds -5 at"):
         LearningWithForgetting(model, FisherAdamW(model.parameters()), samples)

@@ -364,7 +364,7 @@ def test_encode_pairs_takes_token_ids_in_any_form_and_names_bad_ones():
                                                "response_ids": response_ids}])
         assert got[0]["input_ids"].tolist() == expected
         assert got[0]["labels"].tolist() == [IGNORE_INDEX] * 3 + [8, 2]
-    with pytest.raises(ValueError, match=r"pair 0\['response_ids'\] must be a 1-D"):
+    with pytest.raises(ValueError, match=r"pair 0\['response_ids'\] must hold integer token ids"):
         encode_pairs(word_tokenizer(), [{"prompt_ids": [1], "response_ids": [0.5]}])
     with pytest.raises(ValueError, match=r"pair 0\['prompt_ids'\] holds a negative"):
         encode_pairs(word_tokenizer(), [{"prompt_ids": [-100, 1], "response_ids": [4]}])
