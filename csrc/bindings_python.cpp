@@ -51,6 +51,16 @@ using ff::python::to_optional_tensor;
 // binding's host work on CPU tensors without any kernel.
 enum class StepRoute { kByDevice, kDryRun };
 
+// The kernels write the params through data pointers, which autograd does not see: bump their
+// version counters, as torch's fused step does, so that a step between a forward and its
+// backward is caught. Inference tensors have no counter.
+void bump_versions(const PyTensors& params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& t = params[i];
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
 PyObject* fused_step_entry(PyObject* const* args, Py_ssize_t nargs, const char* op,
                            StepRoute route) {
   check_nargs(nargs, 24, op, "the lists of StepTensors, the StepHyper fields with lr_tensor "
@@ -73,10 +83,12 @@ PyObject* fused_step_entry(PyObject* const* args, Py_ssize_t nargs, const char* 
   const bool on_cuda = !params.empty() && params[0].is_cuda();
   if (route == StepRoute::kByDevice && !on_cuda) {
     ff::binding::fused_step_on_cpu(step);
+    bump_versions(params);
     Py_RETURN_NONE;
   }
 #ifdef FISHERFORGET_WITH_CUDA
   ff::binding::fused_step_from_python(/*launch=*/route == StepRoute::kByDevice, step);
+  if (route == StepRoute::kByDevice) bump_versions(params);
   Py_RETURN_NONE;
 #else
   TORCH_CHECK(false, op, ": this build of fisherforget._C has the CPU kernels only (no CUDA "
