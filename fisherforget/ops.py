@@ -23,8 +23,9 @@ The math of the three ops is stated once, here (and in ``docs/design.md``, which
     The bias corrections are computed in float64 from the per-tensor step count; params of a
     low-precision dtype are rounded once, when stored. A bf16 Fisher that accumulates is stored
     with stochastic rounding (unbiased; the random bits hash the tensor's Fisher count after the
-    step and the element's index, the same on every backend: ``docs/design.md``). With ``fisher_mode=None``, no mask, no
-    thresholds and ``fisher_scale=0`` this is ``torch.optim.AdamW``'s step (to rounding).
+    step and the element's index, the same on every backend: ``docs/design.md``). With
+    ``fisher_mode=None``, no mask, no thresholds and ``fisher_scale=0`` this is
+    ``torch.optim.AdamW``'s step (to rounding).
 ``fisher_accumulate(fishers, grads, alpha, beta, grad_scale)``
     ``F = alpha * F + beta * (g / grad_scale)^2`` in fp32, in place, over many tensors.
 ``fisher_score(directions, grads, fishers)``

@@ -97,8 +97,8 @@ def per_sample_terms(
     ``||g_x||^2``), for each row ``x`` of ``batch``.
 
     ``g_x`` is the gradient of row ``x``'s token-averaged NLL
-    (:func:`fisherforget.fisher.sequence_nll`) with respect to ``params`` (``{name: parameter}`` as :func:`~fisherforget.fisher.resolve_params`
-    returns them); ``linear[k]`` and ``quadratic[q]`` are lists aligned with ``params``, shaped
+    (:func:`fisherforget.fisher.sequence_nll`) with respect to ``params`` (``{name: parameter}``
+    as :func:`~fisherforget.fisher.resolve_params` returns them); ``linear[k]`` and ``quadratic[q]`` are lists aligned with ``params``, shaped
     like the params. Products are formed in fp32 (fp64 for fp64 params) and summed over params in
     float64. ``max_elements`` bounds the per-sample gradient elements formed at once. Left or right
     padding, autocast, train or eval mode: the model runs as it is.
@@ -307,37 +307,37 @@ def _generic_grads(use: _Use, name: str) -> Tensor:
     return grads if grads.dtype == torch.float64 else grads.float()
 
 
-def _dense_grads(use: _Use, name: str, p: Tensor, lo: int = 0,
-                 hi: Optional[int] = None) -> Tensor:
-    """Per-sample gradients ``(B, hi - lo, *p.shape[1:])`` of rows ``lo:hi`` of ``p`` (all rows by
-    default) from one call of its module."""
+def _dense_grads(use: _Use, name: str) -> Tensor:
+    """The whole per-sample gradient ``(B, *shape)`` of parameter ``name`` from one call of its
+    (non-embedding) module: for small or opaque params (the row blocks of
+    :func:`_reduce_param` serve large weights)."""
     if use.kind == "generic":
-        return _generic_grads(use, name)[:, lo:hi]
+        return _generic_grads(use, name)
     dy = _flat(use.grad_output)
     if name == "bias":
-        return dy.sum(dim=1)[:, lo:hi]
+        return dy.sum(dim=1)
     x = _flat(use.inputs[0])
     if use.kind == "linear":  # weight (out, in): G = dy^T x
-        return torch.bmm(dy[:, :, lo:hi].transpose(1, 2), x)
-    return torch.bmm(x[:, :, lo:hi].transpose(1, 2), dy)  # Conv1D weight (in, out): G = x^T dy
+        return torch.bmm(dy.transpose(1, 2), x)
+    return torch.bmm(x.transpose(1, 2), dy)  # Conv1D weight (in, out): G = x^T dy
 
 
-def _linear_terms(use: _Use, name: str, vectors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+def _linear_terms(use: _Use, name: str, vectors: Sequence[Tensor], dtype: torch.dtype,
+                  rows: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
     """``(B, k)`` float64: ``<v, g_x>`` of this call's share of the gradient, without forming it:
     ``<V, dy^T x> = sum_t dy_t . (V x_t)``, one matrix product over the whole batch; products in
-    the param's precision, sums over tokens and features in float64 (these sums cancel)."""
+    the param's precision, sums over tokens and features in float64 (these sums cancel). An
+    embedding call's :func:`_sparse_rows` may be given as ``rows``."""
     dy = _flat(use.grad_output).to(dtype)
     if use.kind == "embedding":
-        sample, row, values = _sparse_rows(use)
+        sample, row, values = rows if rows is not None else _sparse_rows(use)
         values = values.to(dtype)
         out = torch.zeros(dy.shape[0], len(vectors), dtype=torch.float64, device=dy.device)
         columns = [(values * v.view(-1, values.shape[1])[row]).double().sum(dim=1)
                    for v in vectors]
         return out.index_add_(0, sample, torch.stack(columns, dim=1))
-    if name == "bias":
-        mapped = [dy for _ in vectors]
-        shaped = [v.view(1, 1, -1) for v in vectors]
-        return torch.stack([(m * v).double().sum(dim=(1, 2)) for m, v in zip(mapped, shaped)],
+    if name == "bias":  # <v, sum_t dy_t>
+        return torch.stack([(dy * v.view(1, 1, -1)).double().sum(dim=(1, 2)) for v in vectors],
                            dim=1)
     x = _flat(use.inputs[0]).to(dtype)
     columns = []
@@ -374,7 +374,7 @@ def _reduce_param(total: Tensor, j: int, p: Tensor, uses: Sequence[_Use],
                 sample, row, values = _sparse_rows(use)
                 part.index_put_((sample, row), values.to(dtype), accumulate=True)
             else:
-                part = _dense_grads(use, use.names[j], p).to(dtype)
+                part = _dense_grads(use, use.names[j]).to(dtype)
             grad = part if grad is None else grad + part
         flat = grad.reshape(batch_size, -1)
         columns = [(flat * v.reshape(1, -1)).double().sum(dim=1) for v in vectors]
@@ -384,14 +384,16 @@ def _reduce_param(total: Tensor, j: int, p: Tensor, uses: Sequence[_Use],
         total += torch.stack(columns, dim=1)
         return
     dense = [u for u in uses if u.kind != "embedding"]
+    # Each embedding call's rows, made once for the linear and the quadratic terms.
+    rows_of = {id(u): _sparse_rows(u) for u in uses if u.kind == "embedding"}
     if not weights or not dense:
         # Linear terms are additive over uses: each from its inputs and output gradients,
         # without forming the per-sample gradient.
         for use in uses if vectors else []:
-            total[:, :k] += _linear_terms(use, use.names[j], vectors, dtype)
+            total[:, :k] += _linear_terms(use, use.names[j], vectors, dtype, rows_of.get(id(use)))
         if not weights:
             return
-    sparse = [_sparse_rows(u) for u in uses if u.kind == "embedding"]
+    sparse = list(rows_of.values())
     if not dense and len(sparse) == 1:
         # An embedding alone: the rows the samples touch, never a dense (V, d) block.
         sample, row, values = sparse[0]
