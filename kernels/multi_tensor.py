@@ -14,10 +14,11 @@ that the tables live in device memory so that one launch covers any number of te
 The buffer is rebuilt for every call from the tensors it is given: nothing is cached by address
 (the allocator reuses addresses). The addresses are read in one C++ pass
 (``fisherforget._C.address_rows``, about 20 ns per tensor and list) where the extension is
-built, else in Python; the chunk table is computed with a few vector ops on the element counts. Uploading it never synchronises with the host: one pinned
-staging buffer and one ``non_blocking`` copy. Inside CUDA-graph capture that copy is one memcpy
-node of the graph (the pinned source is kept alive for the graph's replays), instead of the
-~n_tensors * 11/16 one-program writer kernels an earlier version captured.
+built, else in Python; the chunk table is computed with a few vector ops on the element counts. Uploading it never synchronises with the
+host: one pinned staging buffer and one ``non_blocking`` copy. Inside CUDA-graph capture that copy
+is one memcpy node of the graph, its pinned source taken from memory reserved before capture
+(:class:`CaptureStaging`), instead of the ~n_tensors * 11/16 one-program writer kernels an
+earlier version captured.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import triton.language as tl
 __all__ = [
     "LaunchConfig",
     "Tables",
+    "CaptureStaging",
+    "CAPTURE_STAGING",
     "interpreting",
     "launch_config",
     "build_tables",
@@ -210,10 +213,74 @@ def _address_rows_python(columns, aligned_columns: int) -> Rows:
     return Rows(rows.view(n, len(columns) + 1), regular, bits & (ALIGNMENT_BYTES - 1) == 0)
 
 
-# Host tables of captured calls. A captured host-to-device copy reads its pinned source at every
-# replay of the graph, and no graph holds a reference to it: these stay alive for the process
-# (one table per captured call: a few KB to ~100 KB for thousands of tensors).
-_CAPTURED_HOST_TABLES: list = []
+class CaptureStaging:
+    """Pinned host memory for the tables of calls made inside CUDA-graph capture.
+
+    A captured host-to-device copy reads its pinned source at every replay, and no graph holds a
+    reference to it, so the source must live as long as any graph may replay. Allocating pinned
+    memory during capture is itself an illegal call on torch versions whose pinned allocator is
+    not capture-aware (the GPU machines' torch 2.11 among them). So: eager calls keep a reserve
+    of pinned memory, allocated outside capture (``reserve``); a captured call takes its table
+    from it (``take``), never allocating; a captured table equal to one taken before shares its
+    memory (re-capturing the same step costs nothing); and the reserve stops growing at
+    ``limit_bytes``. A capture that finds too little reserve is refused with what to do: the
+    kernels must be compiled before capture anyway, so the warm-up step that ``torch.cuda.graph``
+    asks for also makes the reserve.
+    """
+
+    MIN_FREE_BYTES = 1 << 20
+    BLOCK_BYTES = 8 << 20
+
+    def __init__(self, limit_bytes: int = 256 << 20, allocate=None):
+        self.limit_bytes = limit_bytes
+        self._allocate = allocate or (
+            lambda n: torch.empty(n, dtype=torch.int64, pin_memory=True))
+        self._blocks: list[torch.Tensor] = []
+        self._used = 0  # int64 words used in the last block
+        self._taken: dict[bytes, torch.Tensor] = {}
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(b.numel() for b in self._blocks) * 8
+
+    def _free_words(self) -> int:
+        return self._blocks[-1].numel() - self._used if self._blocks else 0
+
+    def reserve(self, words: int) -> None:
+        """Outside capture: make sure a captured call of a table of ``words`` int64 words (and
+        then some) will find room."""
+        if self._free_words() * 8 >= max(2 * 8 * words, self.MIN_FREE_BYTES):
+            return
+        size = max(self.BLOCK_BYTES, 4 * 8 * words) // 8
+        if self.allocated_bytes + size * 8 > self.limit_bytes:
+            return  # a capture that needs more is refused by take(), saying so
+        self._blocks.append(self._allocate(size))
+        self._used = 0
+
+    def take(self, table: torch.Tensor) -> torch.Tensor:
+        """Inside capture: pinned memory holding ``table`` (1-D int64), kept for the process."""
+        key = table.numpy().tobytes()
+        held = self._taken.get(key)
+        if held is not None:
+            return held
+        words = table.numel() + table.numel() % 2  # even offsets: 16-byte aligned slices
+        if words > self._free_words():
+            raise RuntimeError(
+                "fisherforget (backend 'triton'): no pinned staging memory is left for the "
+                f"address table ({table.numel() * 8} bytes) of a call inside CUDA-graph capture "
+                f"({len(self._taken)} tables captured, {self.allocated_bytes} of at most "
+                f"{self.limit_bytes} bytes reserved). Run the step once outside capture before "
+                "capturing it (the warm-up torch.cuda.graph asks for: it compiles the kernels "
+                "and reserves this memory).")
+        block = self._blocks[-1]
+        held = block[self._used:self._used + table.numel()]
+        held.copy_(table)
+        self._used += words
+        self._taken[key] = held
+        return held
+
+
+CAPTURE_STAGING = CaptureStaging()
 
 
 def build_tables(
@@ -228,7 +295,7 @@ def build_tables(
 
     Under CUDA-graph capture the copy becomes one memcpy node of the graph, and the device
     buffer comes from the graph's private pool (alive as long as the graph); the pinned source
-    is kept alive here, since every replay copies it again."""
+    comes from :data:`CAPTURE_STAGING` (allocated before capture, kept for every replay)."""
     if not isinstance(rows, torch.Tensor):
         rows = torch.tensor(list(zip(*rows)), dtype=torch.int64).view(len(rows[-1]), len(rows))
     n_tensors = rows.shape[0]
@@ -247,17 +314,19 @@ def build_tables(
     # 16-byte aligned.
     table_len = rows.numel() + rows.numel() % 2
     total = table_len + n_chunks
-    pinned = device.type == "cuda"
-    host = torch.empty(total, dtype=torch.int64, pin_memory=pinned)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    host = torch.empty(total, dtype=torch.int64,
+                       pin_memory=device.type == "cuda" and not capturing)
     host[:rows.numel()] = rows.reshape(-1)
     host[rows.numel():table_len] = 0
     host[table_len:] = chunks
-    if pinned:
-        if torch.cuda.is_current_stream_capturing():
-            _CAPTURED_HOST_TABLES.append(host)
-        buffer = host.to(device, non_blocking=True)
-    else:
+    if device.type != "cuda":
         buffer = host
+    elif capturing:
+        buffer = CAPTURE_STAGING.take(host).to(device, non_blocking=True)
+    else:
+        CAPTURE_STAGING.reserve(total)
+        buffer = host.to(device, non_blocking=True)
     return Tables(
         tensors=buffer[:table_len], chunks=buffer[table_len:], n_tensors=n_tensors,
         n_chunks=n_chunks, aligned=aligned,

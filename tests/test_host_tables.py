@@ -219,3 +219,59 @@ def test_the_dry_run_checks_like_the_cuda_binding():
     tensors.grads[2] = tensors.grads[2].double()
     with pytest.raises(RuntimeError, match=r"grads\[2\] has dtype Double but params\[2\]"):
         native.dry_run_fused_step(*tensors, *ops.StepHyper(lr=0.1).op_args(), None, None)
+
+
+# ------------------------------------------------------------ pinned memory for captured tables
+
+def _staging(limit_bytes=1 << 20):
+    """A CaptureStaging over pageable memory that counts its allocations (none under capture)."""
+    calls = []
+
+    def allocate(n):
+        calls.append(n)
+        return torch.empty(n, dtype=torch.int64)
+
+    staging = multi_tensor.CaptureStaging(limit_bytes=limit_bytes, allocate=allocate)
+    staging.MIN_FREE_BYTES, staging.BLOCK_BYTES = 64, 256  # small, to reach every branch
+    return staging, calls
+
+
+def test_captured_tables_come_from_memory_reserved_outside_capture():
+    staging, calls = _staging()
+    with pytest.raises(RuntimeError, match=r"no pinned staging memory is left .* Run the step "
+                                           r"once outside capture before capturing it"):
+        staging.take(torch.arange(5))  # a capture before any eager call
+    staging.reserve(5)  # the eager call
+    assert len(calls) == 1
+    first = staging.take(torch.arange(5))
+    second = staging.take(torch.arange(7) * 3)
+    assert len(calls) == 1  # take() never allocates
+    assert first.tolist() == list(range(5)) and second.tolist() == [3 * i for i in range(7)]
+    assert first.data_ptr() + 6 * 8 == second.data_ptr()  # even offsets, no overlap
+
+
+def test_an_equal_captured_table_shares_its_memory():
+    staging, _ = _staging()
+    staging.reserve(4)
+    a = staging.take(torch.tensor([1, 2, 3, 4]))
+    b = staging.take(torch.tensor([1, 2, 3, 4]))
+    c = staging.take(torch.tensor([1, 2, 3, 5]))
+    assert a.data_ptr() == b.data_ptr() != c.data_ptr()
+    assert len(staging._taken) == 2
+
+
+def test_the_reserve_grows_before_it_runs_low_and_stops_at_its_limit():
+    staging, calls = _staging(limit_bytes=1024)
+    staging.reserve(4)
+    assert calls == [32]  # BLOCK_BYTES / 8 words
+    staging.reserve(4)
+    assert calls == [32]  # enough left: no allocation
+    staging.take(torch.arange(26))  # 6 words left: < 2 * 4 words, < MIN_FREE_BYTES
+    staging.reserve(4)
+    assert calls == [32, 32]
+    staging.reserve(40)  # wants 4 * 40 words: past the 1 KiB limit, so nothing is allocated
+    assert calls == [32, 32] and staging.allocated_bytes == 512
+    with pytest.raises(RuntimeError, match=r"1 tables captured, 512 of at most 1024 bytes"):
+        staging.take(torch.arange(40))
+    # The memory already taken stays valid (a graph may still replay it).
+    assert staging.take(torch.arange(26)).tolist() == list(range(26))

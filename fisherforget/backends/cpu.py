@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fisherforget import ops
+from fisherforget.backends.staging import scalar_on
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -116,33 +117,29 @@ def _require():
     return _kernels
 
 
-def _scalar(value: Optional[Tensor]) -> Optional[Tensor]:
-    """A grad_scale/found_inf as the extension reads it: fp32 on the CPU (no copy when it is)."""
-    if value is None or (value.dtype == torch.float32 and value.device == _CPU):
-        return value
-    return value.to(device=_CPU, dtype=torch.float32)
-
-
-def _on_cpu(hyper: ops.StepHyper) -> ops.StepHyper:
-    """The hyperparameters with a tensor lr on the CPU, where the kernels read it (its dtype is
-    kept: a float64 lr keeps float64 math for ``1 - lr * weight_decay``)."""
+def _on_cpu(hyper: ops.StepHyper, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
+    """The step's scalars where the kernels read them, by the one rule of
+    :func:`~fisherforget.backends.staging.scalar_on`: a tensor lr on the CPU with its dtype kept (a float64 lr keeps
+    float64 math for ``1 - lr * weight_decay``), grad_scale/found_inf as fp32 on the CPU."""
     lr = hyper.lr
-    if isinstance(lr, Tensor) and lr.device != _CPU:
-        return hyper.replace(lr=lr.to(_CPU))
-    return hyper
+    if isinstance(lr, Tensor):
+        hyper = hyper.replace(lr=scalar_on(lr, _CPU, "lr"))
+    return (hyper, scalar_on(grad_scale, _CPU, "grad_scale", torch.float32),
+            scalar_on(found_inf, _CPU, "found_inf", torch.float32))
 
 
 @ops.register("fused_step", "cpu")
 def fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper,
                grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    (_kernels or _require()).fused_step(*tensors, *_on_cpu(hyper).op_args(), _scalar(grad_scale),
-                                        _scalar(found_inf))
+    hyper, grad_scale, found_inf = _on_cpu(hyper, grad_scale, found_inf)
+    (_kernels or _require()).fused_step(*tensors, *hyper.op_args(), grad_scale, found_inf)
 
 
 @ops.register("fisher_accumulate", "cpu")
 def fisher_accumulate(fishers: Sequence[Tensor], grads: Sequence[Tensor], *, alpha: float,
                       beta: float, grad_scale: Optional[Tensor] = None) -> None:
-    (_kernels or _require()).fisher_accumulate(fishers, grads, alpha, beta, _scalar(grad_scale))
+    grad_scale = scalar_on(grad_scale, _CPU, "grad_scale", torch.float32)
+    (_kernels or _require()).fisher_accumulate(fishers, grads, alpha, beta, grad_scale)
 
 
 @ops.register("fisher_score", "cpu")

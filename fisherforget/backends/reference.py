@@ -73,9 +73,9 @@ def fused_step(
     weight_decay, amsgrad, maximize = hyper.weight_decay, hyper.amsgrad, hyper.maximize
     fisher_mode, fisher_beta, fisher_scale = hyper.fisher_mode, hyper.fisher_beta, hyper.fisher_scale
     freeze_above, freeze_below = hyper.freeze_above, hyper.freeze_below
-    found_inf_on = ScalarOnDevice(found_inf)
-    grad_scale_on = ScalarOnDevice(grad_scale)
-    lr_on = ScalarOnDevice(lr) if isinstance(lr, Tensor) else None
+    found_inf_on = ScalarOnDevice(found_inf, "found_inf")
+    grad_scale_on = ScalarOnDevice(grad_scale, "grad_scale")
+    lr_on = ScalarOnDevice(lr, "lr") if isinstance(lr, Tensor) else None
     uses_fisher = len(fishers) > 0
 
     for i, param in enumerate(params):
@@ -180,7 +180,7 @@ def fisher_accumulate(
     beta: float,
     grad_scale: Optional[Tensor] = None,
 ) -> None:
-    scale_on = ScalarOnDevice(grad_scale)
+    scale_on = ScalarOnDevice(grad_scale, "grad_scale")
     for fisher, grad in zip(fishers, grads):
         cdt = _compute_dtype(fisher)
         g = grad.to(cdt)

@@ -10,27 +10,49 @@ from torch import Tensor
 
 
 class ScalarOnDevice:
-    """A 0-dim tensor (lr, grad_scale, found_inf) on each device it is needed on, moved once per
-    call and without a host sync."""
+    """The one rule for the step's scalar tensors (a tensor ``lr``, ``grad_scale``,
+    ``found_inf``), the same on every backend: a one-element floating tensor on any device is
+    used on the params' device, copied there at most once per call and without a host sync
+    (``non_blocking``); its dtype is kept unless the kernels read a fixed one (``dtype``).
+
+    Inside CUDA-graph capture no copy is made: a graph cannot capture a copy from pageable host
+    memory, a copy from another GPU waits on that GPU's stream (outside the capture), and a
+    replay would read the value seen at capture instead of the one set later. A scalar that is
+    not already on the capturing device is refused, naming it."""
 
     def __init__(self, value: Optional[Tensor], name: str = "a 0-dim tensor argument"):
         self.value = value
         self.name = name
-        self.cache: dict[torch.device, Tensor] = {}
+        self.cache: dict[tuple[torch.device, Optional[torch.dtype]], Tensor] = {}
 
-    def on(self, device: torch.device) -> Optional[Tensor]:
-        if self.value is None:
-            return None
-        if device not in self.cache:
-            if (self.value.device.type == "cpu" and device.type == "cuda"
-                    and torch.cuda.is_current_stream_capturing()):
-                # A copy from pageable host memory cannot be captured (and a graph would replay
-                # the value seen at capture, not the one set later).
-                raise RuntimeError(
-                    f"{self.name} is a CPU tensor, but a CUDA graph is being captured: pass it "
-                    f"as a 0-dim tensor on {device} (updating it in place between replays)")
-            self.cache[device] = self.value.reshape(()).to(device=device, non_blocking=True)
-        return self.cache[device]
+    def on(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+        key = (device, dtype)
+        if key not in self.cache:
+            self.cache[key] = scalar_on(self.value, device, self.name, dtype)
+        return self.cache[key]
+
+
+def scalar_on(value: Optional[Tensor], device: torch.device, name: str,
+              dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+    """``value`` (None, or a one-element tensor) as a 0-dim tensor on ``device`` (of ``dtype``
+    when given), by the rule of :class:`ScalarOnDevice`; no copy when it is there already."""
+    if value is None:
+        return None
+    target = value.dtype if dtype is None else dtype
+    if value.device == device and value.dtype == target:
+        return value if value.dim() == 0 else value.reshape(())
+    if value.device != device and _capturing(device, value.device):
+        raise RuntimeError(
+            f"{name} is a tensor on {value.device}, but a CUDA graph is being captured on "
+            f"{device}: pass it as a one-element tensor on {device} (updated in place between "
+            "replays)")
+    return value.reshape(()).to(device=device, dtype=target, non_blocking=True)
+
+
+def _capturing(*devices: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (only asked when a CUDA
+    device is involved: the query initialises CUDA)."""
+    return any(d.type == "cuda" for d in devices) and torch.cuda.is_current_stream_capturing()
 
 
 class ContiguousStaging:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fisherforget import _native, ops
 from fisherforget.backends.cuda import jit as cuda_jit
-from fisherforget.backends.staging import ContiguousStaging
+from fisherforget.backends.staging import ContiguousStaging, scalar_on
 
 # The extension's op schemas; fused_step's is generated from the op contract (a test compares
 # them with what csrc/bindings.cpp registers).
@@ -187,12 +187,6 @@ def _register_fakes() -> None:
 # ------------------------------------------------------------------------------------------ glue
 
 
-def _on(value: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
-    if value is None:
-        return None
-    return value.to(device=device, dtype=torch.float32, non_blocking=True)
-
-
 def _python_entry():
     """``fisherforget._C`` when it is the loaded library (its ``fused_step`` reads the Python lists
     in place), else None: a JIT build is reached through ``torch.ops`` only, and so is a traced
@@ -209,12 +203,15 @@ def fused_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> None:
-    # No per-tensor work here: the binding checks every tensor, steps non-contiguous ones
-    # through contiguous copies and moves a CPU lr tensor to the device.
+    # No per-tensor work here: the binding checks every tensor and steps non-contiguous ones
+    # through contiguous copies. The scalars follow the rule every backend follows (staging).
     if len(tensors.params) == 0:
         return
     device = tensors.params[0].device
-    scale, inf = _on(grad_scale, device), _on(found_inf, device)
+    if isinstance(hyper.lr, Tensor):
+        hyper = hyper.replace(lr=scalar_on(hyper.lr, device, "lr"))
+    scale = scalar_on(grad_scale, device, "grad_scale", torch.float32)
+    inf = scalar_on(found_inf, device, "found_inf", torch.float32)
     entry = _python_entry()
     if entry is not None:
         # A tensor lr keeps its dtype (float64 keeps float64 math for 1 - lr * weight_decay).
@@ -238,7 +235,7 @@ def fisher_accumulate(
     staging = ContiguousStaging()
     torch.ops.fisherforget_C.fisher_accumulate(
         staging.inplace(list(fishers)), staging.read(list(grads)), alpha=float(alpha),
-        beta=float(beta), grad_scale=_on(grad_scale, fishers[0].device),
+        beta=float(beta), grad_scale=scalar_on(grad_scale, fishers[0].device, "grad_scale", torch.float32),
     )
     staging.finish()
 

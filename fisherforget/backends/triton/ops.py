@@ -224,7 +224,7 @@ def fisher_accumulate(
     _check_kernel_dtypes_and_devices(grads, "grads")
     devices = [f.device for f in fishers]
     buckets = _group(list(zip(devices, [f.dtype for f in fishers], [g.dtype for g in grads])))
-    scale_on = ScalarOnDevice(grad_scale)
+    scale_on = ScalarOnDevice(grad_scale, "grad_scale")
     contiguous = ContiguousStaging()
     for (device, _, _), index in buckets.items():
         kernels.fisher_accumulate(
