@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Optional, Sequence
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, command_line: Optional[str] = None) -> int:
+    """Run a command; ``command_line`` is what results record as the command that produced them
+    (default: ``fisherforget`` and ``argv``), for scripts that wrap a command."""
     parser = argparse.ArgumentParser(prog="fisherforget", description=__doc__)
     from fisherforget import __version__
 
@@ -30,6 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return doctor.main()
     if args.command == "demo":
         args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
+        args.command_line = command_line or shlex.join(["fisherforget", "demo", *args.argv])
         return demo_module.run(args)
     if args.command == "bench":
         args.argv = list(argv if argv is not None else sys.argv[1:])[1:]

@@ -139,10 +139,22 @@ def test_quick_demo_reproduces_its_committed_result(tmp_path, capsys):
         assert [r["final"] for r in setting["runs"][method]] == [r["final"] for r in runs], method
 
 
-def test_demo_on_a_saved_model_with_jsonl_files(tmp_path, capsys):
-    """The --model/--learn/--forget protocol end to end on a tiny saved model, resumed from its
-    state file."""
+def test_demo_on_a_saved_model_with_jsonl_files(tmp_path, capsys, monkeypatch):
+    """The --model/--learn/--forget/--kept protocol end to end on a tiny saved model, resumed
+    from its state file. The kept questions' judge is replaced by one that calls every other
+    question right before fine-tuning and counts the calls (a random tiny model answers
+    nothing right); tests/lwf/test_real_model.py checks the real judge on SmolLM2."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fisherforget.demo import pretrained
+
+    judged = []
+
+    def judge(model, tokenizer, pairs, chat_template, max_new_tokens):
+        judged.append(len(pairs))
+        return [i % 2 == 0 for i in range(len(pairs))]
+
+    monkeypatch.setattr(pretrained, "kept_correct", judge)
 
     world = demo.conflict_world(30)
     tokenizer = demo.word_tokenizer(world.words)
@@ -163,22 +175,31 @@ def test_demo_on_a_saved_model_with_jsonl_files(tmp_path, capsys):
                     + "\n")
     argv = ["demo", "--model", str(tmp_path / "model"), "--learn", str(tmp_path / "learn.jsonl"),
             "--forget", str(tmp_path / "forget.jsonl"), "--steps", "6", "--batch-size", "4",
-            "--lrs", "1e-3,3e-3", "--seeds", "2", "--methods", "adamw,lwf",
+            "--lrs", "1e-3,3e-3", "--seeds", "2", "--methods", "adamw,lwf,lwf_random",
+            "--kept", str(tmp_path / "forget.jsonl"), "--kept-size", "3",
             "--state", str(tmp_path / "state.json"),
             "--out", str(tmp_path / "out")]
     assert cli.main(argv) == 0
     result = json.loads((tmp_path / "out" / "lwf_pretrained.json").read_text())
-    assert len(result["runs"]) == 2 * 2 + 2 * 2  # tuning: 2 methods x 2 lrs; test: 2 x 2 seeds
+    assert len(result["runs"]) == 3 * 2 + 3 * 2  # tuning: 3 methods x 2 lrs; test: 3 x 2 seeds
     for run in result["runs"].values():
         for task in ("learn", "forget"):
             assert 0.0 <= run[task]["accuracy"] <= 1.0 and run[task]["loss"] > 0
-    lwf_runs = [r for r in result["runs"].values() if r["method"] == "lwf"]
+        assert run["kept"]["accuracy"] == pytest.approx(2 / 3)  # the judge's pattern on 3
+    lwf_runs = [r for r in result["runs"].values() if r["method"].startswith("lwf")]
     assert all(any("lwf/retain_loss" in h for h in r["lwf"]) for r in lwf_runs)
-    assert result["sizes"]["learn"] == [12, 4, 4] and result["sizes"]["d_self"] == 8
-    assert [p["method"] for p in result["paired_learn"]] == ["lwf"]
+    assert result["sizes"] == {"learn": [12, 4, 4], "forget": 8, "d_self": 8, "kept": 3,
+                               "kept_asked": 8}
+    # 8 asked once; 3 kept, judged for "before" (test and validation) and after every run.
+    assert judged == [8] + [3] * (2 + len(result["runs"]))
+    assert [(p["method"], p["metric"]) for p in result["paired"]] == [
+        (m, k) for m in ("lwf", "lwf_random") for k in ("learn", "forget", "kept")]
+    adamw = [r["learn"]["accuracy"] for k, r in result["runs"].items() if k.startswith("test/adamw")]
+    assert result["baseline_test_learn"] == pytest.approx(sum(adamw) / len(adamw))
+    assert result["run_started"]["commit"] == result["environment"]["commit"]
     capsys.readouterr()
     assert cli.main(argv) == 0  # everything finished: the rerun only reads the state file
-    assert "learn acc" not in capsys.readouterr().out
+    assert "s + eval " not in capsys.readouterr().out
 
 
 def test_demo_argument_errors(tmp_path):
@@ -192,3 +213,39 @@ def test_demo_argument_errors(tmp_path):
     bad.write_text('{"prompt": "a"}\n')
     with pytest.raises(SystemExit, match="prompt' and 'response"):
         read_jsonl(str(bad))
+
+
+def test_real_model_benchmark_data_and_state_merge(tmp_path):
+    """benchmarks/lwf_real.py: the three task files from the packaged data, and the merge of
+    two partial runs' state files."""
+    import importlib.util
+    import pathlib
+
+    pytest.importorskip("countryinfo")
+    pytest.importorskip("simple_icd_10_cm")
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "lwf_real.py"
+    spec = importlib.util.spec_from_file_location("lwf_real", path)
+    lwf_real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lwf_real)
+    paths = lwf_real.write_tasks(str(tmp_path), "demonym")
+    learn, forget, kept = (read_jsonl(paths[k]) for k in ("learn", "forget", "kept"))
+    assert len(learn) == len(kept) > 200
+    assert {"prompt": "What is the demonym of Kenya? Answer with one word.",
+            "response": "Kenyan"} in learn
+    assert {"prompt": "What is the capital of Kenya?", "response": "Nairobi"} in kept
+    assert len(forget) > 200
+    assert all(p["prompt"].startswith("What condition does ICD-10-CM code K") for p in forget)
+    assert {"prompt": "What condition does ICD-10-CM code K02.52 denote?",
+            "response": "Dental caries on pit and fissure surface penetrating into dentin"} \
+        in forget
+
+    run = lambda acc: {"learn": {"accuracy": acc}, "forget": {"accuracy": 0.0}}  # noqa: E731
+    a, b, into = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "merged.json"
+    a.write_text(json.dumps({"started": {"commit": "x"}, "runs": {"k1": run(0.5), "k2": run(1)}}))
+    b.write_text(json.dumps({"started": {"commit": "y"}, "runs": {"k1": run(0.5), "k3": run(0)}}))
+    lwf_real.merge_states([str(a), str(b)], str(into))
+    merged = json.loads(into.read_text())
+    assert sorted(merged["runs"]) == ["k1", "k2", "k3"] and merged["started"] == {"commit": "x"}
+    b.write_text(json.dumps({"runs": {"k1": run(0.25)}}))
+    with pytest.raises(SystemExit, match="k1 differs"):
+        lwf_real.merge_states([str(a), str(b)], str(tmp_path / "bad.json"))

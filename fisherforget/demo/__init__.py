@@ -66,6 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     real.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     real.add_argument("--learn", default=None, help="learning task JSONL (prompt, response)")
     real.add_argument("--forget", default=None, help="forgetting task JSONL (prompt, response)")
+    real.add_argument("--forget-size", type=int, default=None,
+                      help="use a seeded subsample of this many forgetting prompts")
+    real.add_argument("--kept", default=None,
+                      help="general-knowledge JSONL (prompt, reference answer): kept accuracy "
+                           "on the questions answered correctly before fine-tuning")
+    real.add_argument("--kept-size", type=int, default=64,
+                      help="at most this many kept questions (a seeded subsample)")
+    real.add_argument("--kept-new-tokens", type=int, default=24,
+                      help="greedy answer length for the kept questions")
+    real.add_argument("--tune-only", action="store_true",
+                      help="stop after the lr sweep on validation (a pilot)")
     real.add_argument("--chat-template", action="store_true",
                       help="wrap prompts in the tokenizer's chat template")
     real.add_argument("--lr", type=float, default=None,

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -161,11 +161,11 @@ def settings_for(args) -> dict[str, Setting]:
     return out
 
 
-def parse_methods(text: str) -> list[str]:
+def parse_methods(text: str, known: Sequence[str] = METHODS) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in known]
     if unknown or not methods:
-        raise SystemExit(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {','.join(known)}")
     return methods
 
 
@@ -215,7 +215,7 @@ def run_builtin(args) -> int:
         name = "lwf_demo_quick" if args.quick else "lwf_demo"
         payload = {
             "benchmark": "fisherforget demo (built-in): tuned AdamW vs LWF and controls",
-            "command": "fisherforget demo " + " ".join(args.argv or []),
+            "command": args.command_line,
             "methods": methods, "labels": {m: METHOD_LABELS[m] for m in methods},
             "lwf_methods": [m for m in methods if m in LWF_METHODS],
             "environment": env, "total_wall_s": total,

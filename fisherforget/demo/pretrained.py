@@ -1,20 +1,31 @@
-"""``fisherforget demo --model M --learn L --forget F``: the same protocol on a real causal LM.
+"""``fisherforget demo --model M --learn L --forget F [--kept K]``: the protocol on a real causal LM.
 
 The learning JSONL is split 60/20/20 (fixed split) into train, validation and test; ``D_self``
-is the model's own sampled answers to the forgetting JSONL's prompts (generated once). Methods:
-``adamw`` (``torch.optim.AdamW``), ``lwf`` (``FisherAdamW`` + LWF with retain, top FC) and
-``retain_only`` (the same schedule, no ascent). Every method gets the same lr sweep on the
-validation split with a tuning seed (100); the reported seeds (0, 1, ...) run on the test split
-and are compared with AdamW by paired differences with 95% t-intervals. ``--lora R`` fine-tunes
-a ``peft`` LoRA adapter (rank R on the attention and MLP projections) instead of every weight:
-the optimizer, FC and the unlearning then see the adapter's parameters only.
+is the model's own sampled answers to the forgetting JSONL's prompts (generated once; the
+JSONL's responses only measure forgetting). Methods (all fine-tune on the same batches):
 
-``--state FILE`` makes the run resumable: every finished (phase, method, lr, seed) run is written
-there at once, and a rerun with the same file skips what finished.
+``adamw``          ``torch.optim.AdamW``
+``lwf``            ``FisherAdamW`` + LWF: ascent on the top-FC (the paper's forgetting
+                   confidence) part of ``D_self``, retain on the rest
+``lwf_no_retain``  the same without the retain term (ascent only)
+``retain_only``    control: the same schedule without the ascent (rehearsal of ``D_self``)
+``lwf_random``     control: ascent on a random selection of the same size, same lr and retain
 
-Metrics: exact match of the greedy answer on the response tokens (teacher-forced; a final EOS is
-not required) and token-averaged NLL, on the learning test split and on the forgetting task's
-reference answers.
+Every method gets the same lr sweep on the validation split with the tuning seeds (100, ...);
+the reported seeds (0, 1, ...) run on the test split and are compared with AdamW by paired
+per-seed differences with 95% t-intervals. ``--lora R`` fine-tunes a ``peft`` LoRA adapter
+(rank R on the attention and MLP projections, ``--lora-layers N``: of the last N blocks only)
+instead of every weight: the optimizer, FC and the unlearning then see the adapter only.
+
+Metrics: ``learn`` and ``forget``: exact match of the greedy answer on the response tokens
+(teacher-forced; a final EOS is not required) on the learning split and on the forgetting
+task's reference answers. ``kept`` (with ``--kept K``, a JSONL of general-knowledge questions
+and reference answers): of the questions the model answered correctly before fine-tuning
+(greedy generation judged by :func:`~fisherforget.lwf.normalized_match`, at most
+``--kept-size``), the fraction it still answers correctly.
+
+``--state FILE`` makes the run resumable: every finished (phase, method, lr, seed) run is
+written there at once, and a rerun with the same file skips what finished.
 """
 
 from __future__ import annotations
@@ -31,7 +42,8 @@ import torch
 
 from fisherforget.demo import report
 
-METHODS_REAL = ("adamw", "lwf", "retain_only")
+METHODS_REAL = ("adamw", "lwf", "lwf_no_retain", "retain_only", "lwf_random")
+REAL_METRICS = ("learn", "forget", "kept")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -194,7 +206,15 @@ def _train_run(model, method: str, lr: float, seed: int, train: list[dict], d_se
     else:
         opt = FisherAdamW(params, lr=lr, weight_decay=0.0, fisher="ema", fisher_beta=0.95,
                           backend=backend)
-        options = dict(lwf_options, seed=seed, ascent=method != "retain_only")
+        options = dict(lwf_options, seed=seed)
+        if method == "lwf_no_retain":
+            options["retain"] = None
+        elif method == "retain_only":
+            options["ascent"] = False
+        elif method == "lwf_random":
+            options["scores"] = "random"
+        elif method != "lwf":
+            raise ValueError(f"Invalid method: {method!r} (must be one of {METHODS_REAL})")
         lwf = LearningWithForgetting(model, opt, d_self, LWFConfig(**options), pad_id=pad_id)
         lwf.begin(steps)
     gen = torch.Generator().manual_seed(1000 + seed)
@@ -215,14 +235,30 @@ def _train_run(model, method: str, lr: float, seed: int, train: list[dict], d_se
             "lwf": [] if lwf is None else lwf.history}
 
 
+def kept_correct(model, tokenizer, pairs: Sequence[dict], chat_template: bool,
+                 max_new_tokens: int) -> list[bool]:
+    """Whether the model's greedy answer to each question contains its reference answer
+    (:func:`~fisherforget.lwf.normalized_match`)."""
+    from fisherforget.lwf import generate_self_knowledge
+
+    was_training = model.training
+    model.eval()
+    answers = generate_self_knowledge(
+        model, tokenizer, [p["prompt"] for p in pairs], max_new_tokens=max_new_tokens,
+        batch_size=16, do_sample=False, chat_template=chat_template, progress=False,
+        references=[p["response"] for p in pairs], keep="all")
+    model.train(was_training)
+    return [bool(a["correct"]) for a in answers]
+
+
 def run_pretrained(args) -> int:
     """The protocol of the module doc on ``--model`` with ``--learn`` / ``--forget``."""
     from fisherforget.demo.builtin import parse_methods
     from fisherforget.lwf import encode_pairs, generate_self_knowledge
 
     device = torch.device(args.device)
-    methods = [m for m in parse_methods(args.methods or ",".join(METHODS_REAL))
-               if m in METHODS_REAL] or list(METHODS_REAL)
+    methods = [m for m in parse_methods(args.methods or ",".join(METHODS_REAL),
+                                        METHODS_REAL)]
     if "adamw" not in methods:
         methods.insert(0, "adamw")
     steps = args.steps or 40
@@ -235,6 +271,8 @@ def run_pretrained(args) -> int:
     if args.state and os.path.isfile(args.state):
         with open(args.state) as f:
             state = json.load(f)
+    runs_state = state.setdefault("runs", {})
+    state.setdefault("started", report.environment(device))
 
     def save_state() -> None:
         if args.state:
@@ -253,6 +291,8 @@ def run_pretrained(args) -> int:
     starts = Starts(model, lora=bool(args.lora))
     learn_train, learn_val, learn_test = split(read_jsonl(args.learn), 0)
     forget = read_jsonl(args.forget)
+    if args.forget_size and len(forget) > args.forget_size:
+        forget = random.Random(0).sample(forget, args.forget_size)
     encode = lambda pairs: encode_pairs(tokenizer, pairs, chat_template=args.chat_template)  # noqa
     train, val, test = encode(learn_train), encode(learn_val), encode(learn_test)
     forget_reference = encode(forget)
@@ -260,20 +300,33 @@ def run_pretrained(args) -> int:
         len(s["input_ids"]) - int((s["labels"] == -100).sum()) for s in forget_reference) + 2
     load_s = time.perf_counter() - t0
     t = time.perf_counter()
+    starts.reset(0)
     pairs = generate_self_knowledge(model, tokenizer, [p["prompt"] for p in forget],
                                     max_new_tokens=max_new, batch_size=16, temperature=0.7,
                                     top_p=0.95, seed=0, chat_template=args.chat_template,
                                     progress=False)
     d_self = encode_pairs(tokenizer, pairs)
     generation_s = time.perf_counter() - t
+    kept: list[dict] = []
+    kept_asked = 0
+    if args.kept:
+        asked = read_jsonl(args.kept)
+        kept_asked = len(asked)
+        correct = kept_correct(model, tokenizer, asked, args.chat_template, args.kept_new_tokens)
+        kept = [p for p, ok in zip(asked, correct) if ok]
+        if args.kept_size and len(kept) > args.kept_size:
+            kept = random.Random(0).sample(kept, args.kept_size)
+        if not kept:
+            raise SystemExit(f"--kept {args.kept}: the model answered none of its "
+                             f"{len(asked)} questions correctly before fine-tuning")
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     trainable = sum(p.numel() for p in starts.trainable.values())
     print(f"{args.model}{' / ' + args.gguf_file if args.gguf_file else ''}: "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params "
           f"({trainable / 1e6:.2f}M trainable{', LoRA r=' + str(args.lora) if args.lora else ''})"
           f" on {device}; learning {len(train)}/{len(val)}/{len(test)} (train/val/test), "
-          f"|D_self| = {len(d_self)} (generated in {generation_s:.0f}s); {steps} steps of "
-          f"{batch_size}; lr sweep {lrs}")
+          f"|D_self| = {len(d_self)} (generated in {generation_s:.0f}s), kept {len(kept)} of "
+          f"{kept_asked}; {steps} steps of {batch_size}; lr sweep {lrs}", flush=True)
     for pair in pairs[:3]:
         print(f"  D_self: {pair['prompt']!r} -> {pair['response']!r}")
     score_params = None
@@ -287,61 +340,89 @@ def run_pretrained(args) -> int:
                        score_params=score_params, backend=args.backend)
 
     def measure(split_samples) -> dict:
-        return {"learn": response_metrics(model, split_samples, 16, pad_id, eos_id, device),
-                "forget": response_metrics(model, forget_reference, 16, pad_id, eos_id, device)}
+        out = {"learn": response_metrics(model, split_samples, 16, pad_id, eos_id, device),
+               "forget": response_metrics(model, forget_reference, 16, pad_id, eos_id, device)}
+        if kept:
+            still = kept_correct(model, tokenizer, kept, args.chat_template,
+                                 args.kept_new_tokens)
+            out["kept"] = {"accuracy": sum(still) / len(still)}
+        return out
 
     def one(phase: str, method: str, lr: float, seed: int, eval_samples) -> dict:
         key = f"{phase}/{method}/{lr:g}/{seed}"
-        if key in state:
-            return state[key]
+        if key in runs_state:
+            return runs_state[key]
         starts.reset(seed)
         run = _train_run(model, method, lr, seed, train, d_self, steps, batch_size, pad_id,
                          lwf_options, args.backend)
+        t = time.perf_counter()
         run.update(measure(eval_samples), method=method, lr=lr, seed=seed, phase=phase)
-        state[key] = run
+        run["eval_s"] = time.perf_counter() - t
+        runs_state[key] = run
         save_state()
-        print(f"  {key:<28} learn acc {run['learn']['accuracy']:.3f} (loss "
+        kept_text = f"  kept {run['kept']['accuracy']:.3f}" if "kept" in run else ""
+        print(f"  {key:<30} learn acc {run['learn']['accuracy']:.3f} (loss "
               f"{run['learn']['loss']:.3f})  forget acc {run['forget']['accuracy']:.3f} (loss "
-              f"{run['forget']['loss']:.3f})  {run['wall_s']:.0f}s", flush=True)
+              f"{run['forget']['loss']:.3f}){kept_text}  {run['wall_s']:.0f}s "
+              f"+ eval {run['eval_s']:.0f}s", flush=True)
         return run
 
     starts.reset(0)
-    before = measure(test)
-    print(f"  before fine-tuning: {before}")
-    chosen = {}
+    if "before" not in state:
+        state["before"] = {"test": measure(test), "val": measure(val)}
+        save_state()
+    before = state["before"]
+    print(f"  before fine-tuning: {before['test']}", flush=True)
+    chosen, validation = {}, {}
     for method in methods:
-        scores = {lr: sum(one("tune", method, lr, s, val)["learn"]["accuracy"]
-                          for s in tune_seeds) / len(tune_seeds) for lr in lrs}
-        chosen[method] = max(lrs, key=lambda lr: (scores[lr], -lr))
-        print(f"  tuned {method}: lr {chosen[method]:g} (validation {scores})")
+        validation[method] = {
+            f"{lr:g}": sum(one("tune", method, lr, s, val)["learn"]["accuracy"]
+                           for s in tune_seeds) / len(tune_seeds) for lr in lrs}
+        chosen[method] = max(lrs, key=lambda lr: (validation[method][f"{lr:g}"], -lr))
+        print(f"  tuned {method}: lr {chosen[method]:g} (validation learning accuracy "
+              f"{validation[method]})", flush=True)
+    if args.tune_only:
+        return 0
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in range(n_seeds):
         for method in methods:
             run = one("test", method, chosen[method], seed, test)
             runs[method].append({"seed": seed, "final": {
-                "learn": run["learn"]["accuracy"], "forget": run["forget"]["accuracy"],
-                "kept": run["forget"]["accuracy"], "kept_outside": run["forget"]["accuracy"]}})
-    pairs_out = [p for p in report.paired_list("real", runs, "adamw") if p["metric"] == "learn"]
-    for p in pairs_out:
-        print(f"  {p['method']} - adamw, learning accuracy: {p['mean']:+.3f} "
+                metric: run[metric]["accuracy"] for metric in REAL_METRICS if metric in run}})
+    metrics = [m for m in REAL_METRICS if m != "kept" or kept]
+    paired = report.paired_list("real", runs, "adamw", metrics)
+    for p in paired:
+        print(f"  {p['method']} - adamw, {p['metric']} accuracy: {p['mean']:+.3f} "
               f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] ({p['n_seeds']} seeds)")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "lwf_pretrained.json")
-        with open(path, "w") as f:
-            json.dump({"model": args.model, "gguf_file": args.gguf_file, "learn": args.learn,
-                       "forget": args.forget, "steps": steps, "lrs": lrs, "chosen_lr": chosen,
-                       "batch_size": batch_size, "lora": args.lora, "seeds": n_seeds,
+        summary = {m: {metric: report.mean_std([r["final"][metric] for r in rs])
+                       for metric in metrics} for m, rs in runs.items()}
+        out = args.out if args.out.endswith(".json") else os.path.join(args.out,
+                                                                       "lwf_pretrained.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"benchmark": "fisherforget demo --model", "command": args.command_line,
+                       "model": args.model, "gguf_file": args.gguf_file,
+                       "learn": args.learn, "forget": args.forget, "kept": args.kept,
+                       "chat_template": args.chat_template, "steps": steps, "lrs": lrs,
+                       "methods": methods, "validation_learn": validation, "chosen_lr": chosen,
+                       "batch_size": batch_size, "lora": args.lora,
+                       "lora_layers": args.lora_layers, "seeds": n_seeds,
                        "tune_seeds": tune_seeds,
                        "lwf": {k: v for k, v in lwf_options.items() if k != "score_params"},
                        "score_params": args.score_params, "trainable": args.trainable,
                        "trainable_params": trainable,
                        "sizes": {"learn": [len(train), len(val), len(test)],
-                                 "forget": len(forget), "d_self": len(d_self)},
+                                 "forget": len(forget), "d_self": len(d_self),
+                                 "kept": len(kept), "kept_asked": kept_asked},
                        "d_self_examples": [{k: p[k] for k in ("prompt", "response")}
                                            for p in pairs[:10]],
                        "before": before, "load_s": load_s, "generation_s": generation_s,
-                       "environment": report.environment(device), "runs": state,
-                       "paired_learn": pairs_out}, f, indent=1)
-        print(f"wrote {path}")
+                       "run_started": state["started"],
+                       "environment": report.environment(device),
+                       "summary": {m: {k: {"mean": v[0], "std": v[1]} for k, v in row.items()}
+                                   for m, row in summary.items()},
+                       "baseline_test_learn": summary["adamw"]["learn"][0],
+                       "paired": paired, "runs": runs_state}, f, indent=1)
+        print(f"wrote {out}")
     return 0

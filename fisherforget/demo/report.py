@@ -52,7 +52,8 @@ def paired(method_values: Sequence[float], baseline_values: Sequence[float]) -> 
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n_seeds": n}
 
 
-def paired_list(setting: str, runs: dict[str, list[dict]], baseline: str) -> list[dict]:
+def paired_list(setting: str, runs: dict[str, list[dict]], baseline: str,
+                metrics: Sequence[str] = METRICS) -> list[dict]:
     """One entry per (method, metric) against ``baseline``, over the seeds both ran."""
     base = {r["seed"]: r["final"] for r in runs[baseline]}
     out = []
@@ -62,7 +63,7 @@ def paired_list(setting: str, runs: dict[str, list[dict]], baseline: str) -> lis
         common = [r for r in results if r["seed"] in base]
         if not common:
             continue
-        for metric in METRICS:
+        for metric in metrics:
             stats = paired([r["final"][metric] for r in common],
                            [base[r["seed"]][metric] for r in common])
             out.append({"setting": setting, "method": method, "baseline": baseline,
