@@ -179,14 +179,17 @@ setup(
     description="Fisher-aware AdamW with fused Triton/CUDA kernels for graceful forgetting in LMs",
     long_description=open(ROOT / "README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    # The tested floor: CI runs the suite on Python 3.11 with two stacks, torch 2.14.1 / triton
+    # 3.8.0 / transformers 5.24.0 (requirements-test.txt) and torch 2.11.0 / triton 3.6.0 /
+    # transformers 5.17.0 (requirements-compat.txt, the GPU machines' stack, Python 3.12 there).
+    python_requires=">=3.11",
     # The Triton kernels live in the top-level kernels/ folder and ship as fisherforget.kernels.
     packages=find_packages(include=["fisherforget", "fisherforget.*"]) + ["fisherforget.kernels"],
     package_dir={"fisherforget.kernels": "kernels"},
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.11"],
     extras_require={
-        "triton": ["triton"],
-        "transformers": ["transformers>=4.40", "accelerate"],
+        "triton": ["triton>=3.6"],
+        "transformers": ["transformers>=5.17", "accelerate"],
         "test": ["pytest", "hypothesis", "numpy", "ninja"],
     },
     entry_points={"console_scripts": ["fisherforget=fisherforget.cli:main"]},

@@ -459,12 +459,16 @@ class FisherAdamW(Optimizer):
 
     def _plan(self, gi: int, group: dict[str, Any], hyper: ops.StepHyper,
               params: list[Tensor], grads: list[Tensor]) -> _Plan:
-        key = (self._state_epoch, id(self.state), group["backend"], hyper.amsgrad,
-               hyper.uses_fisher, group["state_dtype"], group["fisher_dtype"],
-               tuple(map(id, params)))
-        plan = None if torch.compiler.is_compiling() else self._plans.get(gi)
-        if plan is not None and plan.key == key:
-            return plan
+        # A compiled step is traced once and never reuses a plan (nor can it trace id() of the
+        # state dict on every torch version): no key.
+        key = None
+        if not torch.compiler.is_compiling():
+            key = (self._state_epoch, id(self.state), group["backend"], hyper.amsgrad,
+                   hyper.uses_fisher, group["state_dtype"], group["fisher_dtype"],
+                   tuple(map(id, params)))
+            plan = self._plans.get(gi)
+            if plan is not None and plan.key == key:
+                return plan
         self._check_grads_one_by_one(gi, group)
         # Resolve every bucket's backend before creating any state, so that a backend that
         # cannot run here fails with nothing changed.
@@ -511,7 +515,11 @@ class FisherAdamW(Optimizer):
         state = self.state[p]
         wide = p.dtype == torch.float64
         state_dtype = torch.float64 if wide else group["state_dtype"]
-        if ("step" not in state or (group["amsgrad"] and "max_exp_avg_sq" not in state)
+        # New entries make cached plans stale. A compiled step caches no plan, and the next
+        # eager step sees the state mapping changed (step()); some torch versions cannot trace
+        # an attribute write on the optimizer, so none is made there.
+        if not torch.compiler.is_compiling() and (
+                "step" not in state or (group["amsgrad"] and "max_exp_avg_sq" not in state)
                 or (_needs_fisher(group) and "fisher" not in state)):
             self._state_epoch += 1
         if "step" not in state:

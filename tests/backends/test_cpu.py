@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fisherforget
 from fisherforget import FisherAdamW, backends, ops
 from fisherforget.backends import cpu as cpu_backend
 from step_cases import (CASES_BY_NAME, CPU_SIZES, short_name, assert_close_ulp, cases_for,
@@ -32,6 +33,9 @@ from step_cases import (CASES_BY_NAME, CPU_SIZES, short_name, assert_close_ulp, 
                         errors_for, make_grads, make_inputs, replace_case, run_case)
 
 REPO = Path(__file__).resolve().parents[2]
+# Where the fisherforget under test is imported from: the checkout (editable installs) or
+# site-packages (the second stack's regular install); a fresh process must import the same one.
+PACKAGE_ROOT = Path(fisherforget.__file__).resolve().parents[1]
 _ERROR = cpu_backend.availability_error()
 needs_cpu_kernels = pytest.mark.skipif(
     _ERROR is not None, reason=f"the CPU kernels are not available: {_ERROR}")
@@ -90,7 +94,8 @@ def test_extension_has_the_cpu_kernels_wherever_it_is_built():
 def test_avx2_loops_are_chosen_where_the_cpu_has_them():
     # The default, not a test's choice: a fresh process.
     code = "import torch, fisherforget._C; print(torch.ops.fisherforget_C.cpu_isa())"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE_ROOT),
+                                                       os.environ.get("PYTHONPATH", "")]))
     chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=env, timeout=120, check=True).stdout.strip()
     machine_is_x86 = os.uname().machine in ("x86_64", "AMD64")

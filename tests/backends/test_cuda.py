@@ -32,6 +32,7 @@ from typing import Optional
 import pytest
 import torch
 
+import fisherforget
 from fisherforget import FisherAdamW, ops
 from step_cases import (CASES_BY_NAME, CPU_SIZES, assert_close_ulp, cases_for, check_against_oracle,
                         check_against_reference, check_error, errors_for, make_grads,
@@ -234,7 +235,11 @@ def test_jit_build_errors_say_what_is_missing(case, monkeypatch):
 
 
 def test_jit_sources_and_cache_location(tmp_path, monkeypatch):
-    assert cuda_jit.source_dir() == CSRC  # a source checkout uses csrc/ itself
+    # A source checkout (editable install) uses csrc/ itself; a regular install its copy.
+    shipped = Path(cuda_jit.__file__).resolve().parents[2] / "_csrc"
+    assert cuda_jit.source_dir() in (CSRC, shipped)
+    assert all((cuda_jit.source_dir() / name).read_bytes() == (CSRC / name).read_bytes()
+               for name in cuda_jit.SOURCES)
     monkeypatch.setenv("FISHERFORGET_CUDA_CACHE", str(tmp_path))
     assert cuda_jit.cache_root() == tmp_path
     build_dir = cuda_jit.jit_build_dir()
@@ -858,7 +863,8 @@ def test_gpu_jit_build_on_a_clean_cache(tmp_path):
     """)
     env = dict(os.environ, FISHERFORGET_CUDA_CACHE=str(tmp_path / "cache"),
                MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 2)),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(fisherforget.__file__).resolve().parents[1]),
+                                           os.environ.get("PYTHONPATH", "")]))
     env.pop("TORCH_CUDA_ARCH_LIST", None)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, timeout=1200)
