@@ -1,4 +1,5 @@
-"""Markdown tables of a ``fisherforget demo`` result file (what README.md and docs/lwf.md quote).
+"""Markdown tables of a ``fisherforget demo`` result file (what README.md and docs/lwf.md quote):
+the built-in settings (``lwf_demo.json``) or a real model (``lwf_real.json``).
 
     python benchmarks/lwf_tables.py [benchmarks/results/lwf_demo.json]
 """
@@ -10,9 +11,49 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+REAL_LABELS = {
+    "adamw": "AdamW (tuned lr)",
+    "lwf": "FisherAdamW + LWF (paper FC, retain)",
+    "lwf_no_retain": "LWF without retain (ascent only)",
+    "retain_only": "retain only (rehearsal, no ascent)",
+    "lwf_random": "random selection ascent (retain)",
+}
+
+
+def _interval(p) -> str:
+    return "-" if p is None else f"{p['mean']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+
+
+def real_table(result: dict, path: str) -> str:
+    """The real-model result: every method's test means and its paired differences."""
+    env, started = result["environment"], result["run_started"]
+    sizes = result["sizes"]
+    out = [f"Result file `{os.path.relpath(path, os.path.dirname(HERE))}`: run started at commit "
+           f"`{(started['commit'] or '?')[:10]}`, {env['cpu']} ({env['cpu_count']} cores), "
+           f"{env['torch_threads']} torch thread per process, torch {env['torch']}, "
+           f"transformers {env['transformers']}; command `{result['command']}`. "
+           f"Learning {sizes['learn'][0]}/{sizes['learn'][1]}/{sizes['learn'][2]} "
+           f"(train/validation/test), |D_self| = {sizes['d_self']}, kept {sizes['kept']} of "
+           f"{sizes['kept_asked']} questions; {result['seeds']} seeds, tuning seeds "
+           f"{result['tune_seeds']}; chosen lr: " + ", ".join(
+               f"{m} {lr:g}" for m, lr in result["chosen_lr"].items()) + ".", ""]
+    out.append("| method | learn | forget NLL | kept | Δlearn vs AdamW [95% CI] | "
+               "Δforget NLL [95% CI] | Δkept [95% CI] |")
+    out.append("|---|---|---|---|---|---|---|")
+    pairs = {(p["method"], p["metric"]): p for p in result["paired"]}
+    for method, row in result["summary"].items():
+        cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}"
+                 for m in ("learn", "forget_loss", "kept")]
+        diffs = [_interval(pairs.get((method, m))) for m in ("learn", "forget_loss", "kept")]
+        out.append(f"| {REAL_LABELS.get(method, method)} | " + " | ".join(cells + diffs) + " |")
+    return "\n".join(out)
+
+
 def tables(path: str) -> str:
     with open(path) as f:
         result = json.load(f)
+    if "settings" not in result:
+        return real_table(result, path)
     labels = result["labels"]
     env = result["environment"]
     out = [f"Result file `{os.path.relpath(path, os.path.dirname(HERE))}`: commit "
@@ -54,7 +95,7 @@ def tables(path: str) -> str:
                        f"{sel['quadratic_over_linear_max']:.1e}): " + "; ".join(
                            f"`{k}` precision@k top {sel[k]['precision_top']:.2f} / bottom "
                            f"{sel[k]['precision_bottom']:.2f}, AUROC {sel[k]['auroc']:.2f}"
-                           for k in ("fc", "fisher_alignment", "fisher_overlap")))
+                           for k in sel if isinstance(sel[k], dict)))
         out.append("")
     return "\n".join(out)
 

@@ -193,7 +193,7 @@ def test_demo_on_a_saved_model_with_jsonl_files(tmp_path, capsys, monkeypatch):
     # 8 asked once; 3 kept, judged for "before" (test and validation) and after every run.
     assert judged == [8] + [3] * (2 + len(result["runs"]))
     assert [(p["method"], p["metric"]) for p in result["paired"]] == [
-        (m, k) for m in ("lwf", "lwf_random") for k in ("learn", "forget", "kept")]
+        (m, k) for m in ("lwf", "lwf_random") for k in ("learn", "forget", "forget_loss", "kept")]
     adamw = [r["learn"]["accuracy"] for k, r in result["runs"].items() if k.startswith("test/adamw")]
     assert result["baseline_test_learn"] == pytest.approx(sum(adamw) / len(adamw))
     assert result["run_started"]["commit"] == result["environment"]["commit"]
@@ -249,3 +249,35 @@ def test_real_model_benchmark_data_and_state_merge(tmp_path):
     b.write_text(json.dumps({"runs": {"k1": run(0.25)}}))
     with pytest.raises(SystemExit, match="k1 differs"):
         lwf_real.merge_states([str(a), str(b)], str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("method, name, value", [
+    ("lwf", "scores", "loss_change"), ("lwf_fc", "scores", "fc"),
+    ("lwf_overlap", "scores", "fisher_overlap"), ("lwf_no_retain", "retain", None),
+    ("retain_only", "ascent", False)])
+def test_each_builtin_lwf_method_runs_lwf_with_its_option(method, name, value, monkeypatch):
+    """Every LWF variant of the built-in demo fine-tunes through LearningWithForgetting with the
+    option that defines it, on the backend a user gets (a short run from random weights)."""
+    import dataclasses
+
+    import fisherforget.lwf as lwf_module
+    from fisherforget.demo.builtin import QUICK, make_world
+
+    configs = []
+    original = lwf_module.LearningWithForgetting.__init__
+
+    def spy(self, model, optimizer, samples, config=None, **kwargs):
+        configs.append((config, optimizer))
+        original(self, model, optimizer, samples, config, **kwargs)
+
+    monkeypatch.setattr(lwf_module.LearningWithForgetting, "__init__", spy)
+    setting = dataclasses.replace(QUICK, steps=4, eval_every=4,
+                                  lwf=dict(QUICK.lwf, every=2, warmup=2, rescore_every=2))
+    bench = train.Bench(setting, make_world(setting), "cpu", cache=None)
+    bench.init_weights(0)
+    pre = {"state": {k: v.clone() for k, v in bench.model.state_dict().items()}}
+    d_self, relations = bench.self_knowledge(pre, 0)
+    result = bench.finetune(method, pre, d_self, relations, 0, 1e-3, "val")
+    (config, optimizer), = configs
+    assert getattr(config, name) == value and result["lwf_phases"] == 2
+    assert optimizer.param_groups[0]["backend"] == "auto"

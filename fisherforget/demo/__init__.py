@@ -10,8 +10,8 @@ Protocol: every method (AdamW, LWF and its controls, :mod:`.train`) gets the sam
 validation entities with tuning seeds (:mod:`.tune`); the reported seeds then run on test
 entities, and each method is compared with AdamW at its tuned lr by paired per-seed differences
 with 95% t-intervals, on learning accuracy, kept accuracy and kept accuracy outside ``D_self``
-(:mod:`.report`). FisherAdamW runs the ``reference`` backend by default (pure PyTorch), so that a
-result reproduces exactly on the same CPU whatever native kernels are installed.
+(:mod:`.report`). FisherAdamW runs the backend a user gets (``auto``: the native CPU kernels on
+CPU); a result reproduces exactly on the same CPU and vector ISA.
 
 ``--model PATH --learn FILE --forget FILE`` runs the comparison on a real causal LM
 (:mod:`.pretrained`).
@@ -58,9 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: tiny models gain nothing from more)")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--backend", default="reference",
-                        help="FisherAdamW backend (default reference: pure PyTorch, "
-                             "reproducible)")
+    common.add_argument("--backend", default="auto",
+                        help="FisherAdamW backend (default auto, what a user gets: the native "
+                             "CPU kernels on CPU; results reproduce on the same CPU and ISA)")
     real = parser.add_argument_group("a real pretrained model")
     real.add_argument("--model", default=None, help="path or hub id of a causal LM")
     real.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")

@@ -11,6 +11,8 @@ Methods (all fine-tune on the same batches, seeded by the run's seed):
 ``adamw``            ``torch.optim.AdamW`` (lr swept and tuned, see :mod:`fisherforget.demo.tune`)
 ``lwf``              ``FisherAdamW`` + LWF: every ``every`` steps, ``steps`` unlearning steps, each
                      ascending on the top-FC ``fraction`` of ``D_self`` and descending on the rest
+``lwf_fc``           the same with the paper's forgetting confidence (``scores="fc"``) instead
+                     of the loss-change scorer the built-in settings were tuned with
 ``lwf_overlap``      the same with the ``fisher_overlap`` scorer instead of FC
 ``lwf_no_retain``    the same without the retain term (pure gradient ascent)
 ``retain_only``      control: the same schedule with the ascent removed (plain rehearsal of
@@ -34,19 +36,21 @@ import torch
 
 from fisherforget.demo.world import World, word_tokenizer
 
-METHODS = ("adamw", "lwf", "lwf_overlap", "lwf_no_retain", "retain_only", "oracle",
+METHODS = ("adamw", "lwf", "lwf_fc", "lwf_overlap", "lwf_no_retain", "retain_only", "oracle",
            "no_conflict")
 METHOD_LABELS = {
     "adamw": "AdamW (tuned lr)",
     "lwf": "FisherAdamW + LWF (top FC, retain)",
+    "lwf_fc": "LWF, paper FC scorer (retain)",
     "lwf_overlap": "LWF, fisher_overlap scorer (retain)",
     "lwf_no_retain": "LWF without retain (ascent only)",
     "retain_only": "retain only (rehearsal, no ascent)",
     "oracle": "oracle (ascent on true forget facts)",
     "no_conflict": "AdamW, pre-trained without conflict",
 }
-LWF_METHODS = ("lwf", "lwf_overlap", "lwf_no_retain", "retain_only", "oracle")
-METHOD_COLORS = {"adamw": "black", "lwf": "tab:blue", "lwf_overlap": "tab:cyan",
+LWF_METHODS = ("lwf", "lwf_fc", "lwf_overlap", "lwf_no_retain", "retain_only", "oracle")
+METHOD_COLORS = {"adamw": "black", "lwf": "tab:blue", "lwf_fc": "tab:brown",
+                 "lwf_overlap": "tab:cyan",
                  "lwf_no_retain": "tab:orange", "retain_only": "tab:green", "oracle": "tab:red",
                  "no_conflict": "tab:purple"}
 SCORERS = ("loss_change", "fisher_alignment", "fisher_overlap")
@@ -85,7 +89,7 @@ class Setting:
 class Bench:
     """One setting's world and its single reusable model."""
 
-    def __init__(self, setting: Setting, world: World, device, backend: str = "reference",
+    def __init__(self, setting: Setting, world: World, device, backend: str = "auto",
                  cache: Optional[str] = None):
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -242,6 +246,8 @@ class Bench:
                 options["retain"] = None
             elif method == "lwf_overlap":
                 options["scores"] = "fisher_overlap"
+            elif method == "lwf_fc":
+                options["scores"] = "fc"
             elif method == "retain_only":
                 options["ascent"] = False
             if method == "oracle":
