@@ -224,15 +224,11 @@ stage build 240 300 env ${REQUIRE_EXTENSION:+FISHERFORGET_CUDA=1} \
     ${PIP_DRY[@]+"${PIP_DRY[@]}"} -e .
 BUILD_RC=$STAGE_RC
 
-# 3. does the extension import? If not, the JIT path (loading the cuda backend builds it).
+# 3. does the extension import? If not, the JIT path (`fisherforget build`: backend 'auto' never
+# compiles, so the build is asked for here, once).
 stage extension_import 20 280 "$PYTHON" -c 'import fisherforget._C as ext; print("fisherforget._C:", ext.__file__)'
 if [ "$STAGE_RC" != 0 ] || [ "$BUILD_RC" != 0 ]; then
-    stage jit_build 180 280 "$PYTHON" -c 'import sys
-from fisherforget import backends
-usable = backends.load("cuda")
-for name, why in backends.status().items():
-    print(name, "available" if why is None else "unavailable: " + why)
-sys.exit(0 if usable else 1)'
+    stage jit_build 180 280 "$PYTHON" -m fisherforget build
     if [ "$STAGE_RC" != 0 ]; then
         # Do not let every later process retry (and time out in) the same failed JIT build.
         export FISHERFORGET_CUDA_JIT=0

@@ -1,4 +1,4 @@
-"""Command line: ``fisherforget {doctor,demo,bench}`` (also ``python -m fisherforget``)."""
+"""Command line: ``fisherforget {doctor,build,demo,bench}`` (also ``python -m fisherforget``)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ def main(argv: Optional[Sequence[str]] = None, command_line: Optional[str] = Non
     parser.add_argument("--version", action="version", version=f"fisherforget {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="versions, devices and which backends work here")
+    commands.add_parser(
+        "build", help="compile the CUDA kernels now (JIT, cached) when no prebuilt "
+                      "fisherforget._C has them; backend 'auto' never compiles")
     demo = commands.add_parser(
         "demo", help="Learning With Forgetting: built-in benchmark, or a real model with --model")
     from fisherforget import demo as demo_module
@@ -31,6 +34,12 @@ def main(argv: Optional[Sequence[str]] = None, command_line: Optional[str] = Non
         from fisherforget import doctor
 
         return doctor.main()
+    if args.command == "build":
+        from fisherforget.backends import cuda
+
+        ok, message = cuda.build_kernels()
+        print(f"fisherforget build: {message}", file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
     if args.command == "demo":
         args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
         args.command_line = command_line or shlex.join(["fisherforget", "demo", *args.argv])

@@ -4,9 +4,11 @@ Each backend is a module beside this one that registers its ops with
 :func:`fisherforget.ops.register` when imported. Importing is lazy: a backend that cannot load
 (no Triton, no built extension, no GPU) records why, and ``auto`` falls back to the next one.
 
-``auto`` prefers, for CUDA tensors, ``cuda`` (the compiled extension) when it loads, else ``triton``,
-else ``reference``; for CPU tensors ``cpu`` (the extension's native CPU kernels) when it loads,
-else ``reference``; other devices, and param dtypes the kernels lack (float64), get ``reference``.
+``auto`` prefers, for CUDA tensors, ``cuda`` (the prebuilt extension) when it loads, else
+``triton``, else ``reference``; for CPU tensors ``cpu`` (the extension's native CPU kernels) when
+it loads, else ``reference``; other devices, and param dtypes the kernels lack (float64), get
+``reference``. ``auto`` never compiles: a JIT build of the CUDA kernels happens only when
+``backend="cuda"`` is asked for (or ``fisherforget build`` runs).
 """
 
 from __future__ import annotations
@@ -29,24 +31,36 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _loaded: dict[str, bool] = {}
 _errors: dict[str, str] = {}
+_build_tried: set[str] = set()  # backends whose availability was checked with build=True
 _modules: dict[str, object] = {}  # imported backend modules (torch.compile cannot trace imports)
 
 
-def load(name: str) -> bool:
-    """Import backend ``name`` (registering its ops); return whether it is usable here."""
+def load(name: str, build: bool = False) -> bool:
+    """Import backend ``name`` (registering its ops); return whether it is usable here.
+    ``build``: an explicit request, which may compile (the CUDA JIT build); ``auto`` never does."""
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_CHOICES}")
-    if name not in _loaded:
+    retry = build and _loaded.get(name) is False and name not in _build_tried
+    if name not in _loaded or retry:
         try:
             module = importlib.import_module(_MODULES[name])
             _modules[name] = module
             check = getattr(module, "availability_error", None)
-            error = check() if check is not None else None
+            if check is None:
+                error = None
+            elif name == "cuda":
+                error = check(build=build)
+            else:
+                error = check()
         except Exception as exc:  # a backend that fails to import is unavailable, not fatal
             error = f"{type(exc).__name__}: {exc}"
+        if build:
+            _build_tried.add(name)
         _loaded[name] = error is None
         if error is not None:
             _errors[name] = error
+        else:
+            _errors.pop(name, None)
     return _loaded[name]
 
 
@@ -95,7 +109,7 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
         return "reference"
     if requested not in _MODULES:
         raise ValueError(f"unknown backend {requested!r}; choose one of {BACKEND_CHOICES}")
-    if not load(requested):
+    if not load(requested, build=True):
         raise RuntimeError(
             f"backend={requested!r} was requested but is not available: {_errors[requested]}"
         )

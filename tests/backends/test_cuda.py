@@ -266,7 +266,8 @@ def test_load_library_reports_prebuilt_and_jit_failures(monkeypatch):
         raise cuda_jit.JitBuildError("nvcc was not found")
 
     monkeypatch.setattr(cuda_jit, "load", failing_build)
-    error = cuda_backend.load_library()
+    monkeypatch.setattr(cuda_backend, "_jit_tried", False)
+    error = cuda_backend.load_library(build=True)
     assert "fisherforget._C is not built (ImportError: no _C)" in error
     assert "JIT build: nvcc was not found" in error
 
@@ -870,3 +871,84 @@ def test_gpu_jit_build_on_a_clean_cache(tmp_path):
                             text=True, timeout=1200)
     assert result.returncode == 0 and "JIT OK" in result.stdout, result.stdout + result.stderr
     assert any((tmp_path / "cache").glob(f"cuda-*/{cuda_jit.JIT_LIBRARY_NAME}.so"))
+
+
+@pytest.fixture
+def fresh_cuda_backend(monkeypatch):
+    """The CUDA backend as on a GPU machine without a prebuilt fisherforget._C: nothing loaded
+    yet, a GPU visible, the import of _C failing; ``builds`` records every JIT build."""
+    from fisherforget import backends
+
+    builds = []
+    for name, value in (("_library_error", None), ("_library_source", None),
+                        ("_jit_tried", False)):
+        monkeypatch.setattr(cuda_backend, name, value)
+    monkeypatch.setattr(cuda_backend, "_ops_registered", lambda: False)
+    monkeypatch.setattr(cuda_backend, "load_prebuilt", lambda: "ImportError: no _C")
+    monkeypatch.setattr(cuda_backend, "_register_fakes", lambda: None)
+    monkeypatch.setattr(cuda_backend, "_kernels_error", lambda: None)
+    monkeypatch.setattr(cuda_backend, "_arch_error", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setattr(cuda_jit, "load", lambda: builds.append(1) or Path("/cache/cuda-x"))
+    monkeypatch.setattr(cuda_jit, "load_cached", lambda: None)
+    for table in (backends._loaded, backends._errors):
+        monkeypatch.setitem(table, "cuda", None)
+        del table["cuda"]
+    monkeypatch.setattr(backends, "_build_tried", set())
+    return builds
+
+
+def test_auto_never_compiles_and_an_explicit_cuda_backend_builds_once(fresh_cuda_backend):
+    from fisherforget import backends
+
+    assert not backends.load("cuda")  # what auto asks
+    assert fresh_cuda_backend == []
+    assert "backend 'auto' never compiles: run `fisherforget build` once" in \
+        backends.unavailable_reason("cuda")
+    assert backends.load("cuda", build=True)  # what backend="cuda" asks: a JIT build
+    assert fresh_cuda_backend == [1]
+    assert cuda_backend.library_source() == "JIT build in /cache/cuda-x"
+    assert backends.load("cuda") and backends.unavailable_reason("cuda") is None
+    assert fresh_cuda_backend == [1]
+
+
+def test_auto_loads_a_finished_jit_build_from_the_cache(fresh_cuda_backend, monkeypatch,
+                                                         tmp_path):
+    from fisherforget import backends
+
+    monkeypatch.setattr(cuda_jit, "load_cached", lambda: tmp_path)
+    assert backends.load("cuda") and fresh_cuda_backend == []
+    assert cuda_backend.library_source() == f"cached JIT build in {tmp_path}"
+
+
+def test_a_cached_jit_build_is_loaded_without_ninja(tmp_path, monkeypatch):
+    """load_cached loads the library file itself: no build step can run from it."""
+    loaded = []
+    monkeypatch.setattr(cuda_jit, "jit_build_dir", lambda: tmp_path)
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    assert cuda_jit.load_cached() is None  # nothing built yet
+    (tmp_path / f"{cuda_jit.JIT_LIBRARY_NAME}.so").write_bytes(b"")
+    assert cuda_jit.load_cached() == tmp_path
+    assert loaded == [str(tmp_path / f"{cuda_jit.JIT_LIBRARY_NAME}.so")]
+    monkeypatch.setenv("FISHERFORGET_CUDA_JIT", "0")
+    assert cuda_jit.load_cached() is None
+
+
+def test_fisherforget_build_says_what_it_did_or_what_is_missing(fresh_cuda_backend, monkeypatch,
+                                                                  capsys):
+    from fisherforget import cli
+
+    monkeypatch.setattr(cuda_backend, "build_info", lambda: {"archs": "sm_90", "cuda": "13.0"})
+    assert cli.main(["build"]) == 0
+    assert "the CUDA kernels are ready: JIT build in /cache/cuda-x (archs sm_90, CUDA 13.0)" in \
+        capsys.readouterr().out
+    monkeypatch.setattr(cuda_backend, "_library_source", None)
+    monkeypatch.setattr(cuda_backend, "_jit_tried", False)
+
+    def missing():
+        raise cuda_jit.JitBuildError("nvcc was not found: no nvcc on PATH")
+
+    monkeypatch.setattr(cuda_jit, "load", missing)
+    assert cli.main(["build"]) == 1
+    assert "JIT build: nvcc was not found: no nvcc on PATH" in capsys.readouterr().err

@@ -6,6 +6,7 @@ extension's ops); ``jit`` builds the same sources with ninja when no prebuilt ``
 
 from fisherforget.backends.cuda.ops import (  # noqa: F401  (importing registers the ops)
     availability_error,
+    build_kernels,
     build_info,
     fisher_accumulate,
     fisher_score,

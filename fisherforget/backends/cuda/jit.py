@@ -323,6 +323,22 @@ def jit_build_dir() -> Optional[Path]:
     return cache_root() / f"cuda-{build_key(sources, archs, nvcc_version(home) or '?')}"
 
 
+def load_cached() -> Optional[Path]:
+    """Load a finished JIT build of these sources for this toolkit and these archs from the cache,
+    without running ninja or the compiler (so it never compiles); its folder, or None when there
+    is none (or JIT builds are disabled)."""
+    if os.environ.get("FISHERFORGET_CUDA_JIT", "1").strip() == "0":
+        return None
+    build_dir = jit_build_dir()
+    library = None if build_dir is None else build_dir / f"{JIT_LIBRARY_NAME}.so"
+    if library is None or not library.is_file():
+        return None
+    import torch
+
+    torch.ops.load_library(str(library))
+    return build_dir
+
+
 def load(verbose: bool = False) -> Path:
     """Build (first use) or reuse the cached JIT build of ``csrc/`` and load it, registering
     ``torch.ops.fisherforget_C``. Returns the build folder; raises :class:`JitBuildError` saying

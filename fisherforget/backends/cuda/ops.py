@@ -41,6 +41,7 @@ SCHEMAS = {
 
 _library_error: Optional[str] = None
 _library_source: Optional[str] = None  # how the ops were loaded, once they are
+_jit_tried = False
 _fakes_registered = False
 
 
@@ -64,15 +65,19 @@ def load_prebuilt() -> Optional[str]:
     return None
 
 
-def load_library() -> Optional[str]:
-    """Load the kernels: the prebuilt ``_C``, else a JIT build (needs a GPU, nvcc and ninja).
+def load_library(build: bool = False) -> Optional[str]:
+    """Load the kernels: the prebuilt ``fisherforget._C``, else a finished JIT build from the
+    cache (loaded as is); only with ``build`` (an explicit ``backend="cuda"``, or
+    ``fisherforget build``), else a JIT build (needs a GPU, nvcc and ninja), so that ``auto``
+    never compiles inside a step.
 
-    Returns None when ``torch.ops.fisherforget_C`` is ready, else why not. Remembers the outcome.
+    Returns None when ``torch.ops.fisherforget_C`` is ready, else why not. Remembers the outcome
+    (a failure without ``build`` is retried once with it).
     """
-    global _library_error, _library_source
+    global _library_error, _library_source, _jit_tried
     if _library_source is not None:
         return None
-    if _library_error is not None:
+    if _library_error is not None and (_jit_tried or not build):
         return _library_error
     if _ops_registered():  # loaded by other means (e.g. a test imported the library)
         _library_source = "already loaded"
@@ -81,6 +86,17 @@ def load_library() -> Optional[str]:
     prebuilt_error = load_prebuilt()
     if prebuilt_error is None:
         return None
+    cached = cuda_jit.load_cached() if torch.cuda.is_available() else None
+    if cached is not None:
+        _library_source = f"cached JIT build in {cached}"
+        _register_fakes()
+        return None
+    if not build:
+        _library_error = (f"fisherforget._C is not built ({prebuilt_error}); backend 'auto' never "
+                          "compiles: run `fisherforget build` once, or pass backend='cuda' to "
+                          "build the kernels (JIT, cached) at the first step")
+        return _library_error
+    _jit_tried = True
     if not torch.cuda.is_available():
         _library_error = (f"fisherforget._C is not built ({prebuilt_error}) and no GPU is visible "
                           "for a JIT build")
@@ -91,20 +107,37 @@ def load_library() -> Optional[str]:
         _library_error = f"fisherforget._C is not built ({prebuilt_error}); JIT build: {exc}"
         return _library_error
     _library_source = f"JIT build in {build_dir}"
+    _library_error = None
     _register_fakes()
     return None
+
+
+def build_kernels() -> tuple[bool, str]:
+    """``fisherforget build``: make the CUDA kernels loadable here, compiling them (JIT, cached)
+    when no prebuilt ``fisherforget._C`` carries them. ``(ok, what happened or what is missing)``."""
+    error = load_library(build=True)
+    if error is not None:
+        return False, error
+    error = _kernels_error()
+    if error is not None:
+        return False, error
+    info = build_info()
+    return True, (f"the CUDA kernels are ready: {_library_source} (archs {info['archs']}, "
+                  f"CUDA {info['cuda']})")
 
 
 def library_source() -> Optional[str]:
     return _library_source
 
 
-def availability_error() -> Optional[str]:
+def availability_error(build: bool = False) -> Optional[str]:
+    """Why the backend cannot run here, or None; ``build`` allows a JIT build (see
+    :func:`load_library`)."""
     if torch.version.cuda is None:
         return "torch was built without CUDA (torch.version.cuda is None)"
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    return load_library() or _kernels_error() or _arch_error()
+    return load_library(build) or _kernels_error() or _arch_error()
 
 
 def _kernels_error() -> Optional[str]:
