@@ -53,7 +53,7 @@ doctor: $(STAMP)
 	$(PY) -m fisherforget doctor
 
 bench: $(STAMP)
-	$(PY) -m fisherforget bench --quick
+	$(PY) -m benchmarks --quick
 
 clean:
 	rm -rf $(VENV) $(VENV_COMPAT) build *.egg-info

@@ -272,7 +272,7 @@ bench_stage() {  # name cap reserve bench-args...
     local limit=$(( cap < left ? cap : left ))
     # Leave time for the imports (torch, triton, transformers) and for writing the files.
     local inner=$(( limit > 60 ? limit - 30 : limit / 2 ))
-    stage "$name" "$cap" "$reserve" "$PYTHON" -m fisherforget bench "$@" \
+    stage "$name" "$cap" "$reserve" "$PYTHON" -m benchmarks "$@" \
         ${BENCH_SIZE[@]+"${BENCH_SIZE[@]}"} ${BENCH_DROP[@]+"${BENCH_DROP[@]}"} \
         --out "$BENCH_DIR" --time-budget "$inner"
 }
@@ -284,7 +284,7 @@ bench_stage bench_estimate 25 10 estimate --workloads "many-small-2000x4096,llam
     --dtypes fp32 --target-seconds 0.3 --min-reps 5 --warmup 3
 
 # ---------------------------------------------------------------- 7. summary
-stage summary 10 0 "$PYTHON" -m fisherforget bench --from-json "$BENCH_DIR"
+stage summary 10 0 "$PYTHON" -m benchmarks --from-json "$BENCH_DIR"
 
 # ---------------------------------------------------------------- 8. the output contract
 # Checked on OUT_DIR itself (after the final publish), so a dry run proves what a device run

@@ -1,4 +1,5 @@
-"""Command line: ``fisherforget {doctor,build,demo,bench}`` (also ``python -m fisherforget``)."""
+"""Command line: ``fisherforget {doctor,build,demo}`` (also ``python -m fisherforget``). The
+benchmarks are a folder of the checkout: ``python -m benchmarks`` there."""
 
 from __future__ import annotations
 
@@ -25,10 +26,6 @@ def main(argv: Optional[Sequence[str]] = None, command_line: Optional[str] = Non
     from fisherforget import demo as demo_module
 
     demo_module.add_arguments(demo)
-    bench = commands.add_parser("bench", help="kernel benchmarks: step, Fisher score, estimation")
-    from fisherforget.bench import cli as bench_cli
-
-    bench_cli.add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "doctor":
         from fisherforget import doctor
@@ -44,8 +41,5 @@ def main(argv: Optional[Sequence[str]] = None, command_line: Optional[str] = Non
         args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
         args.command_line = command_line or shlex.join(["fisherforget", "demo", *args.argv])
         return demo_module.run(args)
-    if args.command == "bench":
-        args.argv = list(argv if argv is not None else sys.argv[1:])[1:]
-        return bench_cli.run(args)
     parser.error(f"unknown command {args.command}")
     return 2

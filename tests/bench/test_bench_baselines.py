@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fisherforget import FisherAdamW, ops
-from fisherforget.bench import baselines
+from benchmarks import baselines
 
 HYPER = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
 SHAPES = [(7, 5), (4097,), (1,), (16, 33)]

@@ -1,4 +1,4 @@
-"""`fisherforget bench --tiny` end to end: the JSON schema, every figure checked against its
+"""`python -m benchmarks --tiny` end to end: the JSON schema, every figure checked against its
 definition, the markdown/plot/summary files, and failures and budgets recorded, never raised."""
 
 import importlib.util
@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from fisherforget import backends, cli
-from fisherforget.bench import cli as bench_cli
-from fisherforget.bench import report
-from fisherforget.bench import step as step_bench
+from fisherforget import backends
+from benchmarks import cli as bench_cli
+from benchmarks import report
+from benchmarks import step as step_bench
 
 WORKLOADS = "flat-1000,many-small-3x100"
 ELEMENTS = {"flat-1000": 1000, "many-small-3x100": 300}
@@ -51,7 +51,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
-        rc = cli.main(["bench", "step", "score", "estimate", "--tiny", "--device", "cpu",
+        rc = bench_cli.main(["step", "score", "estimate", "--tiny", "--device", "cpu",
                        "--workloads", WORKLOADS, "--dtypes", "fp32,bf16", "--out", str(out),
                        "--time-budget", "300"])
     finally:
@@ -189,7 +189,7 @@ def test_from_json_redoes_tables_and_summary(tiny_run, capsys):
     _, out, _ = tiny_run
     (out / "summary.txt").unlink()
     (out / "score.md").unlink()
-    assert cli.main(["bench", "--from-json", str(out)]) == 0
+    assert bench_cli.main(["--from-json", str(out)]) == 0
     assert (out / "score.md").exists() and (out / "summary.txt").exists()
     assert "[estimate]" in capsys.readouterr().out
 

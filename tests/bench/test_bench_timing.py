@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fisherforget.bench import core, timing
+from benchmarks import core, timing
 
 CPU = torch.device("cpu")
 

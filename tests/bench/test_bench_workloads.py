@@ -2,7 +2,7 @@
 
 import pytest
 
-from fisherforget.bench import workloads
+from benchmarks import workloads
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "llama-125m", "llama-1b"])

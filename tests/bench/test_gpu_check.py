@@ -38,7 +38,7 @@ case "$*" in
     *"fisherforget build"*) [ "${FAKE_FAIL:-}" = build_and_jit ] && exit 1; exit 0 ;;
     *"fisherforget doctor"*) echo "doctor JIT=${FISHERFORGET_CUDA_JIT:-unset}" >> "$FAKE_LOG" ;;
     *"import pytest_timeout"*) [ "${FAKE_FAIL:-}" = no_timeout_plugin ] && exit 1 ;;
-    *"bench step"*)
+    *"benchmarks step"*)
         echo "bench commit ${FISHERFORGET_GIT_COMMIT:-unset}" >> "$FAKE_LOG"
         [ "${FAKE_FAIL:-}" = bench_step ] && exit 3
         dir="${@: -3:1}"; mkdir -p "$dir"; echo '{"rows": []}' > "$dir/step.json"
@@ -102,13 +102,13 @@ def test_all_stages_run_in_order_and_the_summary_is_printed_last(tmp_path):
     assert "--no-build-isolation --no-deps --no-index" in pip and pip.endswith("-e .")
     assert "--dry-run" not in pip
     assert "pip env FISHERFORGET_CUDA=1" in calls  # setup.py must build _C or fail loudly
-    step = next(c for c in calls if "bench step" in c)
+    step = next(c for c in calls if "benchmarks step" in c)
     # Most valuable workload first; nothing the summary does not show (op variants, reference).
     assert "--workloads many-small-2000x4096,llama-1b,flat-2^28" in step
     assert "--op-variants" not in step and "--skip-variants reference" in step
     assert "/bench --time-budget" in step and "--tiny" not in step
     assert f"bench commit {COMMIT}" in calls
-    assert any("bench score" in c for c in calls)
+    assert any("benchmarks score" in c for c in calls)
     pytest_call = next(c for c in calls if "pytest -m cuda" in c)
     assert " -v " in pytest_call and "--timeout=60 --timeout-method=signal" in pytest_call
     assert ("--deselect tests/backends/test_cuda.py::test_gpu_jit_build_on_a_clean_cache"
@@ -223,7 +223,7 @@ def test_dry_run_uses_pip_dry_run_and_toy_sizes_on_cpu(tmp_path):
     assert proc.returncode == 0
     assert "--dry-run" in next(c for c in calls if "pip install" in c)
     assert "pip env FISHERFORGET_CUDA=unset" in calls
-    for bench in ("bench step", "bench score", "bench estimate"):
+    for bench in ("benchmarks step", "benchmarks score", "benchmarks estimate"):
         call = next(c for c in calls if bench in c)
         assert "--tiny --device cpu" in call
         assert "--skip-variants" not in call  # on a CPU the summary shows the reference

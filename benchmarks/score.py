@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from fisherforget import ops
-from fisherforget.bench import baselines
-from fisherforget.bench.core import Built, Variant, op_backend_variants, replica_generator
-from fisherforget.bench.workloads import DtypeConfig, Workload
+from benchmarks import baselines
+from benchmarks.core import Built, Variant, op_backend_variants, replica_generator
+from benchmarks.workloads import DtypeConfig, Workload
 
 SETTINGS = ("default",)
 

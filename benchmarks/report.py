@@ -1,6 +1,6 @@
 """Results files: the JSON document, its markdown table, its plot, and a short summary table.
 
-Everything here reads the JSON document only, so ``fisherforget bench --from-json DIR`` can redo
+Everything here reads the JSON document only, so ``python -m benchmarks --from-json DIR`` can redo
 the markdown and the plot later (e.g. on a machine with matplotlib, for results measured on one
 without it).
 """

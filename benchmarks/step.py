@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from fisherforget import backends, ops
-from fisherforget.bench import baselines
-from fisherforget.bench.core import Built, Variant, backend_variant_status, replica_generator
-from fisherforget.bench.workloads import DtypeConfig, Workload
+from benchmarks import baselines
+from benchmarks.core import Built, Variant, backend_variant_status, replica_generator
+from benchmarks.workloads import DtypeConfig, Workload
 from fisherforget.optim import FisherAdamW
 
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from fisherforget import backends
-from fisherforget.bench import timing
-from fisherforget.bench.workloads import DtypeConfig, Workload
+from benchmarks import timing
+from benchmarks.workloads import DtypeConfig, Workload
 
 __all__ = [
     "Variant",

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from fisherforget.bench.environment import cache_bytes
+from benchmarks.environment import cache_bytes
 
 __all__ = [
     "Deadline",

@@ -1,4 +1,4 @@
-"""The CPU step and host-overhead benchmark (``fisherforget bench overhead``; part of ``--quick``).
+"""The CPU step and host-overhead benchmark (``python -m benchmarks overhead``; part of ``--quick``).
 
 Two tables, each measured side by side in one process with interleaved repeats (variant A, B, C,
 A, B, C, ...) and reported as medians, so a noisy shared machine shifts every variant alike:
@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 
 from fisherforget import backends, ops
-from fisherforget.bench import baselines
+from benchmarks import baselines
 from fisherforget.optim import FisherAdamW
 
 CPU_WORKLOADS = {

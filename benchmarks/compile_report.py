@@ -1,6 +1,6 @@
 """Compile the kernels for a GPU target without a GPU and report what the compiler made of them.
 
-    python -m fisherforget.kernels.compile_report [--arch 90] [--json]
+    python benchmarks/compile_report.py [--arch 90] [--json]
 
 Triton ships ``ptxas`` and ``cuobjdump``, so each kernel variant below is compiled to a cubin on
 any machine (``TRITON_INTERPRET`` must be unset). For each variant: registers per thread, local
@@ -29,7 +29,10 @@ from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import fisher, multi_tensor, step  # noqa: E402
+from fisherforget.backends.triton import load_kernels  # noqa: E402
+
+load_kernels()  # fisherforget.kernels, installed or from a source checkout
+from fisherforget.kernels import fisher, multi_tensor, step  # noqa: E402
 
 _SCALAR_TYPES = {"float64": "fp64", "float32": "fp32", "int32": "i32", "int64": "i64"}
 

@@ -1,11 +1,11 @@
-"""``fisherforget bench``: run the step, score and estimation benchmarks and write their results.
+"""``python -m benchmarks``: run the step, score and estimation benchmarks and write their results.
 
 Modes:
 
 * default on a GPU: the full workloads (Llama ~125M and ~1B shapes, a flat 2^28 tensor, 2,000
   tensors of 4,096 elements), fp32 and bf16, many repeats;
 * ``--quick``: small workloads and few repeats, one CPU thread (on a machine without a GPU,
-  ``fisherforget bench`` runs this; about two minutes on two shared CPU cores, and never more
+  ``python -m benchmarks`` runs this; about two minutes on two shared CPU cores, and never more
   than its 130 s time budget plus start-up);
 * ``--tiny``: toy sizes of the same workload kinds, seconds (tests, dry runs of gpu_check.sh).
 
@@ -27,11 +27,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from fisherforget.bench import core, environment, report, timing, workloads
-from fisherforget.bench import estimate as estimate_bench
-from fisherforget.bench import overhead as overhead_bench
-from fisherforget.bench import score as score_bench
-from fisherforget.bench import step as step_bench
+from benchmarks import core, environment, report, timing, workloads
+from benchmarks import estimate as estimate_bench
+from benchmarks import overhead as overhead_bench
+from benchmarks import score as score_bench
+from benchmarks import step as step_bench
 
 BENCHMARKS = {
     "step": step_bench.BENCHMARK,
@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     argv = getattr(args, "argv", None) or []
-    command = "fisherforget bench " + " ".join(shlex.quote(a) for a in argv)
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
     docs = []
     for i, name in enumerate(names):
         share = None
@@ -317,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_overhead(args: argparse.Namespace, mode: str, out_dir: Path, command: str) -> list[str]:
-    """The CPU step ratios and host-overhead table (``fisherforget.bench.overhead``)."""
+    """The CPU step ratios and host-overhead table (``benchmarks.overhead``)."""
     started = time.monotonic()
     doc = overhead_bench.run(quick=mode != "full")
     doc.update(
@@ -331,7 +331,7 @@ def _run_overhead(args: argparse.Namespace, mode: str, out_dir: Path, command: s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fisherforget bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)

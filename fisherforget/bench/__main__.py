@@ -1,5 +1,0 @@
-import sys
-
-from fisherforget.bench.cli import main
-
-sys.exit(main())
