@@ -118,6 +118,7 @@ def test_quick_demo_reproduces_its_committed_result(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "paired difference vs adamw" in out and "selection quality" in out
     result = json.loads((tmp_path / "lwf_demo_quick.json").read_text())
+    assert not list(tmp_path.glob(".partial_*"))  # a finished run leaves no partial file
     assert os.path.getsize(tmp_path / "lwf_demo_quick.png") > 10_000
     setting = result["settings"]["conflict"]
     assert set(setting["runs"]) == set(result["methods"])

@@ -124,6 +124,8 @@ def run_setting(name: str, setting: Setting, methods: list[str], seeds: list[int
                            "paired": report.paired_list(name, runs, "adamw"),
                            "summary": report.summarize(runs)}, f, indent=1)
             os.replace(partial + ".tmp", partial)
+    if partial and os.path.isfile(partial):
+        os.remove(partial)  # the setting finished: its full result replaces the partial one
     summary = report.summarize(runs)
     pairs = report.paired_list(name, runs, "adamw")
     selection = report.selection_summary(runs.get("lwf", []))
