@@ -160,7 +160,8 @@ class StepHyper:
 _FIELDS_AFTER_LR = tuple(f.name for f in dataclasses.fields(StepHyper))[1:]
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
+    """A real number that is not a bool (numpy scalars included)."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
@@ -184,7 +185,7 @@ def _validated_hyper(h: StepHyper) -> dict:
             value = float(lr)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"Invalid lr: {value} (must be a finite number >= 0)")
-    elif not _is_number(lr) or not math.isfinite(lr) or lr < 0:
+    elif not is_number(lr) or not math.isfinite(lr) or lr < 0:
         bad("lr", lr, "must be a finite number >= 0")
     else:
         out["lr"] = float(lr)
@@ -194,12 +195,12 @@ def _validated_hyper(h: StepHyper) -> dict:
             kind = "betas" if name in _LABELS else name
             raise TypeError(f"Invalid {_LABELS.get(name, name)}: tensor {kind} are not "
                             "supported, pass floats")
-        if not _is_number(value) or not 0.0 <= value < 1.0:
+        if not is_number(value) or not 0.0 <= value < 1.0:
             bad(name, value, "must be in [0, 1)")
         out[name] = float(value)
     for name in ("eps", "weight_decay", "fisher_scale"):
         value = getattr(h, name)
-        if not _is_number(value) or not math.isfinite(value) or value < 0:
+        if not is_number(value) or not math.isfinite(value) or value < 0:
             bad(name, value, "must be a finite number >= 0")
         out[name] = float(value)
     for name in ("amsgrad", "maximize"):
@@ -211,7 +212,7 @@ def _validated_hyper(h: StepHyper) -> dict:
         value = getattr(h, name)
         if value is None:
             continue
-        if not _is_number(value) or math.isnan(value):
+        if not is_number(value) or math.isnan(value):
             bad(name, value, "must be None or a number")
         if value == everything:
             bad(name, value, "it would freeze every element")
@@ -440,7 +441,7 @@ def fisher_accumulate(
     _check_like_lists("fishers", fishers, {"grads": grads})
     check_scalar_arg("grad_scale", grad_scale)
     for name, value in (("alpha", alpha), ("beta", beta)):
-        if not _is_number(value) or not math.isfinite(value):
+        if not is_number(value) or not math.isfinite(value):
             raise ValueError(f"Invalid {name}: {value!r} (must be a finite number)")
     _check_written([("fishers", fishers)])  # an entry given twice would lose an accumulation
     if _through_custom_op(backend):

@@ -8,10 +8,10 @@ the ops of :mod:`fisherforget.ops`; it never touches kernels. The math is stated
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 import operator
-import numbers
 import re
 import warnings
 from collections import defaultdict
@@ -64,15 +64,6 @@ def _swapped_moments(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _check_nonneg(name: str, value: Any) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= 0)")
-
-
 def _group_hyper(group: dict[str, Any]) -> ops.StepHyper:
     """Validate a param group's hyperparameters and return them as the op's :class:`StepHyper`.
 
@@ -116,15 +107,6 @@ def _normalize_group(group: dict[str, Any]) -> ops.StepHyper:
     group["fisher"] = None if hyper.fisher_mode is None else str(hyper.fisher_mode)
     group["backend"] = str(group["backend"])
     return hyper
-
-
-def _needs_fisher(group: dict[str, Any]) -> bool:
-    return (
-        group["fisher"] is not None
-        or group["fisher_scale"] != 0
-        or group["freeze_above"] is not None
-        or group["freeze_below"] is not None
-    )
 
 
 def _group_values(group: dict[str, Any]) -> tuple:
@@ -362,11 +344,19 @@ class FisherAdamW(Optimizer):
             self.__dict__.setdefault("_phase", None)
             self.__dict__.setdefault("_warned", set())
 
+    def _state_changed(self) -> None:
+        """State entries or groups were added, removed or swapped: no cached launch plan may be
+        reused. (A compiled step caches no plan, and the next eager step sees the state mapping
+        changed; some torch versions cannot trace an attribute write on the optimizer, so
+        none is made there.)"""
+        if not torch.compiler.is_compiling():
+            self._state_epoch += 1
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Inside a phase the new group would take the phase's direction with nothing to restore
         # on exit (and no learning moments with moments="separate").
         self._refuse_in_phase("add_param_group()", "add the group before or after the phase")
-        self._state_epoch += 1
+        self._state_changed()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -489,7 +479,7 @@ class FisherAdamW(Optimizer):
         local = _dist.local
         for bucket_key, index in grouped.items():
             members = [params[i] for i in index]
-            states = [self._init_state(p, group) for p in members]
+            states = [self._init_state(p, group, hyper) for p in members]
             tensors = ops.StepTensors(
                 params=[local(p) for p in members],
                 grads=[],
@@ -511,17 +501,14 @@ class FisherAdamW(Optimizer):
             self._plans[gi] = plan
         return plan
 
-    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def _init_state(self, p: Tensor, group: dict[str, Any],
+                    hyper: ops.StepHyper) -> dict[str, Any]:
         state = self.state[p]
         wide = p.dtype == torch.float64
         state_dtype = torch.float64 if wide else group["state_dtype"]
-        # New entries make cached plans stale. A compiled step caches no plan, and the next
-        # eager step sees the state mapping changed (step()); some torch versions cannot trace
-        # an attribute write on the optimizer, so none is made there.
-        if not torch.compiler.is_compiling() and (
-                "step" not in state or (group["amsgrad"] and "max_exp_avg_sq" not in state)
-                or (_needs_fisher(group) and "fisher" not in state)):
-            self._state_epoch += 1
+        if ("step" not in state or (group["amsgrad"] and "max_exp_avg_sq" not in state)
+                or (hyper.uses_fisher and "fisher" not in state)):
+            self._state_changed()
         if "step" not in state:
             # 0-dim fp32 on the param's device, as torch's fused/capturable AdamW: no host sync.
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -530,7 +517,7 @@ class FisherAdamW(Optimizer):
             state["exp_avg_sq"] = _dist.zeros_like_param(p, state_dtype)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = _dist.zeros_like_param(p, state_dtype)
-        if _needs_fisher(group) and "fisher" not in state:
+        if hyper.uses_fisher and "fisher" not in state:
             fisher_dtype = torch.float64 if wide else group["fisher_dtype"]
             state["fisher"] = _dist.zeros_like_param(p, fisher_dtype)
             state["fisher_count"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -570,7 +557,7 @@ class FisherAdamW(Optimizer):
             # The state mapping changed behind the optimizer's back (del opt.state[p], pop,
             # clear, opt.state[p] = {}): no cached plan may keep updating orphaned tensors.
             # One C-level pass over the entries, no Python per tensor.
-            self._state_epoch += 1
+            self._state_changed()
         # Everything is checked and planned (state, buckets, backends) before any launch, so a
         # failure leaves params and state unchanged.
         launches = []
@@ -714,7 +701,7 @@ class FisherAdamW(Optimizer):
         With DTensor params (FSDP2) the counts are all-reduced across ranks, so the quantile is
         global and every rank gets the same value.
         """
-        if not _is_number(q) or not 0.0 <= q <= 1.0:
+        if not ops.is_number(q) or not 0.0 <= q <= 1.0:
             raise ValueError(f"Invalid q: {q!r} (must be in [0, 1])")
         counter = _dist.GlobalCounter(
             self._fisher_tensors(), prepare=lambda t: t.float().reshape(-1)
@@ -752,7 +739,7 @@ class FisherAdamW(Optimizer):
         if mask is None:
             if p in self.state:
                 self.state[p].pop("mask", None)
-                self._state_epoch += 1
+                self._state_changed()
             return
         if not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask)}")
@@ -765,7 +752,7 @@ class FisherAdamW(Optimizer):
         if mask.device.type == "meta":
             raise ValueError("mask is on the meta device: it holds no values to copy; build the "
                              "mask on a real device (e.g. after materialising the model)")
-        self._state_epoch += 1
+        self._state_changed()
         if _dist.is_dtensor(p) or _dist.is_dtensor(mask):
             self.state[p]["mask"] = _dist.to_param_layout(p, mask, "mask")
             return
@@ -822,7 +809,7 @@ class FisherAdamW(Optimizer):
             raise RuntimeError(f"{what} inside opt.unlearning(): {advice}")
 
     def _swap_unlearning_moments(self) -> None:
-        self._state_epoch += 1
+        self._state_changed()
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
@@ -932,7 +919,7 @@ class FisherAdamW(Optimizer):
                 )
                 for key, value in values.items()
             }
-        self._state_epoch += 1
+        self._state_changed()
         super().load_state_dict(stripped)
         for pid, values in converted.items():
             self.state[id_map[pid]].update(values)
@@ -958,9 +945,10 @@ class FisherAdamW(Optimizer):
         step counts (older torch) become fp32 tensors. ``Adam`` with ``weight_decay != 0`` (L2,
         coupled) is refused: no FisherAdamW setting reproduces it.
         """
-        defaults = dict(fisher="ema", fisher_beta=0.99, fisher_scale=0.0, freeze_above=None,
-                        freeze_below=None, state_dtype="float32", fisher_dtype="float32",
-                        backend="auto")
+        # The constructor's own defaults for the keyword-only FisherAdamW settings.
+        defaults = {name: param.default
+                    for name, param in inspect.signature(cls.__init__).parameters.items()
+                    if param.kind is inspect.Parameter.KEYWORD_ONLY}
         unknown = set(settings) - set(defaults)
         if unknown:
             raise ValueError(f"from_torch_state_dict: unknown FisherAdamW settings "
@@ -1052,7 +1040,7 @@ def _checked_param_state(pstate: Any, p: Tensor, group: dict[str, Any],
     out: dict[str, Tensor] = {}
     for key, value in pstate.items():
         if key in _COUNT_KEYS:
-            if _is_number(value):
+            if ops.is_number(value):
                 value = torch.tensor(float(value), dtype=torch.float32)
             elif not isinstance(value, Tensor) or value.numel() != 1 or value.dim() != 0:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__

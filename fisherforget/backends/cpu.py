@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from fisherforget import ops
+from fisherforget.backends import KERNEL_DTYPES
 from fisherforget.backends.staging import scalar_on
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 _KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
 _STATE_DTYPE_SET = frozenset(STATE_DTYPES)

@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 
 from fisherforget import ops
+from fisherforget.backends import KERNEL_DTYPES
 from fisherforget.backends.staging import ContiguousStaging, ScalarOnDevice
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_KERNEL_DTYPE_SET = set(_KERNEL_DTYPES)
+_KERNEL_DTYPE_SET = set(KERNEL_DTYPES)
 _KERNELS_NAME = "fisherforget.kernels"
 
 _kernels: Optional[ModuleType] = None
@@ -186,7 +186,7 @@ def _check_kernel_dtypes_and_devices(tensors: Sequence[Tensor], name: str) -> No
     if not {t.dtype for t in tensors} <= _KERNEL_DTYPE_SET:
         i = next(i for i, t in enumerate(tensors) if t.dtype not in _KERNEL_DTYPE_SET)
         raise TypeError(f"{name}[{i}] has dtype {tensors[i].dtype}; backend 'triton' supports "
-                        f"{_KERNEL_DTYPES} (use backend='reference' for others)")
+                        f"{KERNEL_DTYPES} (use backend='reference' for others)")
     for device in {t.device for t in tensors}:
         if not supports_device(device):
             i = next(i for i, t in enumerate(tensors) if t.device == device)
