@@ -24,6 +24,19 @@ def _interval(p) -> str:
     return "-" if p is None else f"{p['mean']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
 
 
+def method_rows(summary: dict, paired: list, labels: dict, shown: tuple, compared: tuple,
+                headers: tuple) -> list[str]:
+    """A markdown table: per method the mean ± sd of each ``shown`` metric, then the paired
+    difference against the baseline with its 95% interval for each ``compared`` metric."""
+    out = ["| method | " + " | ".join(headers) + " |", "|---" * (1 + len(headers)) + "|"]
+    pairs = {(p["method"], p["metric"]): p for p in paired}
+    for method, row in summary.items():
+        cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in shown]
+        cells += [_interval(pairs.get((method, m))) for m in compared]
+        out.append(f"| {labels.get(method, method)} | " + " | ".join(cells) + " |")
+    return out
+
+
 def real_table(result: dict, path: str) -> str:
     """The real-model result: every method's test means and its paired differences."""
     env, started = result["environment"], result["run_started"]
@@ -37,15 +50,10 @@ def real_table(result: dict, path: str) -> str:
            f"{sizes['kept_asked']} questions; {result['seeds']} seeds, tuning seeds "
            f"{result['tune_seeds']}; chosen lr: " + ", ".join(
                f"{m} {lr:g}" for m, lr in result["chosen_lr"].items()) + ".", ""]
-    out.append("| method | learn | forget NLL | kept | Δlearn vs AdamW [95% CI] | "
-               "Δforget NLL [95% CI] | Δkept [95% CI] |")
-    out.append("|---|---|---|---|---|---|---|")
-    pairs = {(p["method"], p["metric"]): p for p in result["paired"]}
-    for method, row in result["summary"].items():
-        cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}"
-                 for m in ("learn", "forget_loss", "kept")]
-        diffs = [_interval(pairs.get((method, m))) for m in ("learn", "forget_loss", "kept")]
-        out.append(f"| {REAL_LABELS.get(method, method)} | " + " | ".join(cells + diffs) + " |")
+    metrics = ("learn", "forget_loss", "kept")
+    out += method_rows(result["summary"], result["paired"], REAL_LABELS, metrics, metrics,
+                       ("learn", "forget NLL", "kept", "Δlearn vs AdamW [95% CI]",
+                        "Δforget NLL [95% CI]", "Δkept [95% CI]"))
     return "\n".join(out)
 
 
@@ -67,19 +75,10 @@ def tables(path: str) -> str:
                    f"chosen lr: " + ", ".join(f"{m} {lr:g}" for m, lr in
                                               setting["chosen_lr"].items()) + ")")
         out.append("")
-        out.append("| method | learn | kept | kept outside D_self | Δlearn vs AdamW [95% CI] | "
-                   "Δkept outside [95% CI] |")
-        out.append("|---|---|---|---|---|---|")
-        pairs = {(p["method"], p["metric"]): p for p in setting["paired"]}
-        for method, row in setting["summary"].items():
-            cells = [f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}"
-                     for m in ("learn", "kept", "kept_outside")]
-            diffs = []
-            for metric in ("learn", "kept_outside"):
-                p = pairs.get((method, metric))
-                diffs.append("-" if p is None else
-                             f"{p['mean']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]")
-            out.append(f"| {labels.get(method, method)} | " + " | ".join(cells + diffs) + " |")
+        out += method_rows(setting["summary"], setting["paired"], labels,
+                           ("learn", "kept", "kept_outside"), ("learn", "kept_outside"),
+                           ("learn", "kept", "kept outside D_self", "Δlearn vs AdamW [95% CI]",
+                            "Δkept outside [95% CI]"))
         sweep = setting["adamw_sweep"]
         out.append("")
         out.append("AdamW lr sweep (test, mean over seeds): " + "; ".join(

@@ -140,6 +140,17 @@ def test_quick_demo_reproduces_its_committed_result(tmp_path, capsys):
         assert [r["final"] for r in setting["runs"][method]] == [r["final"] for r in runs], method
 
 
+def _benchmark_script(name: str):
+    """A script of the checkout's benchmarks/ folder, loaded by path (not an installed module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks",
+                                                                     f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_demo_on_a_saved_model_with_jsonl_files(tmp_path, capsys, monkeypatch):
     """The --model/--learn/--forget/--kept protocol end to end on a tiny saved model, resumed
     from its state file. The kept questions' judge is replaced by one that calls every other
@@ -198,6 +209,10 @@ def test_demo_on_a_saved_model_with_jsonl_files(tmp_path, capsys, monkeypatch):
     adamw = [r["learn"]["accuracy"] for k, r in result["runs"].items() if k.startswith("test/adamw")]
     assert result["baseline_test_learn"] == pytest.approx(sum(adamw) / len(adamw))
     assert result["run_started"]["commit"] == result["environment"]["commit"]
+    table = _benchmark_script("lwf_tables").tables(str(tmp_path / "out" / "lwf_pretrained.json"))
+    row = next(line for line in table.splitlines() if line.startswith("| random selection"))
+    p = next(p for p in result["paired"] if (p["method"], p["metric"]) == ("lwf_random", "kept"))
+    assert f"{p['mean']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] |" in row
     capsys.readouterr()
     assert cli.main(argv) == 0  # everything finished: the rerun only reads the state file
     assert "s + eval " not in capsys.readouterr().out
@@ -219,15 +234,9 @@ def test_demo_argument_errors(tmp_path):
 def test_real_model_benchmark_data_and_state_merge(tmp_path):
     """benchmarks/lwf_real.py: the three task files from the packaged data, and the merge of
     two partial runs' state files."""
-    import importlib.util
-    import pathlib
-
     pytest.importorskip("countryinfo")
     pytest.importorskip("simple_icd_10_cm")
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "lwf_real.py"
-    spec = importlib.util.spec_from_file_location("lwf_real", path)
-    lwf_real = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lwf_real)
+    lwf_real = _benchmark_script("lwf_real")
     paths = lwf_real.write_tasks(str(tmp_path), "demonym")
     learn, forget, kept = (read_jsonl(paths[k]) for k in ("learn", "forget", "kept"))
     assert len(learn) == len(kept) > 200
