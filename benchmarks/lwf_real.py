@@ -24,10 +24,12 @@ is not independent of the learning task: the pilot decides which task is used.
 
     python benchmarks/lwf_real.py [--task demonym] [demo options, e.g. --seeds 8]
 
-Two processes can share the work (one core each): give each a subset of ``--methods`` (both
-with ``adamw``, the baseline every method is paired with; its runs are deterministic) and its
-own ``--state``, then run once more with every method and ``--merge STATE STATE``: the finished
-runs of both are merged into ``--state`` and only the report is left to do.
+``--shards N`` shares the work among N processes (one core each): each runs ``adamw`` (the
+baseline every method is paired with; its runs are deterministic, so shards agree on them) and
+its share of the other methods, with its own state file (``lwf_real_state_a.json``, ...), every
+shard starting from everything any shard finished before. When all are done their runs are
+merged into ``--state`` and the report is written. An interrupted sharded run resumes with the
+same command.
 
 Writes ``benchmarks/results/lwf_real.json`` (``--out``) and the per-run state
 ``benchmarks/results/lwf_real_state.json`` (``--state``; delete it to start over).
@@ -39,6 +41,8 @@ import argparse
 import json
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -117,20 +121,69 @@ def write_tasks(folder: str, task: str) -> dict[str, str]:
 def merge_states(paths: list[str], into: str) -> None:
     """The finished runs of ``paths`` (and of ``into``, if it exists) in ``into``; the earliest
     start record is kept. Runs present in two files must agree (they are deterministic)."""
-    merged: dict = {}
+    merged: dict = {"runs": {}}
     for path in ([into] if os.path.isfile(into) else []) + list(paths):
         with open(path) as f:
             state = json.load(f)
         for key, run in state.get("runs", {}).items():
-            old = merged.setdefault("runs", {}).setdefault(key, run)
+            old = merged["runs"].setdefault(key, run)
             for metric in ("learn", "forget"):
                 if old[metric] != run[metric]:
-                    raise SystemExit(f"--merge: {key} differs between the state files")
+                    raise SystemExit(f"merging state files: {key} differs between them")
         for key in ("started", "before"):
-            merged.setdefault(key, state.get(key))
+            if state.get(key) is not None:
+                merged.setdefault(key, state[key])
     with open(into + ".tmp", "w") as f:
         json.dump(merged, f, indent=1)
     os.replace(into + ".tmp", into)
+
+
+def shard_methods(methods: list[str], shards: int) -> list[list[str]]:
+    """``adamw`` and every ``shards``-th other method, for each shard."""
+    others = [m for m in methods if m != "adamw"]
+    return [["adamw"] + others[i::shards] for i in range(shards) if others[i::shards]]
+
+
+def shard_states(state: str, shards: int) -> list[str]:
+    stem = state[:-len(".json")] if state.endswith(".json") else state
+    return [f"{stem}_{chr(ord('a') + i)}.json" for i in range(shards)]
+
+
+def seed_shards(state: str, paths: list[str]) -> None:
+    """Everything finished so far (``state`` and every shard's file) merged into ``state``, and
+    each shard's file started from that union, so no shard repeats another's run."""
+    merge_states([p for p in paths if os.path.isfile(p)], state)
+    for path in paths:
+        shutil.copyfile(state, path)
+
+
+def run_shards(argv: list[str], args, extra: list[str]) -> int:
+    """Run the shards as child processes of this script, wait, merge their runs into
+    ``args.state``."""
+    methods = extra[extra.index("--methods") + 1].split(",")
+    groups = shard_methods(methods, args.shards)
+    paths = shard_states(args.state, len(groups))
+    seed_shards(args.state, paths)
+    rest = [a for i, a in enumerate(extra) if a != "--methods"
+            and (i == 0 or extra[i - 1] != "--methods")]
+    children = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for group, path in zip(groups, paths):
+            command = [sys.executable, os.path.abspath(__file__), "--task", args.task,
+                       "--methods", ",".join(group), "--state", path,
+                       "--out", os.path.join(tmp, os.path.basename(path)), *rest]
+            log = open(path[:-len(".json")] + ".log", "a")
+            children.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT),
+                             log))
+        codes = []
+        for child, log in children:
+            codes.append(child.wait())
+            log.close()
+    if any(codes):
+        raise SystemExit(f"--shards: a shard failed (exit codes {codes}); see "
+                         f"{', '.join(p[:-5] + '.log' for p in paths)}")
+    merge_states(paths, args.state)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -141,17 +194,17 @@ def main(argv=None) -> int:
     parser.add_argument("--task", choices=sorted(TASKS), default="demonym")
     parser.add_argument("--out", default=os.path.join(RESULTS, "lwf_real.json"))
     parser.add_argument("--state", default=os.path.join(RESULTS, "lwf_real_state.json"))
-    parser.add_argument("--merge", nargs="+", default=[],
-                        help="state files of partial runs to merge into --state first")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="share the runs among this many processes (one core each)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
-    if args.merge:
-        merge_states(args.merge, args.state)
     for flag, value in DEFAULTS.items():
         if flag not in extra:
             extra += [flag, value]
+    if args.shards > 1:
+        run_shards(argv, args, extra)  # then the report below, from the merged state
     folder, gguf = smollm2_files()
-    command = shlex.join(["python", "benchmarks/lwf_real.py"] + list(
-        argv if argv is not None else sys.argv[1:]))
+    command = shlex.join(["python", "benchmarks/lwf_real.py"] + argv)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_tasks(tmp, args.task)
         demo_argv = ["demo", "--model", folder, "--gguf-file", gguf, "--chat-template",

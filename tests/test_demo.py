@@ -260,6 +260,20 @@ def test_real_model_benchmark_data_and_state_merge(tmp_path):
     with pytest.raises(SystemExit, match="k1 differs"):
         lwf_real.merge_states([str(a), str(b)], str(tmp_path / "bad.json"))
 
+    # Shards: adamw in each, the other methods dealt out; every shard starts from the union.
+    assert lwf_real.shard_methods(["adamw", "lwf", "lwf_no_retain", "retain_only", "lwf_random"],
+                                  2) == [["adamw", "lwf", "retain_only"],
+                                         ["adamw", "lwf_no_retain", "lwf_random"]]
+    assert lwf_real.shard_methods(["adamw", "lwf"], 3) == [["adamw", "lwf"]]
+    main = tmp_path / "state.json"
+    shards = lwf_real.shard_states(str(main), 2)
+    assert shards == [str(tmp_path / "state_a.json"), str(tmp_path / "state_b.json")]
+    b.write_text(json.dumps({"runs": {"k3": run(0)}}))
+    os.replace(a, shards[0])
+    lwf_real.seed_shards(str(main), shards)  # shard b has no file yet
+    for path in [str(main)] + shards:
+        assert sorted(json.loads(open(path).read())["runs"]) == ["k1", "k2"]
+
 
 @pytest.mark.parametrize("method, name, value", [
     ("lwf", "scores", "loss_change"), ("lwf_fc", "scores", "fc"),
@@ -291,3 +305,37 @@ def test_each_builtin_lwf_method_runs_lwf_with_its_option(method, name, value, m
     (config, optimizer), = configs
     assert getattr(config, name) == value and result["lwf_phases"] == 2
     assert optimizer.param_groups[0]["backend"] == "auto"
+
+
+def test_real_model_benchmark_shards_run_as_child_processes(tmp_path, monkeypatch):
+    """--shards N starts N copies of the script, one per method share and state file, with the
+    other options unchanged, and merges what they finished."""
+    lwf_real = _benchmark_script("lwf_real")
+    started = []
+
+    class Child:
+        def __init__(self, command, stdout, stderr):
+            started.append(command)
+            state = command[command.index("--state") + 1]
+            method = command[command.index("--methods") + 1].split(",")[-1]
+            with open(state) as f:
+                runs = json.load(f)["runs"]
+            runs[f"tune/{method}/0.001/100"] = {"learn": {"accuracy": 0.5},
+                                                "forget": {"accuracy": 0.0}}
+            with open(state, "w") as f:
+                json.dump({"runs": runs}, f)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(lwf_real.subprocess, "Popen", Child)
+    state = tmp_path / "s.json"
+    argv = ["--shards", "2", "--steps", "3", "--methods", "adamw,lwf,lwf_random",
+            "--state", str(state)]
+    parser_args = type("Args", (), {"shards": 2, "task": "demonym", "state": str(state)})
+    extra = ["--steps", "3", "--methods", "adamw,lwf,lwf_random"]
+    assert lwf_real.run_shards(argv, parser_args, extra) == 0
+    assert [c[c.index("--methods") + 1] for c in started] == ["adamw,lwf", "adamw,lwf_random"]
+    assert all(c[-2:] == ["--steps", "3"] and c.count("--methods") == 1 for c in started)
+    merged = json.loads(state.read_text())["runs"]
+    assert sorted(merged) == ["tune/lwf/0.001/100", "tune/lwf_random/0.001/100"]
