@@ -12,6 +12,7 @@ may live in a test module whatever pytest's import mode calls that module.
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib.util
 import inspect
 import os
@@ -47,6 +48,10 @@ def _entry(rank: int, path: str, name: str, world_size: int, store: str, backend
         fn(rank, world_size, *args)
         dist.barrier()
     finally:
+        # What the worker built (a DDP reducer, FSDP state) can sit in reference cycles that
+        # outlive fn; freed after the process group, its gloo threads abort the process at
+        # exit ("terminate called without an active exception", seen once on torch 2.11).
+        gc.collect()
         dist.destroy_process_group()
 
 
