@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fisherforget import ops
 from fisherforget.backends import KERNEL_DTYPES
-from fisherforget.backends.staging import scalar_on
+from fisherforget.backends.staging import scalar_on, step_scalars_on
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 _KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
@@ -117,21 +117,10 @@ def _require():
     return _kernels
 
 
-def _on_cpu(hyper: ops.StepHyper, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
-    """The step's scalars where the kernels read them, by the one rule of
-    :func:`~fisherforget.backends.staging.scalar_on`: a tensor lr on the CPU with its dtype kept (a float64 lr keeps
-    float64 math for ``1 - lr * weight_decay``), grad_scale/found_inf as fp32 on the CPU."""
-    lr = hyper.lr
-    if isinstance(lr, Tensor):
-        hyper = hyper.replace(lr=scalar_on(lr, _CPU, "lr"))
-    return (hyper, scalar_on(grad_scale, _CPU, "grad_scale", torch.float32),
-            scalar_on(found_inf, _CPU, "found_inf", torch.float32))
-
-
 @ops.register("fused_step", "cpu")
 def fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper,
                grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    hyper, grad_scale, found_inf = _on_cpu(hyper, grad_scale, found_inf)
+    hyper, grad_scale, found_inf = step_scalars_on(hyper, grad_scale, found_inf, _CPU)
     (_kernels or _require()).fused_step(*tensors, *hyper.op_args(), grad_scale, found_inf)
 
 

@@ -49,6 +49,17 @@ def scalar_on(value: Optional[Tensor], device: torch.device, name: str,
     return value.reshape(()).to(device=device, dtype=target, non_blocking=True)
 
 
+def step_scalars_on(hyper, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                    device: torch.device):
+    """A step's scalars where compiled kernels read them, by the rule of :func:`scalar_on`: a
+    tensor lr with its dtype kept (a float64 lr keeps float64 math for ``1 - lr * weight_decay``),
+    grad_scale/found_inf as fp32. Returns ``(hyper, grad_scale, found_inf)``."""
+    if isinstance(hyper.lr, Tensor):
+        hyper = hyper.replace(lr=scalar_on(hyper.lr, device, "lr"))
+    return (hyper, scalar_on(grad_scale, device, "grad_scale", torch.float32),
+            scalar_on(found_inf, device, "found_inf", torch.float32))
+
+
 def _capturing(*devices: torch.device) -> bool:
     """Whether a CUDA graph is being captured on the current stream (only asked when a CUDA
     device is involved: the query initialises CUDA)."""

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fisherforget import _native, ops
 from fisherforget.backends.cuda import jit as cuda_jit
-from fisherforget.backends.staging import ContiguousStaging, scalar_on
+from fisherforget.backends.staging import ContiguousStaging, scalar_on, step_scalars_on
 
 # The extension's op schemas; fused_step's is generated from the op contract (a test compares
 # them with what csrc/bindings.cpp registers).
@@ -241,10 +241,7 @@ def fused_step(
     if len(tensors.params) == 0:
         return
     device = tensors.params[0].device
-    if isinstance(hyper.lr, Tensor):
-        hyper = hyper.replace(lr=scalar_on(hyper.lr, device, "lr"))
-    scale = scalar_on(grad_scale, device, "grad_scale", torch.float32)
-    inf = scalar_on(found_inf, device, "found_inf", torch.float32)
+    hyper, scale, inf = step_scalars_on(hyper, grad_scale, found_inf, device)
     entry = _python_entry()
     if entry is not None:
         # A tensor lr keeps its dtype (float64 keeps float64 math for 1 - lr * weight_decay).
@@ -268,7 +265,8 @@ def fisher_accumulate(
     staging = ContiguousStaging()
     torch.ops.fisherforget_C.fisher_accumulate(
         staging.inplace(list(fishers)), staging.read(list(grads)), alpha=float(alpha),
-        beta=float(beta), grad_scale=scalar_on(grad_scale, fishers[0].device, "grad_scale", torch.float32),
+        beta=float(beta),
+        grad_scale=scalar_on(grad_scale, fishers[0].device, "grad_scale", torch.float32),
     )
     staging.finish()
 
