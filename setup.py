@@ -87,7 +87,7 @@ def _extension():
 
     cpu_sources = [f"csrc/{name}" for name in tools.CPU_SOURCES]
     common = dict(name="fisherforget._C", include_dirs=[str(ROOT / "csrc")],
-                  extra_link_args=list(tools.EXTRA_LDFLAGS))
+                  extra_link_args=tools.link_flags())
     if reason is None:
         _say(f"building fisherforget._C (CPU and CUDA kernels) with CUDA "
              f"{tools.nvcc_version(home)} from {home} ({how}) for TORCH_CUDA_ARCH_LIST={archs} "

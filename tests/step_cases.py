@@ -520,11 +520,12 @@ def near_threshold(fisher: Optional[torch.Tensor], hyper: dict) -> Optional[torc
 
 
 def oracle_state(data: dict, i: int) -> OracleState:
+    # The oracle computes on the CPU, whatever device the backend under test ran on.
     def wide(key):
-        return data[key][i].double().clone() if data[key] else None
+        return data[key][i].cpu().double().clone() if data[key] else None
 
     return OracleState(
-        param=data["params"][i].double().clone(), exp_avg=wide("exp_avgs"),
+        param=data["params"][i].cpu().double().clone(), exp_avg=wide("exp_avgs"),
         exp_avg_sq=wide("exp_avg_sqs"), max_exp_avg_sq=wide("max_exp_avg_sqs"),
         fisher=wide("fishers"), step=int(data["steps"][i]),
         fisher_count=int(data["fisher_counts"][i]) if data["fisher_counts"] else 0,

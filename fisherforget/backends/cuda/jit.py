@@ -65,7 +65,27 @@ SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
 # compiled with it, or it runs on one thread; the runtime is the one torch already loaded.
 _OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 EXTRA_CFLAGS = ["-O3", "-ffp-contract=off"] + _OPENMP
-EXTRA_LDFLAGS = list(_OPENMP)
+
+
+def link_flags() -> list[str]:
+    """The extension's link flags: OpenMP, and the libstdc++ that this process (torch) loaded,
+    named by path. A compiler whose own folder holds only a static libstdc++ (some images wrap
+    g++ so) would otherwise give the extension a private copy, and C++ objects that cross into
+    torch (a str result, an error message) then crash the process at the first op call. Named
+    before the driver's own -lstdc++, the shared library resolves every symbol."""
+    return _OPENMP + _loaded_libstdcxx()
+
+
+def _loaded_libstdcxx() -> list[str]:
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return [path]
+    except OSError:  # not Linux: the platform's own linking is left alone
+        pass
+    return []
 EXTRA_CUDA_CFLAGS = ["-O3"]
 # Defined in builds that include the CUDA kernels (bindings.cpp reports them in build_info).
 CUDA_DEFINE = "-DFISHERFORGET_WITH_CUDA"
@@ -308,7 +328,7 @@ def build_key(sources: Path, archs: str, cuda_version: str) -> str:
         digest.update(path.relative_to(sources).as_posix().encode())
         digest.update(path.read_bytes())
     for part in (torch.__version__, cuda_version, archs, sys.version, str(EXTRA_CFLAGS),
-                 str(EXTRA_CUDA_CFLAGS)):
+                 str(EXTRA_CUDA_CFLAGS), str(link_flags())):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -380,7 +400,7 @@ def load(verbose: bool = False) -> Path:
             extra_include_paths=[str(sources)],
             extra_cflags=EXTRA_CFLAGS + [CUDA_DEFINE],
             extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
-            extra_ldflags=EXTRA_LDFLAGS,
+            extra_ldflags=link_flags(),
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=verbose,
