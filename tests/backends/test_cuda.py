@@ -247,6 +247,39 @@ def test_jit_sources_and_cache_location(tmp_path, monkeypatch):
         assert build_dir.parent == tmp_path and build_dir.name.startswith("cuda-")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux")
+                    or not all(shutil.which(tool) for tool in ("g++", "readelf", "nm")),
+                    reason="needs Linux, g++ and binutils")
+def test_link_flags_keep_libstdcxx_shared_with_a_static_only_compiler(tmp_path):
+    """The GPU image's g++ wrapper searches a folder with only libstdc++.a first: a library linked
+    plainly gets a private libstdc++ (and _C crashed handing a str to torch). With link_flags()
+    the library needs the libstdc++.so.6 torch loaded, and defines none of its symbols."""
+    static = subprocess.run(["g++", "-print-file-name=libstdc++.a"], capture_output=True,
+                            text=True).stdout.strip()
+    if not os.path.isabs(static):
+        pytest.skip("this g++ has no libstdc++.a")
+    only_static = tmp_path / "gcc"
+    only_static.mkdir()
+    (only_static / "libstdc++.a").symlink_to(static)
+    source = tmp_path / "strings.cpp"
+    source.write_text("#include <sstream>\n#include <string>\n"
+                      "std::string info() { std::ostringstream out; out << 1; return out.str(); }\n")
+
+    def link(name, flags):
+        lib = tmp_path / name
+        subprocess.run(["g++", f"-B{only_static}/", "-shared", "-fPIC", str(source), "-o", str(lib),
+                        *flags], check=True, capture_output=True)
+        needed = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
+        exported = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True,
+                                  text=True).stdout
+        return "libstdc++.so" in needed, "basic_ostringstream" in exported
+
+    assert link("plain.so", []) == (False, True)  # the failure this guards against, reproduced
+    flags = cuda_jit.link_flags()
+    assert any(os.path.basename(f).startswith("libstdc++.so") for f in flags)
+    assert link("fixed.so", flags) == (True, False)
+
+
 def test_ninja_from_the_pip_package_is_put_on_path(monkeypatch):
     ninja = pytest.importorskip("ninja")
     monkeypatch.setattr(shutil, "which", lambda name: None)

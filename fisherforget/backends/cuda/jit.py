@@ -65,6 +65,10 @@ SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
 # compiled with it, or it runs on one thread; the runtime is the one torch already loaded.
 _OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 EXTRA_CFLAGS = ["-O3", "-ffp-contract=off"] + _OPENMP
+EXTRA_CUDA_CFLAGS = ["-O3"]
+# Defined in builds that include the CUDA kernels (bindings.cpp reports them in build_info).
+CUDA_DEFINE = "-DFISHERFORGET_WITH_CUDA"
+JIT_LIBRARY_NAME = "fisherforget_C_jit"
 
 
 def link_flags() -> list[str]:
@@ -86,10 +90,6 @@ def _loaded_libstdcxx() -> list[str]:
     except OSError:  # not Linux: the platform's own linking is left alone
         pass
     return []
-EXTRA_CUDA_CFLAGS = ["-O3"]
-# Defined in builds that include the CUDA kernels (bindings.cpp reports them in build_info).
-CUDA_DEFINE = "-DFISHERFORGET_WITH_CUDA"
-JIT_LIBRARY_NAME = "fisherforget_C_jit"
 
 
 class JitBuildError(RuntimeError):

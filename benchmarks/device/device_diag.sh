@@ -20,7 +20,7 @@ build() {  # name, env...
 }
 works() { python -X faulthandler -c "import torch, fisherforget._C; print(torch.ops.fisherforget_C.build_info())"; }
 build A
-python diag/probe.py build_info score_cpu score_cuda step_cuda
+python benchmarks/device/probe.py build_info score_cpu score_cuda step_cuda
 if command -v gdb >/dev/null; then
     gdb -q -batch -ex run -ex bt --args python -c "import torch, fisherforget._C; print(torch.ops.fisherforget_C.build_info())" 2>&1 | grep -E '^#' | head -25
 fi

@@ -1,3 +1,6 @@
+"""Calls fisherforget._C's ops one per fresh process and prints each exit status: which op
+crashes a process (a segfault kills only its probe). Used on the GPU machine by device_diag.sh and
+verify.sh, from the repository root: ``python benchmarks/device/probe.py [probe names]``."""
 import subprocess, sys
 PROBES = {
     "import": "import fisherforget._C as m; print(m.__file__)",
