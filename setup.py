@@ -94,7 +94,8 @@ def _extension():
              f"({arch_source}), MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')}")
         extension = cpp_extension.CUDAExtension(
             sources=cpu_sources + [f"csrc/{name}" for name in tools.CUDA_SOURCES],
-            extra_compile_args={"cxx": tools.EXTRA_CFLAGS + [tools.CUDA_DEFINE],
+            extra_compile_args={"cxx": tools.EXTRA_CFLAGS + [tools.CUDA_DEFINE]
+                                + tools.test_ops_flags(),
                                 "nvcc": tools.EXTRA_CUDA_CFLAGS},
             **common,
         )
@@ -103,7 +104,8 @@ def _extension():
              "backend will try a JIT build on a GPU machine, else Triton or the reference "
              "backend is used on GPUs")
         extension = cpp_extension.CppExtension(
-            sources=cpu_sources, extra_compile_args={"cxx": list(tools.EXTRA_CFLAGS)}, **common)
+            sources=cpu_sources,
+            extra_compile_args={"cxx": tools.EXTRA_CFLAGS + tools.test_ops_flags()}, **common)
     extension.fisherforget_with_cuda = reason is None
     extension.fisherforget_cpu_sources = cpu_sources
     # ninja compiles the translation units in parallel (MAX_JOBS); without it, one at a time.

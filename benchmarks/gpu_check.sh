@@ -219,7 +219,7 @@ fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
 # ---------------------------------------------------------------- 2. build the extension
-stage build 240 300 env ${REQUIRE_EXTENSION:+FISHERFORGET_CUDA=1} \
+stage build 240 300 env ${REQUIRE_EXTENSION:+FISHERFORGET_CUDA=1} FISHERFORGET_TEST_OPS=1 \
     "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -v \
     ${PIP_DRY[@]+"${PIP_DRY[@]}"} -e .
 BUILD_RC=$STAGE_RC

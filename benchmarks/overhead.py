@@ -8,28 +8,28 @@ A, B, C, ...) and reported as medians, so a noisy shared machine shifts every va
     ``torch.optim.AdamW(fused=True)`` on CPU tensors, for one 2^22 fp32 tensor, 200 x (32, 32)
     and 2,000 x (1,) (all overhead), with 1 and 2 torch threads. The ratio is ours / torch.
 ``host``
-    ``FisherAdamW.step()`` over 2,000 params of one element with each backend's device launch
-    replaced by a no-op, hot (one optimizer stepped repeatedly) and round robin (all of them in
-    turn, each step starting with its metadata out of cache): the host cost of the optimizer (validation, plans, gathering) plus the
-    backend's glue (buckets, staging, Triton's address tables). It runs on CPU tensors whatever
-    the backend's device (the device checks are bypassed, nothing is launched), so it measures
-    the host path a GPU step pays. The CUDA row includes the C++ binding's checks, dtype groups
-    and launch tables (``fisherforget._C.dry_run_fused_step``: everything but the launches). A
-    whole ``torch.optim.AdamW(fused=True)`` step on the same params runs in the same rounds as a
-    yardstick (its CPU kernel on one-element tensors is next to nothing beside its host work).
+    ``FisherAdamW.step()`` over 2,000 params of one element with each backend's device work
+    skipped (``fisherforget.backends.host_only``), hot (one optimizer stepped repeatedly) and
+    round robin (all of them in turn, each step starting with its metadata out of cache): the
+    host cost of the optimizer (validation, plans, gathering) plus the backend's glue (buckets,
+    staging, Triton's address tables). It runs on CPU tensors whatever the backend's device
+    (nothing is launched), so it measures the host path a GPU step pays. The CUDA row includes
+    the C++ binding's checks, dtype groups and launch tables (``dry_run_fused_step``, in builds
+    for the tests). A whole ``torch.optim.AdamW(fused=True)`` step on the same params runs in
+    the same rounds as a yardstick (its CPU kernel on one-element tensors is next to nothing
+    beside its host work).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import statistics
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from fisherforget import backends, ops
+from fisherforget import backends
 from benchmarks import baselines
 from fisherforget.optim import FisherAdamW
 
@@ -106,93 +106,26 @@ def _auto_backend() -> str:
     return backends.resolve("auto", torch.device("cpu"), torch.float32)
 
 
-def _patcher(undo: list):
-    """``patch(obj, name, value)``: set an attribute (or a dict item), recording how to undo it."""
-    def patch(obj, name, value):
-        if isinstance(obj, dict):
-            old = obj[name]
-            obj[name] = value
-            undo.append(lambda: obj.__setitem__(name, old))
-        else:
-            old = getattr(obj, name)
-            setattr(obj, name, value)
-            undo.append(lambda: setattr(obj, name, old))
-    return patch
-
-
-def _disable_launches(backend: str, patch) -> None:
-    """Replace ``backend``'s device launch by a no-op and let it accept CPU tensors."""
-    module = backends._modules[backend]
-    if backend in ("reference", "cpu"):
-        patch(ops._IMPLS["fused_step"], backend, lambda *args, **kwargs: None)
-    elif backend == "triton":
-        from triton.runtime.jit import KernelInterface
-
-        # Every Triton kernel launch (`kernel[grid](...)`) becomes a no-op; the glue and the
-        # address-table building still run.
-        patch(KernelInterface, "__getitem__", lambda self, grid: (lambda *a, **k: None))
-        patch(module.ops if hasattr(module, "ops") else module, "supports_device",
-              lambda device: True)
-    elif backend == "cuda":
-        import fisherforget._C as native
-
-        # The glue calls the CUDA binding's host work (checks, dtype groups, launch tables) on
-        # the CPU tensors, and no kernel runs.
-        dry_run = type("DryRun", (), {"fused_step": staticmethod(native.dry_run_fused_step)})
-        patch(module.ops, "_python_entry", lambda: dry_run)
-
-
-@contextlib.contextmanager
-def _no_launches(names) -> Iterator[None]:
-    """Every backend in ``names`` with its launches replaced by no-ops (see the module
-    docstring), all at once, so that their steps can be timed round-robin."""
-    undo: list[Callable[[], None]] = []
-    patch = _patcher(undo)
-    try:
-        for name in names:
-            _disable_launches(name, patch)
-        yield
-    finally:
-        for step in reversed(undo):
-            step()
-
-
-@contextlib.contextmanager
-def _resolving_to(backend: str) -> Iterator[None]:
-    """``backend="auto"`` resolves to ``backend`` (on CPU tensors) while the plan is built."""
-    resolve = backends.resolve
-    backends.resolve = lambda requested, device, dtype: backend
-    try:
-        yield
-    finally:
-        backends.resolve = resolve
-
-
 def host_rows(n_params: int = 2000, repeats: int = 30) -> list[dict]:
-    """Every backend's host cost per step, its optimizers stepped round-robin in one process."""
+    """Every backend's host cost per step, its optimizers stepped round-robin in one process,
+    under ``fisherforget.backends.host_only`` (the launches skipped, CPU tensors accepted)."""
     rows, names = [], []
     for name in ("reference", "cpu", "triton", "cuda"):
         try:
-            backends.load(name)
-            if name not in backends._modules:
-                raise RuntimeError(backends.unavailable_reason(name))
-            if name == "cuda":  # the dry run needs the prebuilt extension's CUDA binding
-                glue = backends._modules["cuda"].ops
-                error = glue.load_prebuilt() or glue._kernels_error()
-                if error is not None:
-                    raise RuntimeError(error)
-        except Exception as exc:  # a backend that does not import here cannot be measured
+            with backends.host_only(name):  # raises saying why a backend cannot do it here
+                pass
+        except Exception as exc:
             rows.append(dict(table="host", backend=name, status="skipped", reason=str(exc)))
             continue
         names.append(name)
     calls = {}
-    with _no_launches(names):
+    with backends.host_only(*names):
         for name in names:
             for fisher in (None, "ema"):
-                opt = FisherAdamW(_params([(1,)] * n_params), **HYPER, fisher=fisher)
-                with _resolving_to(name):
-                    for _ in range(2):  # the first step creates the state, the second the plan
-                        opt.step()
+                opt = FisherAdamW(_params([(1,)] * n_params), **HYPER, fisher=fisher,
+                                  backend=name)
+                for _ in range(2):  # the first step creates the state, the second the plan
+                    opt.step()
                 calls[(name, fisher)] = opt.step
         # A side-by-side yardstick in the same rounds: torch's own fused AdamW, a whole step (its
         # CPU kernel on one-element tensors costs next to nothing beside its host work).

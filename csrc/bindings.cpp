@@ -35,7 +35,7 @@ at::Tensor fisher_score_cpu(at::TensorList directions, at::TensorList grads,
   return ff::binding::fisher_score_on_cpu(directions, grads, fishers);
 }
 
-// "kernels=cpu,cuda;archs=800,900;cuda=13000;cpu_isa=avx2": what this build holds. archs and cuda
+// "kernels=cpu,cuda;archs=800,900;cuda=13000;cpu_isa=avx2;test_ops=0": what this build holds. archs and cuda
 // are empty / 0 in a CPU-only build.
 std::string build_info() {
   std::ostringstream out;
@@ -46,6 +46,11 @@ std::string build_info() {
   out << "archs=;cuda=0;kernels=cpu";
 #endif
   out << ";cpu_isa=" << ff::cpu::isa();
+#ifdef FISHERFORGET_TEST_OPS
+  out << ";test_ops=1";  // the emulated_* ops and dry_run_fused_step (builds for the tests)
+#else
+  out << ";test_ops=0";
+#endif
   return out.str();
 }
 

@@ -1,5 +1,5 @@
 // The CUDA side of the binding (builds with the CUDA kernels only): runs torch.ops.fisherforget_C
-// on CUDA tensors, on the current stream, and registers the test-only ops
+// on CUDA tensors, on the current stream, and, in builds for the tests, registers the ops
 // fisherforget_C::emulated_{fused_step,fisher_accumulate,fisher_score}, which run the CUDA
 // kernels' own per-thread code on the host, one simulated thread at a time, for CPU tensors: the
 // kernel math and the launch tables are tested without a GPU. The checks are binding_checks.h's;
@@ -281,7 +281,9 @@ TORCH_LIBRARY_IMPL(fisherforget_C, CUDA, m) {
   m.impl("fisher_score", &fisher_score_cuda<Target::kCuda>);
 }
 
-// Test-only: the CUDA kernels' code emulated on the host for CPU tensors (same schemas).
+#ifdef FISHERFORGET_TEST_OPS
+// Test-only (FISHERFORGET_TEST_OPS=1, `make install`; a user's build has none): the CUDA kernels'
+// code emulated on the host for CPU tensors (same schemas).
 TORCH_LIBRARY_FRAGMENT(fisherforget_C, m) {
   m.def(
       "emulated_fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
@@ -302,3 +304,4 @@ TORCH_LIBRARY_IMPL(fisherforget_C, CPU, m) {
   m.impl("emulated_fisher_accumulate", &fisher_accumulate_cuda<Target::kEmulation>);
   m.impl("emulated_fisher_score", &fisher_score_cuda<Target::kEmulation>);
 }
+#endif  // FISHERFORGET_TEST_OPS

@@ -108,13 +108,16 @@ PyObject* py_fused_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+#ifdef FISHERFORGET_TEST_OPS
 // dry_run_fused_step(<the arguments of fused_step>, on CPU tensors): the CUDA binding's checks,
-// dtype groups and launch tables, with no kernel run (the host-overhead benchmark).
+// dtype groups and launch tables, with no kernel run (the host-overhead benchmark). Built only
+// for the tests and benchmarks of a checkout (FISHERFORGET_TEST_OPS=1, `make install`).
 PyObject* py_dry_run_fused_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   return fused_step_entry(args, nargs, "fisherforget._C.dry_run_fused_step", StepRoute::kDryRun);
   END_HANDLE_TH_ERRORS
 }
+#endif
 
 // layout_key(tensors) -> bytes (host_tables.h)
 PyObject* py_layout_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -189,10 +192,12 @@ PyMethodDef methods[] = {
     {"fused_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_fused_step)),
      METH_FASTCALL, "One Fisher-AdamW step on CPU or CUDA tensors (fisherforget_C::fused_step's "
                     "arguments, positional)."},
+#ifdef FISHERFORGET_TEST_OPS
     {"dry_run_fused_step",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_dry_run_fused_step)),
      METH_FASTCALL, "fused_step's host work in the CUDA binding on CPU tensors, no kernel run "
                     "(benchmarks)."},
+#endif
     {"layout_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_layout_key)),
      METH_FASTCALL, "Bytes equal for two tensor lists with the same types, dtypes, devices, "
                     "layouts and shapes, index by index."},

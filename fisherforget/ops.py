@@ -309,6 +309,15 @@ def register_check(op: str, backend: str) -> Callable[[Callable], Callable]:
     return decorator
 
 
+def entry_error(error_type: type, name: str, index: int, problem: str) -> Exception:
+    """An error about entry ``index`` of the step's list ``name``: the message reads
+    ``"{name}[{index}] {problem}"`` and the exception carries ``step_entry = (name, index)``, by
+    which the optimizer names the param (a launch's index is not the group's)."""
+    error = error_type(f"{name}[{index}] {problem}")
+    error.step_entry = (name, index)
+    return error
+
+
 def preflight_fused_step(tensors: StepTensors, hyper: StepHyper, backend: str) -> None:
     """Run ``backend``'s registered check of one ``fused_step`` call. The optimizer runs it for
     every launch of a step before the first launch, so a backend refusing its second bucket
@@ -343,17 +352,17 @@ def _check_written(lists: Sequence[tuple[str, Sequence[Optional[Tensor]]]]) -> N
             if t is None or t.numel() == 0 or t.device.type == "meta":  # meta: no memory
                 continue
             if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
-                raise ValueError(
-                    f"{name}[{i}] (shape {tuple(t.shape)}, stride {t.stride()}) overlaps itself "
-                    "(e.g. an expand()-ed view): a step cannot write it element by element; "
-                    "pass a tensor that owns its elements (.contiguous() or .clone())")
+                raise entry_error(
+                    ValueError, name, i, f"(shape {tuple(t.shape)}, stride {t.stride()}) "
+                    "overlaps itself (e.g. an expand()-ed view): a step cannot write it element "
+                    "by element; pass a tensor that owns its elements (.contiguous() or .clone())")
             where = f"{name}[{i}]"
             first = seen.setdefault((t.device, t.data_ptr()), where)
             if first != where:
-                raise ValueError(
-                    f"{where} shares its memory with {first}: a step would write both and lose "
-                    "one update; give each entry its own tensor (a param listed twice, or one "
-                    "step tensor for two params)")
+                raise entry_error(
+                    ValueError, name, i, f"shares its memory with {first}: a step would write "
+                    "both and lose one update; give each entry its own tensor (a param listed "
+                    "twice, or one step tensor for two params)")
 
 
 def registered_backends(op: str) -> list[str]:

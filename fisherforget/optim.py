@@ -12,7 +12,6 @@ import inspect
 import itertools
 import math
 import operator
-import re
 import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -196,12 +195,13 @@ class _Plan:
 
 def _naming_the_param(exc: Exception, gi: int, group: dict[str, Any], params: list[Tensor],
                       bucket: _Bucket) -> Exception:
-    """A backend's preflight error names an entry of one launch (``params[1]``); the same
-    error, naming the param of the group it belongs to. The error path only."""
-    match = re.match(r"(\w+)\[(\d+)\]", str(exc))
-    if match is None:
+    """A backend's preflight error about an entry of one launch (its ``step_entry``, e.g.
+    ``("params", 1)``: :func:`fisherforget.ops.entry_error`); the same error, naming the param
+    of the group it belongs to. The error path only."""
+    entry = getattr(exc, "step_entry", None)
+    if entry is None:
         return exc
-    j = int(match.group(2))
+    j = entry[1]
     i = j if bucket.index is None else bucket.index[j] if j < len(bucket.index) else None
     if i is None or i >= len(params):
         return exc

@@ -380,6 +380,21 @@ _TRITON_DTYPES = {
 }
 
 
+class _NoLaunch:
+    """Stands in for a kernel when the host work runs alone (``backends.host_only``):
+    ``NO_LAUNCH[grid](*args)`` evaluates the arguments as a launch does, and launches nothing."""
+
+    def __getitem__(self, grid):
+        return _nothing
+
+
+def _nothing(*args, **kwargs) -> None:
+    return None
+
+
+NO_LAUNCH = _NoLaunch()
+
+
 def triton_dtype(dtype: torch.dtype):
     """The Triton element type of a torch floating dtype the kernels handle."""
     try:

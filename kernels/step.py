@@ -31,6 +31,7 @@ import triton.language as tl
 
 from .multi_tensor import (
     EXACT_FP32,
+    NO_LAUNCH,
     program_chunk,
     Rows,
     address_rows,
@@ -311,6 +312,7 @@ def fused_step(
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     rows: Optional[Rows] = None,
+    launch: bool = True,
 ) -> None:
     """One launch of the fused step (plus the counter kernel) over one bucket (two when it mixes
     16-byte aligned and misaligned tensors).
@@ -321,7 +323,8 @@ def fused_step(
     are bool, ``steps`` and ``fisher_counts`` are 0-dim fp32, ``lr``/``grad_scale``/``found_inf``
     tensors are on the device. ``fishers`` is empty when no Fisher is used; ``fisher_counts`` may
     be empty when the Fisher does not accumulate. ``rows`` are :func:`step_rows` of ``tensors``
-    when the caller has them already.
+    when the caller has them already. ``launch=False``: everything but the launches (the host
+    work that ``backends.host_only`` measures).
     """
     if len(tensors.params) == 0:
         return
@@ -329,16 +332,17 @@ def fused_step(
         rows = step_rows(tensors, hyper)
     split = split_by_alignment(rows, _MASK + 1)
     if split is None:
-        _launch(tensors, hyper, rows.rows, rows.aligned, grad_scale, found_inf)
+        _launch(tensors, hyper, rows.rows, rows.aligned, grad_scale, found_inf, launch)
         return
     for index, aligned in zip(split, (True, False)):
         part = type(tensors)(*[[values[i] for i in index] if values else values
                                for values in tensors])
-        _launch(part, hyper, rows.rows[index], aligned, grad_scale, found_inf)
+        _launch(part, hyper, rows.rows[index], aligned, grad_scale, found_inf, launch)
 
 
 def _launch(tensors, hyper, rows: torch.Tensor, aligned: bool,
-            grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+            grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+            launch: bool) -> None:
     (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
      fisher_counts) = tensors
     lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
@@ -360,10 +364,12 @@ def _launch(tensors, hyper, rows: torch.Tensor, aligned: bool,
     lr_is_tensor = isinstance(lr, torch.Tensor)
     lr_float = 0.0 if lr_is_tensor else float(lr)
     placeholder = tables.tensors  # stands in for absent pointer arguments (never read)
+    step_kernel = _fused_step_kernel if launch else NO_LAUNCH
+    counters_kernel = _advance_counters_kernel if launch else NO_LAUNCH
 
     with on_device(device):
         if tables.n_chunks:
-            _fused_step_kernel[(tables.n_chunks,)](
+            step_kernel[(tables.n_chunks,)](
                 tables.tensors, tables.chunks,
                 lr if lr_is_tensor else placeholder,
                 grad_scale if grad_scale is not None else placeholder,
@@ -393,7 +399,7 @@ def _launch(tensors, hyper, rows: torch.Tensor, aligned: bool,
                                  + ([fishers[0]] if has_fisher else [])),
                 BLOCK=config.block, num_warps=config.num_warps, **EXACT_FP32,
             )
-        _advance_counters_kernel[(triton.cdiv(n_tensors, _COUNTERS_BLOCK),)](
+        counters_kernel[(triton.cdiv(n_tensors, _COUNTERS_BLOCK),)](
             tables.tensors, found_inf if found_inf is not None else placeholder,
             n_tensors, int(accumulates),
             HAS_FOUND_INF=found_inf is not None, BLOCK=_COUNTERS_BLOCK, num_warps=1,

@@ -410,16 +410,22 @@ def run_case(case: StepCase, data: dict, grads: list, backend: str, device="cpu"
 # ------------------------------------------------------------------------------- backends
 
 
-def _cuda_kernels_built() -> bool:
+def _build_info() -> dict:
     try:
         import fisherforget._C  # noqa: F401
-        info = torch.ops.fisherforget_C.build_info()
+        text = torch.ops.fisherforget_C.build_info()
     except (ImportError, AttributeError, RuntimeError):
-        return False
-    return "cuda" in info.split("kernels=")[-1].split(";")[0].split(",")
+        return {}
+    return dict(item.split("=", 1) for item in text.split(";") if "=" in item)
 
 
-CUDA_EMULATION = _cuda_kernels_built()
+BUILD_INFO = _build_info()
+# The host emulation of the CUDA kernels (fisherforget_C::emulated_*) exists in builds with the
+# CUDA kernels that were made for the tests (FISHERFORGET_TEST_OPS=1, as `make install` does).
+CUDA_EMULATION = ("cuda" in BUILD_INFO.get("kernels", "").split(",")
+                  and BUILD_INFO.get("test_ops") == "1")
+NO_EMULATION = ("fisherforget._C has no CUDA kernels, or was built without the test ops "
+                "(FISHERFORGET_TEST_OPS=1, as `make install` builds it)")
 
 
 @contextlib.contextmanager
@@ -448,7 +454,7 @@ def device_for(backend: str) -> str:
 def unavailable(backend: str) -> Optional[str]:
     """Why the table's cases cannot run on ``backend`` here, or None."""
     if backend == "cuda":
-        return None if CUDA_EMULATION else "fisherforget._C has no CUDA kernels (or no emulation)"
+        return None if CUDA_EMULATION else NO_EMULATION
     if not backends.is_available(backend):
         return f"backend {backend!r} unavailable: {backends.unavailable_reason(backend)}"
     if not backends.runs_on(backend, torch.device(device_for(backend))):

@@ -193,7 +193,8 @@ def test_backend_preflight_runs_when_the_plan_or_the_settings_change_not_every_s
 
 
 cuda_binding = pytest.mark.skipif(not hasattr(native, "dry_run_fused_step"),
-                                  reason="fisherforget._C has no CUDA binding (a CPU-only build)")
+                                  reason="fisherforget._C has no CUDA binding (a CPU-only build) "
+                                  "or was built without the test ops (FISHERFORGET_TEST_OPS=1)")
 
 
 def _step_lists(n=5, fisher=True):

@@ -13,8 +13,9 @@ it loads, else ``reference``; other devices, and param dtypes the kernels lack (
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -33,6 +34,7 @@ _loaded: dict[str, bool] = {}
 _errors: dict[str, str] = {}
 _build_tried: set[str] = set()  # backends whose availability was checked with build=True
 _modules: dict[str, object] = {}  # imported backend modules (torch.compile cannot trace imports)
+_host_only: frozenset = frozenset()  # backends under host_only()
 
 
 def load(name: str, build: bool = False) -> bool:
@@ -65,7 +67,8 @@ def load(name: str, build: bool = False) -> bool:
 
 
 def is_available(name: str) -> bool:
-    return load(name)
+    """Whether backend ``name`` can run here (or, under :func:`host_only`, do its host work)."""
+    return name in _host_only or load(name)
 
 
 def unavailable_reason(name: str) -> Optional[str]:
@@ -76,6 +79,46 @@ def unavailable_reason(name: str) -> Optional[str]:
 def status() -> dict[str, Optional[str]]:
     """``{backend: None if available else the reason}`` for every backend."""
     return {name: (None if load(name) else _errors[name]) for name in BACKENDS}
+
+
+@contextlib.contextmanager
+def host_only(*names: str) -> Iterator[None]:
+    """Within the block, the ops of backends ``names`` do their host work only, on tensors of any
+    device, and write nothing: what ``python -m benchmarks overhead`` times (the host cost a GPU
+    step pays, measured on any machine, CPU tensors standing in for the GPU's).
+
+    ``reference`` and ``cpu`` skip their ops altogether (all of it is device work); ``triton``
+    runs its glue and builds its address tables, and launches nothing; ``cuda`` runs its
+    binding's checks, dtype groups and launch tables for ``fused_step`` and launches nothing
+    (through ``fisherforget._C.dry_run_fused_step``, which only builds for the tests have,
+    ``FISHERFORGET_TEST_OPS=1``), and skips ``fisher_accumulate``/``fisher_score``. Within the
+    block, :func:`resolve` grants the backends ``names`` whatever device they are asked for.
+    Raises naming the backend when one cannot do this here."""
+    global _host_only
+    for name in names:
+        if name not in _MODULES:
+            raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except Exception as exc:
+            raise RuntimeError(f"host_only({name!r}): the backend does not import here "
+                               f"({type(exc).__name__}: {exc})") from exc
+        _modules[name] = module
+        check = getattr(module, "host_only_error", None)
+        error = check() if check is not None else None
+        if error is not None:
+            raise RuntimeError(f"host_only({name!r}): {error}")
+    previous = _host_only
+    _host_only = previous | frozenset(names)
+    try:
+        yield
+    finally:
+        _host_only = previous
+
+
+def is_host_only(name: str) -> bool:
+    """Whether backend ``name`` runs its host work only (:func:`host_only`)."""
+    return name in _host_only
 
 
 def runs_on(name: str, device: torch.device) -> bool:
@@ -96,8 +139,8 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     ``auto`` never fails: it falls back to the reference. An explicit backend that is not
     available, or cannot run on ``device``/``dtype``, raises a ``RuntimeError`` saying why.
     """
-    if requested == "reference":
-        return "reference"
+    if requested == "reference" or requested in _host_only:
+        return requested
     if requested == "auto":
         if dtype in KERNEL_DTYPES:
             if device.type == "cuda":

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fisherforget import ops
+from fisherforget import backends, ops
 from fisherforget.backends import KERNEL_DTYPES
 from fisherforget.backends.staging import scalar_on, step_scalars_on
 
@@ -81,8 +81,8 @@ def _first_bad_dtype(name: str, tensors: Sequence[Tensor], allowed: frozenset,
                      backend_supports: tuple) -> None:
     if not {t.dtype for t in tensors} <= allowed:
         i = next(i for i, t in enumerate(tensors) if t.dtype not in allowed)
-        raise TypeError(f"{name}[{i}] has dtype {tensors[i].dtype}; backend 'cpu' supports "
-                        f"{backend_supports} (use backend='reference' for others)")
+        raise ops.entry_error(TypeError, name, i, f"has dtype {tensors[i].dtype}; backend 'cpu' "
+                              f"supports {backend_supports} (use backend='reference' for others)")
 
 
 @ops.register_check("fused_step", "cpu")
@@ -92,13 +92,13 @@ def check_fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper) -> None:
     t = tensors
     if {p.device.type for p in t.params} - {"cpu"}:
         i = next(i for i, p in enumerate(t.params) if p.device.type != "cpu")
-        raise RuntimeError(f"params[{i}] is on {t.params[i].device}; backend 'cpu' runs on CPU "
-                           "tensors")
+        raise ops.entry_error(RuntimeError, "params", i, f"is on {t.params[i].device}; backend "
+                              "'cpu' runs on CPU tensors")
     _first_bad_dtype("params", t.params, _KERNEL_DTYPE_SET, KERNEL_DTYPES)
     if [g.dtype for g in t.grads] != [p.dtype for p in t.params]:
         i = next(i for i, (g, p) in enumerate(zip(t.grads, t.params)) if g.dtype != p.dtype)
-        raise TypeError(f"grads[{i}] has dtype {t.grads[i].dtype}, its param {t.params[i].dtype}:"
-                        " backend 'cpu' needs them equal")
+        raise ops.entry_error(TypeError, "grads", i, f"has dtype {t.grads[i].dtype}, its param "
+                              f"{t.params[i].dtype}: backend 'cpu' needs them equal")
     for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "fishers"):
         _first_bad_dtype(name, getattr(t, name), _STATE_DTYPE_SET, STATE_DTYPES)
 
@@ -120,6 +120,8 @@ def _require():
 @ops.register("fused_step", "cpu")
 def fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper,
                grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    if backends.is_host_only("cpu"):  # the checks and the kernels are one call: all skipped
+        return
     hyper, grad_scale, found_inf = step_scalars_on(hyper, grad_scale, found_inf, _CPU)
     (_kernels or _require()).fused_step(*tensors, *hyper.op_args(), grad_scale, found_inf)
 
@@ -127,6 +129,8 @@ def fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper,
 @ops.register("fisher_accumulate", "cpu")
 def fisher_accumulate(fishers: Sequence[Tensor], grads: Sequence[Tensor], *, alpha: float,
                       beta: float, grad_scale: Optional[Tensor] = None) -> None:
+    if backends.is_host_only("cpu"):
+        return
     grad_scale = scalar_on(grad_scale, _CPU, "grad_scale", torch.float32)
     (_kernels or _require()).fisher_accumulate(fishers, grads, alpha, beta, grad_scale)
 
@@ -134,4 +138,6 @@ def fisher_accumulate(fishers: Sequence[Tensor], grads: Sequence[Tensor], *, alp
 @ops.register("fisher_score", "cpu")
 def fisher_score(directions: Sequence[Tensor], grads: Sequence[Tensor],
                  fishers: Sequence[Tensor]) -> Tensor:
+    if backends.is_host_only("cpu"):
+        return torch.zeros(2, dtype=torch.float64)
     return (_kernels or _require()).fisher_score(directions, grads, fishers)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fisherforget import ops
+from fisherforget import backends, ops
 from fisherforget.backends.staging import ScalarOnDevice
 
 
@@ -67,6 +67,8 @@ def fused_step(
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
 ) -> None:
+    if backends.is_host_only("reference"):  # all of it is device work
+        return
     (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
      fisher_counts) = tensors
     lr, beta1, beta2, eps = hyper.lr, hyper.beta1, hyper.beta2, hyper.eps
@@ -180,6 +182,8 @@ def fisher_accumulate(
     beta: float,
     grad_scale: Optional[Tensor] = None,
 ) -> None:
+    if backends.is_host_only("reference"):
+        return
     scale_on = ScalarOnDevice(grad_scale, "grad_scale")
     for fisher, grad in zip(fishers, grads):
         cdt = _compute_dtype(fisher)
@@ -194,7 +198,7 @@ def fisher_accumulate(
 def fisher_score(
     directions: Sequence[Tensor], grads: Sequence[Tensor], fishers: Sequence[Tensor]
 ) -> Tensor:
-    if not grads:
+    if not grads or backends.is_host_only("reference"):
         return torch.zeros(2, dtype=torch.float64)
     device = grads[0].device
     dot = torch.zeros((), dtype=torch.float64, device=device)

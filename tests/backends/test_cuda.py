@@ -34,7 +34,8 @@ import torch
 
 import fisherforget
 from fisherforget import FisherAdamW, ops
-from step_cases import (CASES_BY_NAME, CPU_SIZES, assert_close_ulp, cases_for, check_against_oracle,
+from step_cases import (CASES_BY_NAME, CPU_SIZES, CUDA_EMULATION, NO_EMULATION, assert_close_ulp,
+                        cases_for, check_against_oracle,
                         check_against_reference, check_error, errors_for, make_grads,
                         make_hyper, make_inputs, make_scalars, replace_case, run_step, short_name)
 from fisherforget.backends.cuda import ops as cuda_backend
@@ -72,10 +73,10 @@ def _prebuilt_error() -> Optional[str]:
 needs_extension = pytest.mark.skipif(
     _PREBUILT_ERROR is not None, reason=f"fisherforget._C does not import: {_PREBUILT_ERROR}"
 )
-# A CPU-only build (no nvcc at build time) has neither the CUDA kernels nor their emulation.
+# A CPU-only build (no nvcc at build time) has neither the CUDA kernels nor their emulation; a
+# user's build (no FISHERFORGET_TEST_OPS=1) has the kernels but not the emulation.
 needs_cuda_kernels = pytest.mark.skipif(
-    "cuda" not in _KERNELS,
-    reason=f"fisherforget._C has no CUDA kernels ({_PREBUILT_ERROR or 'a CPU-only build'})")
+    not CUDA_EMULATION, reason=_PREBUILT_ERROR or NO_EMULATION)
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +85,7 @@ def _cpu_tensors_run_the_emulation(request, monkeypatch):
     kernels on device "cpu" makes the CUDA glue call the host emulation of their per-thread code
     (fisherforget_C::emulated_*) instead."""
     callspec = getattr(request.node, "callspec", None)
-    if callspec is None or callspec.params.get("device") != "cpu" or "cuda" not in _KERNELS:
+    if callspec is None or callspec.params.get("device") != "cpu" or not CUDA_EMULATION:
         return
     for op in ("fused_step", "fisher_accumulate", "fisher_score"):
         monkeypatch.setattr(torch.ops.fisherforget_C, op,
@@ -132,7 +133,7 @@ def test_ops_are_registered_with_the_expected_schemas():
     assert _prebuilt_error() is None
     for op, schema in cuda_backend.SCHEMAS.items():
         assert str(getattr(torch.ops.fisherforget_C, op).default._schema) == schema
-        if "cuda" in _KERNELS:  # the emulation takes the same arguments
+        if CUDA_EMULATION:  # the emulation takes the same arguments
             emulated = getattr(torch.ops.fisherforget_C, f"emulated_{op}").default._schema
             assert str(emulated) == schema.replace(f"::{op}(", f"::emulated_{op}(")
     if "cuda" not in _KERNELS:
@@ -278,6 +279,33 @@ def test_link_flags_keep_libstdcxx_shared_with_a_static_only_compiler(tmp_path):
     flags = cuda_jit.link_flags()
     assert any(os.path.basename(f).startswith("libstdc++.so") for f in flags)
     assert link("fixed.so", flags) == (True, False)
+
+
+def test_a_users_build_has_no_test_ops(monkeypatch):
+    """The emulated_* ops and dry_run_fused_step are compiled only into builds for the tests: the
+    define comes from FISHERFORGET_TEST_OPS=1 alone, and every place csrc/ registers them lies
+    inside #ifdef FISHERFORGET_TEST_OPS."""
+    monkeypatch.delenv("FISHERFORGET_TEST_OPS", raising=False)
+    assert cuda_jit.test_ops_flags() == []
+    monkeypatch.setenv("FISHERFORGET_TEST_OPS", "0")
+    assert cuda_jit.test_ops_flags() == []
+    monkeypatch.setenv("FISHERFORGET_TEST_OPS", "1")
+    assert cuda_jit.test_ops_flags() == [cuda_jit.TEST_OPS_DEFINE]
+    registrations = []
+    for path in sorted(CSRC.rglob("*")):
+        if path.suffix not in (".cpp", ".cu", ".h", ".cuh"):
+            continue
+        guards: list[bool] = []  # per open #if: whether it is the test-ops guard
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            directive = line.strip()
+            if directive.startswith("#if"):
+                guards.append(directive == "#ifdef FISHERFORGET_TEST_OPS")
+            elif directive.startswith("#endif"):
+                guards.pop()
+            elif '"emulated_' in line or '"dry_run_fused_step' in line:
+                registrations.append((path.name, number, any(guards)))
+    assert len(registrations) >= 7, registrations  # 3 defs, 3 impls, 1 Python method
+    assert all(guarded for _, _, guarded in registrations), registrations
 
 
 def test_ninja_from_the_pip_package_is_put_on_path(monkeypatch):

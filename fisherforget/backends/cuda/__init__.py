@@ -11,6 +11,7 @@ from fisherforget.backends.cuda.ops import (  # noqa: F401  (importing registers
     fisher_accumulate,
     fisher_score,
     fused_step,
+    host_only_error,
     library_source,
     load_library,
     load_prebuilt,

@@ -69,6 +69,14 @@ EXTRA_CUDA_CFLAGS = ["-O3"]
 # Defined in builds that include the CUDA kernels (bindings.cpp reports them in build_info).
 CUDA_DEFINE = "-DFISHERFORGET_WITH_CUDA"
 JIT_LIBRARY_NAME = "fisherforget_C_jit"
+# Defined in builds for the tests (FISHERFORGET_TEST_OPS=1, as `make install` sets): the
+# emulated_* ops and dry_run_fused_step. A user's build (pip install, a JIT build) has neither.
+TEST_OPS_DEFINE = "-DFISHERFORGET_TEST_OPS"
+
+
+def test_ops_flags() -> list[str]:
+    """``[TEST_OPS_DEFINE]`` when ``FISHERFORGET_TEST_OPS=1`` asks for a build for the tests."""
+    return [TEST_OPS_DEFINE] if os.environ.get("FISHERFORGET_TEST_OPS", "").strip() == "1" else []
 
 
 def link_flags() -> list[str]:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from fisherforget import _native, ops
+from fisherforget import _native, backends, ops
 from fisherforget.backends.cuda import jit as cuda_jit
 from fisherforget.backends.staging import ContiguousStaging, scalar_on, step_scalars_on
 
@@ -181,7 +181,17 @@ def _arch_error() -> Optional[str]:
 
 
 def supports_device(device: Union[str, torch.device]) -> bool:
-    return torch.device(device).type == "cuda"
+    return torch.device(device).type == "cuda" or backends.is_host_only("cuda")
+
+
+def host_only_error() -> Optional[str]:
+    """Why ``backends.host_only("cuda")`` cannot run here, or None: it needs the prebuilt
+    extension with its CUDA binding's dry run (a build for the tests), not a GPU."""
+    error = load_prebuilt() or _kernels_error()
+    if error is None and not hasattr(_native.helpers(), "dry_run_fused_step"):
+        error = ("fisherforget._C has no dry_run_fused_step: it is built for the tests only "
+                 "(FISHERFORGET_TEST_OPS=1, as `make install` builds it)")
+    return error
 
 
 def build_info() -> dict[str, str]:
@@ -224,9 +234,19 @@ def _python_entry():
     """``fisherforget._C`` when it is the loaded library (its ``fused_step`` reads the Python lists
     in place), else None: a JIT build is reached through ``torch.ops`` only, and so is a traced
     call (``torch.compile`` traces ``torch.ops``, not extension functions)."""
+    if backends.is_host_only("cuda"):
+        return _DryRun
     if _library_source is None or "JIT" in _library_source or torch.compiler.is_compiling():
         return None
     return _native.helpers()
+
+
+class _DryRun:
+    """The entry under ``backends.host_only("cuda")``: the binding's host work, no launch."""
+
+    @staticmethod
+    def fused_step(*args) -> None:
+        _native.helpers().dry_run_fused_step(*args)
 
 
 @ops.register("fused_step", "cuda")
@@ -260,7 +280,7 @@ def fisher_accumulate(
     beta: float,
     grad_scale: Optional[Tensor] = None,
 ) -> None:
-    if len(fishers) == 0:
+    if len(fishers) == 0 or backends.is_host_only("cuda"):
         return
     staging = ContiguousStaging()
     torch.ops.fisherforget_C.fisher_accumulate(
@@ -275,7 +295,7 @@ def fisher_accumulate(
 def fisher_score(
     directions: Sequence[Tensor], grads: Sequence[Tensor], fishers: Sequence[Tensor]
 ) -> Tensor:
-    if len(grads) == 0:
+    if len(grads) == 0 or backends.is_host_only("cuda"):
         return torch.zeros(2, dtype=torch.float64)  # as the reference: no tensors, no device
     staging = ContiguousStaging()
     return torch.ops.fisherforget_C.fisher_score(

@@ -12,6 +12,7 @@ from fisherforget.backends.triton.ops import (  # noqa: F401  (importing registe
     fisher_accumulate,
     fisher_score,
     fused_step,
+    host_only_error,
     load_kernels,
     supports_device,
 )

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fisherforget import ops
+from fisherforget import backends, ops
 from fisherforget.backends import KERNEL_DTYPES
 from fisherforget.backends.staging import ContiguousStaging, ScalarOnDevice
 
@@ -97,10 +97,16 @@ def availability_error() -> Optional[str]:
     return _import_error
 
 
+def host_only_error() -> Optional[str]:
+    """Why ``backends.host_only("triton")`` cannot run here (Triton does not import), or None."""
+    return availability_error()
+
+
 def supports_device(device: torch.device) -> bool:
-    """CUDA devices; CPU too when Triton's interpreter is on (``TRITON_INTERPRET=1``)."""
+    """CUDA devices; CPU too when Triton's interpreter is on (``TRITON_INTERPRET=1``), and any
+    device under ``backends.host_only("triton")`` (nothing is launched)."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda" or backends.is_host_only("triton"):
         return True
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -135,12 +141,13 @@ def fused_step(
     lr_on = ScalarOnDevice(hyper.lr, "lr") if isinstance(hyper.lr, Tensor) else None
     scale_on = ScalarOnDevice(grad_scale, "grad_scale")
     found_inf_on = ScalarOnDevice(found_inf, "found_inf")
+    launches = not backends.is_host_only("triton")
 
     def launch(bucket: ops.StepTensors, rows=None) -> None:
         device = bucket.params[0].device
         bucket_hyper = hyper if lr_on is None else hyper.replace(lr=lr_on.on(device))
         kernels.fused_step(bucket, bucket_hyper, grad_scale=scale_on.on(device),
-                           found_inf=found_inf_on.on(device), rows=rows)
+                           found_inf=found_inf_on.on(device), rows=rows, launch=launches)
 
     # The common case, an optimizer bucket: one device, one dtype per list, contiguous. The
     # address table is read in one pass and that is all the per-tensor work of the step.
@@ -185,8 +192,9 @@ def _check_kernel_dtypes_and_devices(tensors: Sequence[Tensor], name: str) -> No
     kernel dtypes and devices Triton runs on."""
     if not {t.dtype for t in tensors} <= _KERNEL_DTYPE_SET:
         i = next(i for i, t in enumerate(tensors) if t.dtype not in _KERNEL_DTYPE_SET)
-        raise TypeError(f"{name}[{i}] has dtype {tensors[i].dtype}; backend 'triton' supports "
-                        f"{KERNEL_DTYPES} (use backend='reference' for others)")
+        raise ops.entry_error(TypeError, name, i, f"has dtype {tensors[i].dtype}; backend "
+                              f"'triton' supports {KERNEL_DTYPES} (use backend='reference' for "
+                              "others)")
     for device in {t.device for t in tensors}:
         if not supports_device(device):
             i = next(i for i, t in enumerate(tensors) if t.device == device)
@@ -218,7 +226,7 @@ def fisher_accumulate(
     grad_scale: Optional[Tensor] = None,
 ) -> None:
     kernels = load_kernels()
-    if len(fishers) == 0:
+    if len(fishers) == 0 or backends.is_host_only("triton"):
         return
     _check_kernel_dtypes_and_devices(fishers, "fishers")
     _check_kernel_dtypes_and_devices(grads, "grads")
@@ -240,7 +248,7 @@ def fisher_score(
     directions: Sequence[Tensor], grads: Sequence[Tensor], fishers: Sequence[Tensor]
 ) -> Tensor:
     kernels = load_kernels()
-    if len(grads) == 0:
+    if len(grads) == 0 or backends.is_host_only("triton"):
         return torch.zeros(2, dtype=torch.float64)
     for name, values in (("directions", directions), ("grads", grads), ("fishers", fishers)):
         _check_kernel_dtypes_and_devices(values, name)
