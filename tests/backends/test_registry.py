@@ -73,13 +73,21 @@ def test_host_only_is_scoped_and_grants_the_device():
 
 @pytest.mark.skipif(not CUDA_EMULATION, reason="needs the CUDA binding built for the tests")
 def test_host_only_cuda_runs_the_binding_checks():
-    # The dry run is the CUDA binding's host work: its checks still refuse bad input by name.
-    params = _params(2)
-    params[1].grad = params[1].grad.to(torch.float16)
+    # Under host_only the CUDA glue hands the step to the binding's dry run, whose checks still
+    # refuse bad input by name (here a grads list one short, which the glue passes unchecked).
+    from fisherforget import ops
+    params = [p.detach() for p in _params(2)]
+    tensors = ops.StepTensors(
+        params, [params[0].clone()], [torch.zeros(3), torch.zeros(3)],
+        [torch.zeros(3), torch.zeros(3)], [], [], [None, None],
+        [torch.zeros(()), torch.zeros(())], [])
     with backends.host_only("cuda"):
-        opt = FisherAdamW(params, lr=0.1, backend="cuda")
-        with pytest.raises((RuntimeError, TypeError), match=r"grads\[1\]"):
-            opt.step()
+        with pytest.raises(RuntimeError,
+                           match=r"fisherforget_C::\w*fused_step: grads has 1 tensors, expected 2"):
+            cuda_glue.fused_step(tensors, ops.StepHyper(lr=0.1))
+        tensors = tensors._replace(grads=[params[0].clone(), params[1].clone()])
+        cuda_glue.fused_step(tensors, ops.StepHyper(lr=0.1))  # the same, valid: nothing written
+    assert float(tensors.steps[0]) == 0.0 and torch.count_nonzero(tensors.exp_avgs[0]) == 0
 
 
 def test_host_only_says_why_it_cannot_run(monkeypatch):
