@@ -17,6 +17,20 @@
 #include "cpu/ff_cpu.h"
 #include "ff_kernels.h"
 
+// The op schemas' arguments, written once: each op and its host emulation (builds for the tests)
+// are defined with them; fisherforget/ops.py generates the same schema for its custom op from
+// StepHyper, and tests/backends/test_cuda.py checks that they agree.
+#define FF_FUSED_STEP_SCHEMA                                                                     \
+  "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "      \
+  "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] fishers, Tensor?[] masks, Tensor(f!)[] steps, "    \
+  "Tensor(g!)[] fisher_counts, *, float lr, Tensor? lr_tensor, float beta1, float beta2, "       \
+  "float eps, float weight_decay, bool amsgrad, bool maximize, str? fisher_mode, "               \
+  "float fisher_beta, float fisher_scale, float? freeze_above, float? freeze_below, "            \
+  "Tensor? grad_scale, Tensor? found_inf) -> ()"
+#define FF_FISHER_ACCUMULATE_SCHEMA \
+  "(Tensor(a!)[] fishers, Tensor[] grads, *, float alpha, float beta, Tensor? grad_scale) -> ()"
+#define FF_FISHER_SCORE_SCHEMA "(Tensor[] directions, Tensor[] grads, Tensor[] fishers) -> Tensor"
+
 namespace fisherforget {
 namespace binding {
 

@@ -69,17 +69,9 @@ std::string cpu_isa(std::optional<c10::string_view> isa) {
 }  // namespace
 
 TORCH_LIBRARY(fisherforget_C, m) {
-  m.def(
-      "fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] fishers, "
-      "Tensor?[] masks, Tensor(f!)[] steps, Tensor(g!)[] fisher_counts, *, float lr, "
-      "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
-      "bool maximize, str? fisher_mode, float fisher_beta, float fisher_scale, "
-      "float? freeze_above, float? freeze_below, Tensor? grad_scale, Tensor? found_inf) -> ()");
-  m.def(
-      "fisher_accumulate(Tensor(a!)[] fishers, Tensor[] grads, *, float alpha, float beta, "
-      "Tensor? grad_scale) -> ()");
-  m.def("fisher_score(Tensor[] directions, Tensor[] grads, Tensor[] fishers) -> Tensor");
+  m.def("fused_step" FF_FUSED_STEP_SCHEMA);
+  m.def("fisher_accumulate" FF_FISHER_ACCUMULATE_SCHEMA);
+  m.def("fisher_score" FF_FISHER_SCORE_SCHEMA);
   m.def("build_info() -> str", &build_info);
   m.def("cpu_isa(str? isa=None) -> str", &cpu_isa);
 }

@@ -285,17 +285,9 @@ TORCH_LIBRARY_IMPL(fisherforget_C, CUDA, m) {
 // Test-only (FISHERFORGET_TEST_OPS=1, `make install`; a user's build has none): the CUDA kernels'
 // code emulated on the host for CPU tensors (same schemas).
 TORCH_LIBRARY_FRAGMENT(fisherforget_C, m) {
-  m.def(
-      "emulated_fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] fishers, "
-      "Tensor?[] masks, Tensor(f!)[] steps, Tensor(g!)[] fisher_counts, *, float lr, "
-      "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
-      "bool maximize, str? fisher_mode, float fisher_beta, float fisher_scale, "
-      "float? freeze_above, float? freeze_below, Tensor? grad_scale, Tensor? found_inf) -> ()");
-  m.def(
-      "emulated_fisher_accumulate(Tensor(a!)[] fishers, Tensor[] grads, *, float alpha, "
-      "float beta, Tensor? grad_scale) -> ()");
-  m.def("emulated_fisher_score(Tensor[] directions, Tensor[] grads, Tensor[] fishers) -> Tensor");
+  m.def("emulated_fused_step" FF_FUSED_STEP_SCHEMA);
+  m.def("emulated_fisher_accumulate" FF_FISHER_ACCUMULATE_SCHEMA);
+  m.def("emulated_fisher_score" FF_FISHER_SCORE_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(fisherforget_C, CPU, m) {
