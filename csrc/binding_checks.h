@@ -227,7 +227,7 @@ struct StepArgs {
 // nothing) on the first problem. `settings.found_inf` etc. point into the argument tensors.
 template <typename Tensors, typename Masks>
 std::vector<cpu::StepEntry> check_fused_step(Checker& check, const StepArgs<Tensors, Masks>& a,
-                                             cpu::StepSettings& settings) {
+                                             StepSettings& settings) {
   const size_t n = a.params.size();
   check.list_length(a.grads.size(), n, "grads", "one per param");
   check.list_length(a.exp_avgs.size(), n, "exp_avgs", "one per param");
@@ -455,7 +455,7 @@ template <typename Tensors, typename Masks>
 void fused_step_on_cpu(const StepArgs<Tensors, Masks>& args) {
   Checker check{"fisherforget_C::fused_step", Target::kCpu};
   check.stage_noncontiguous = true;
-  cpu::StepSettings settings;
+  StepSettings settings;
   const std::vector<cpu::StepEntry> table = check_fused_step(check, args, settings);
   cpu::fused_step(table.data(), static_cast<int64_t>(table.size()), settings);
   check.finish();

@@ -88,30 +88,13 @@ void fused_step_views(Target target_kind, bool launch, const StepArgs<Tensors, M
                 "0-dim tensor on ", device, " (updating it in place between replays)");
     args.lr_tensor = lr->to(device, /*non_blocking=*/true);
   }
-  ff::cpu::StepSettings s;
+  ff::StepSettings s;
   const std::vector<ff::cpu::StepEntry> table = ff::binding::check_fused_step(check, args, s);
   const size_t n = table.size();
   if (n == 0) return;
 
   ff::FusedStepProblem base;
-  base.lr = s.lr;
-  base.lr_tensor = s.lr_tensor;
-  base.lr_kind = s.lr_kind;
-  base.grad_scale = s.grad_scale;
-  base.found_inf = s.found_inf;
-  base.beta1 = s.beta1;
-  base.beta2 = s.beta2;
-  base.eps = s.eps;
-  base.weight_decay = s.weight_decay;
-  base.amsgrad = s.amsgrad;
-  base.maximize = s.maximize;
-  base.fisher_mode = s.fisher_mode;
-  base.fisher_beta = s.fisher_beta;
-  base.fisher_scale = s.fisher_scale;
-  base.has_freeze_above = s.has_freeze_above;
-  base.freeze_above = s.freeze_above;
-  base.has_freeze_below = s.has_freeze_below;
-  base.freeze_below = s.freeze_below;
+  base.settings = s;
   const bool accumulates = s.has_fisher && s.fisher_mode != ff::FisherMode::kNone;
 
   std::vector<std::tuple<ff::DType, ff::DType, ff::DType>> keys(n);

@@ -23,6 +23,23 @@ enum class FisherMode : int { kNone = 0, kEma = 1, kMean = 2, kSum = 3 };
 // dtype fixes the precision of `1 - lr * weight_decay`, as it does in the reference backend.
 enum class LrKind : int { kHost = 0, kFloat32 = 1, kFloat64 = 2, kBFloat16 = 3, kFloat16 = 4 };
 
+// The scalars of one fused step (the op schema's keyword arguments), as the binding read them: the
+// one hyperparameter struct from the binding to the CPU and CUDA kernels.
+struct StepSettings {
+  double lr = 0.0;                  // used when lr_kind == kHost
+  const void* lr_tensor = nullptr;  // a 0-dim tensor of lr_kind (on the params' device) otherwise
+  LrKind lr_kind = LrKind::kHost;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  bool amsgrad = false, maximize = false;
+  bool has_fisher = false;  // every entry has a fisher
+  FisherMode fisher_mode = FisherMode::kNone;
+  double fisher_beta = 0.0, fisher_scale = 0.0;
+  bool has_freeze_above = false, has_freeze_below = false;
+  double freeze_above = 0.0, freeze_below = 0.0;
+  const float* grad_scale = nullptr;  // 0-dim fp32 or null
+  const float* found_inf = nullptr;   // 0-dim fp32 or null
+};
+
 // Where the kernels run: a CUDA stream, or the host, executing the same per-thread code one
 // simulated thread at a time (slow; for testing on machines without a GPU, with host pointers).
 struct ExecTarget {
@@ -51,17 +68,7 @@ struct FusedStepProblem {
   float* const* steps = nullptr;           // 0-dim fp32 step counts, incremented unless found_inf
   float* const* fisher_counts = nullptr;   // required when fishers and fisher_mode != kNone
 
-  double lr = 0.0;                 // used when lr_kind == kHost
-  const void* lr_tensor = nullptr;  // 0-dim device tensor otherwise
-  LrKind lr_kind = LrKind::kHost;
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
-  bool amsgrad = false, maximize = false;
-  FisherMode fisher_mode = FisherMode::kNone;
-  double fisher_beta = 0.0, fisher_scale = 0.0;
-  bool has_freeze_above = false, has_freeze_below = false;
-  double freeze_above = 0.0, freeze_below = 0.0;
-  const float* grad_scale = nullptr;  // 0-dim fp32 or null
-  const float* found_inf = nullptr;   // 0-dim fp32 or null
+  StepSettings settings;  // its has_fisher is fishers != nullptr
 };
 
 void fused_step(const FusedStepProblem& problem, const ExecTarget& target);

@@ -29,7 +29,8 @@ const char* compiled_cuda_archs() {
 
 int compiled_cuda_version() { return CUDART_VERSION; }
 
-StepScalars make_step_scalars(const FusedStepProblem& p) {
+StepScalars make_step_scalars(const FusedStepProblem& problem) {
+  const StepSettings& p = problem.settings;
   StepScalars s{};
   s.lr = p.lr;
   s.lr_tensor = p.lr_tensor;
@@ -48,7 +49,7 @@ StepScalars make_step_scalars(const FusedStepProblem& p) {
   s.beta2_f = static_cast<float>(p.beta2);
   s.beta2_weight = static_cast<float>(1.0 - p.beta2);
   s.eps = static_cast<float>(p.eps);
-  s.has_fisher = p.fishers != nullptr;
+  s.has_fisher = problem.fishers != nullptr;
   s.fisher_mode = static_cast<int>(s.has_fisher ? p.fisher_mode : FisherMode::kNone);
   switch (p.fisher_mode) {
     case FisherMode::kEma:
@@ -110,8 +111,9 @@ __global__ void __launch_bounds__(kBlockSize) advance_counts_kernel(const __grid
 
 void advance_other_counts(const FusedStepProblem& problem, const ExecTarget& target) {
   CountArgs args;
-  args.found_inf = problem.found_inf;
-  args.has_fisher_counts = problem.fishers != nullptr && problem.fisher_mode != FisherMode::kNone;
+  args.found_inf = problem.settings.found_inf;
+  args.has_fisher_counts =
+      problem.fishers != nullptr && problem.settings.fisher_mode != FisherMode::kNone;
   args.num_tensors = 0;
   const auto launch = [&] {
     if (!target.launch) {

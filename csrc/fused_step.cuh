@@ -388,11 +388,11 @@ inline void step_fields_present(const FusedStepProblem& p, bool (&present)[kStep
   }
   for (bool& field : present) field = false;
   present[kStepParam] = present[kStepGrad] = present[kStepExpAvg] = present[kStepExpAvgSq] = true;
-  present[kStepMaxExpAvgSq] = p.amsgrad;
+  present[kStepMaxExpAvgSq] = p.settings.amsgrad;
   present[kStepFisher] = p.fishers != nullptr;
   present[kStepMask] = any_mask;
   present[kStepStep] = true;
-  present[kStepFisherCount] = p.fishers != nullptr && p.fisher_mode != FisherMode::kNone;
+  present[kStepFisherCount] = p.fishers != nullptr && p.settings.fisher_mode != FisherMode::kNone;
 }
 
 template <typename P, typename S, typename F>
@@ -410,7 +410,7 @@ void run_fused_step(const FusedStepProblem& problem, const ExecTarget& target) {
     a[kStepGrad] = problem.grads[i];
     a[kStepExpAvg] = problem.exp_avgs[i];
     a[kStepExpAvgSq] = problem.exp_avg_sqs[i];
-    a[kStepMaxExpAvgSq] = problem.amsgrad ? problem.max_exp_avg_sqs[i] : nullptr;
+    a[kStepMaxExpAvgSq] = problem.settings.amsgrad ? problem.max_exp_avg_sqs[i] : nullptr;
     a[kStepFisher] = problem.fishers != nullptr ? problem.fishers[i] : nullptr;
     a[kStepMask] = problem.masks != nullptr ? problem.masks[i] : nullptr;
     a[kStepStep] = problem.steps[i];

@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "ff_kernels.h"  // DType, FisherMode, LrKind
+#include "ff_kernels.h"  // DType, FisherMode, LrKind, StepSettings
 
 namespace fisherforget {
 namespace cpu {
@@ -28,22 +28,6 @@ struct StepEntry {
   float* fisher_count;         // 0-dim fp32; null unless the Fisher accumulates
   int64_t numel;
   DType param_dtype, state_dtype, fisher_dtype;
-};
-
-// The scalars of one fused step (the C++ schema's keyword arguments).
-struct StepSettings {
-  double lr = 0.0;                  // used when lr_kind == kHost
-  const void* lr_tensor = nullptr;  // a 0-dim CPU tensor of lr_kind otherwise
-  LrKind lr_kind = LrKind::kHost;
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
-  bool amsgrad = false, maximize = false;
-  bool has_fisher = false;  // every entry has a fisher
-  FisherMode fisher_mode = FisherMode::kNone;
-  double fisher_beta = 0.0, fisher_scale = 0.0;
-  bool has_freeze_above = false, has_freeze_below = false;
-  double freeze_above = 0.0, freeze_below = 0.0;
-  const float* grad_scale = nullptr;  // 0-dim fp32 or null
-  const float* found_inf = nullptr;   // 0-dim fp32 or null
 };
 
 // One Fisher-AdamW step over `num_tensors` entries (any mix of supported dtypes): params,
