@@ -40,6 +40,41 @@ struct StepSettings {
   const float* found_inf = nullptr;   // 0-dim fp32 or null
 };
 
+// A step's per-call constants, rounded once as the reference rounds them (a Python float that
+// meets an fp32 tensor is rounded to fp32 first): the CPU and the CUDA kernels both start from
+// step_call_scalars(settings). Per-tensor constants (bias corrections, a tensor lr, mean
+// weights) come from each tensor's counts in the kernels.
+struct StepCallScalars {
+  float lerp_weight;             // (float)(1 - beta1): torch's lerp weight for exp_avg
+  float beta2, beta2_weight;     // (float)beta2, (float)(1 - beta2)
+  float eps;
+  float fisher_a, fisher_b;      // F = a*F + b*g^2: ema beta, 1 - beta; sum 1, 1 (mean: per tensor)
+  float fisher_scale;
+  float freeze_above, freeze_below;
+  float decay_host;              // (float)(1 - lr*weight_decay), in double, for a host lr
+  float weight_decay;            // (float)weight_decay: 1 - lr*wd in fp32 for an fp32/16-bit lr
+};
+
+inline StepCallScalars step_call_scalars(const StepSettings& s) {
+  StepCallScalars k;
+  k.lerp_weight = static_cast<float>(1.0 - s.beta1);
+  k.beta2 = static_cast<float>(s.beta2);
+  k.beta2_weight = static_cast<float>(1.0 - s.beta2);
+  k.eps = static_cast<float>(s.eps);
+  const bool ema = s.fisher_mode == FisherMode::kEma;
+  k.fisher_a = ema ? static_cast<float>(s.fisher_beta) : 1.0f;
+  k.fisher_b = ema ? static_cast<float>(1.0 - s.fisher_beta) : 1.0f;
+  k.fisher_scale = static_cast<float>(s.fisher_scale);
+  k.freeze_above = static_cast<float>(s.freeze_above);
+  k.freeze_below = static_cast<float>(s.freeze_below);
+  // Python evaluates 1 - lr * weight_decay in double with two roundings; volatile keeps a host
+  // compiler from contracting it into one fused multiply-add (aarch64 hosts would).
+  volatile double lr_times_decay = s.lr * s.weight_decay;
+  k.decay_host = static_cast<float>(1.0 - lr_times_decay);
+  k.weight_decay = static_cast<float>(s.weight_decay);
+  return k;
+}
+
 // Where the kernels run: a CUDA stream, or the host, executing the same per-thread code one
 // simulated thread at a time (slow; for testing on machines without a GPU, with host pointers).
 struct ExecTarget {

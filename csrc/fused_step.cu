@@ -40,36 +40,12 @@ StepScalars make_step_scalars(const FusedStepProblem& problem) {
   s.beta1 = p.beta1;
   s.beta2 = p.beta2;
   s.weight_decay = p.weight_decay;
-  // Python evaluates 1 - lr * weight_decay in double with two roundings; volatile keeps the host
-  // compiler from contracting it into one fused multiply-add (aarch64 hosts would).
-  volatile double lr_times_decay = p.lr * p.weight_decay;
-  s.decay_host = static_cast<float>(1.0 - lr_times_decay);
-  s.weight_decay_f = static_cast<float>(p.weight_decay);
-  s.beta1_weight = static_cast<float>(1.0 - p.beta1);
-  s.beta2_f = static_cast<float>(p.beta2);
-  s.beta2_weight = static_cast<float>(1.0 - p.beta2);
-  s.eps = static_cast<float>(p.eps);
+  s.k = step_call_scalars(p);
   s.has_fisher = problem.fishers != nullptr;
   s.fisher_mode = static_cast<int>(s.has_fisher ? p.fisher_mode : FisherMode::kNone);
-  switch (p.fisher_mode) {
-    case FisherMode::kEma:
-      s.fisher_a = static_cast<float>(p.fisher_beta);
-      s.fisher_b = static_cast<float>(1.0 - p.fisher_beta);
-      break;
-    case FisherMode::kSum:
-      s.fisher_a = 1.0f;
-      s.fisher_b = 1.0f;
-      break;
-    default:  // kMean: per tensor from its count; kNone: unused
-      s.fisher_a = 0.0f;
-      s.fisher_b = 0.0f;
-  }
-  s.fisher_scale = static_cast<float>(p.fisher_scale);
   s.apply_fisher_scale = s.has_fisher && p.fisher_scale != 0.0;
   s.has_freeze_above = p.has_freeze_above;
   s.has_freeze_below = p.has_freeze_below;
-  s.freeze_above = static_cast<float>(p.freeze_above);
-  s.freeze_below = static_cast<float>(p.freeze_below);
   s.amsgrad = p.amsgrad;
   s.maximize = p.maximize;
   return s;

@@ -31,15 +31,7 @@ struct StepScalars {
   const float* found_inf;
   double beta1, beta2;     // bias corrections are computed in double
   double weight_decay;     // for a float64 lr tensor
-  float decay_host;        // (float)(1 - lr * weight_decay) for a host lr
-  float weight_decay_f;    // (float)weight_decay, for fp32/bf16/fp16 lr tensors
-  float beta1_weight;      // (float)(1 - beta1): the lerp weight
-  float beta2_f;           // (float)beta2
-  float beta2_weight;      // (float)(1 - beta2)
-  float eps;
-  float fisher_a, fisher_b;  // ema / sum weights (mean: per tensor from its count)
-  float fisher_scale;
-  float freeze_above, freeze_below;
+  StepCallScalars k;       // the per-call constants, shared with the CPU kernels
   int lr_kind;
   int fisher_mode;
   bool has_fisher, apply_fisher_scale, amsgrad, maximize, has_freeze_above, has_freeze_below;
@@ -81,7 +73,7 @@ FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& 
     case static_cast<int>(LrKind::kFloat32): {
       const float value = *static_cast<const float*>(s.lr_tensor);
       lr = value;
-      c.decay = math::sub(1.0f, math::mul(value, s.weight_decay_f));
+      c.decay = math::sub(1.0f, math::mul(value, s.k.weight_decay));
       break;
     }
     case static_cast<int>(LrKind::kFloat64): {
@@ -93,22 +85,22 @@ FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& 
     case static_cast<int>(LrKind::kBFloat16): {
       const float value = to_float(*static_cast<const __nv_bfloat16*>(s.lr_tensor));
       lr = value;
-      c.decay = math::sub(1.0f, math::mul(value, s.weight_decay_f));  // widened: fp32 math
+      c.decay = math::sub(1.0f, math::mul(value, s.k.weight_decay));  // widened: fp32 math
       break;
     }
     case static_cast<int>(LrKind::kFloat16): {
       const float value = to_float(*static_cast<const __half*>(s.lr_tensor));
       lr = value;
-      c.decay = math::sub(1.0f, math::mul(value, s.weight_decay_f));  // widened: fp32 math
+      c.decay = math::sub(1.0f, math::mul(value, s.k.weight_decay));  // widened: fp32 math
       break;
     }
     default:
-      c.decay = s.decay_host;
+      c.decay = s.k.decay_host;
   }
   c.step_size = static_cast<float>(lr / bias_correction1);
   c.bias_correction2_sqrt = static_cast<float>(bias_correction2_sqrt);
-  c.fisher_a = s.fisher_a;
-  c.fisher_b = s.fisher_b;
+  c.fisher_a = s.k.fisher_a;
+  c.fisher_b = s.k.fisher_b;
   c.grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
   c.fisher_key = t.fisher_count != nullptr ? math::fisher_key(math::add(*t.fisher_count, 1.0f))
                                            : 0u;
@@ -140,8 +132,8 @@ FF_HD StepElement step_element(const StepScalars& s, const StepBlockConsts& c, f
   if (s.has_fisher && s.fisher_mode != static_cast<int>(FisherMode::kNone)) {
     out.fisher = math::add(math::mul(c.fisher_a, fisher), math::mul(c.fisher_b, g2));
   }
-  out.frozen = !mask_on || (s.has_freeze_above && out.fisher > s.freeze_above) ||
-               (s.has_freeze_below && out.fisher < s.freeze_below);
+  out.frozen = !mask_on || (s.has_freeze_above && out.fisher > s.k.freeze_above) ||
+               (s.has_freeze_below && out.fisher < s.k.freeze_below);
   if (out.frozen) {
     out.param = param;
     out.exp_avg = exp_avg;
@@ -150,19 +142,19 @@ FF_HD StepElement step_element(const StepScalars& s, const StepBlockConsts& c, f
     return out;
   }
   float p = math::mul(param, c.decay);
-  out.exp_avg = lerp(exp_avg, g, s.beta1_weight);
+  out.exp_avg = lerp(exp_avg, g, s.k.lerp_weight);
   // addcmul: v*beta2 + (1-beta2)*(g*g), each product rounded, then the sum.
-  out.exp_avg_sq = math::add(math::mul(exp_avg_sq, s.beta2_f), math::mul(s.beta2_weight, g2));
+  out.exp_avg_sq = math::add(math::mul(exp_avg_sq, s.k.beta2), math::mul(s.k.beta2_weight, g2));
   float second_moment = out.exp_avg_sq;
   out.max_exp_avg_sq = max_exp_avg_sq;
   if (s.amsgrad) {
     out.max_exp_avg_sq = math::max_nan(max_exp_avg_sq, out.exp_avg_sq);
     second_moment = out.max_exp_avg_sq;
   }
-  const float denom = math::add(math::div(math::sqrt(second_moment), c.bias_correction2_sqrt), s.eps);
+  const float denom = math::add(math::div(math::sqrt(second_moment), c.bias_correction2_sqrt), s.k.eps);
   float update = math::div(out.exp_avg, denom);
   if (s.apply_fisher_scale) {
-    update = math::div(update, math::add(1.0f, math::mul(s.fisher_scale, out.fisher)));
+    update = math::div(update, math::add(1.0f, math::mul(s.k.fisher_scale, out.fisher)));
   }
   out.param = math::sub(p, math::mul(c.step_size, update));
   return out;

@@ -21,9 +21,9 @@ struct ScalarLoops {
   static void step(const StepCall& call, const StepEntry& e, const TensorConsts& tc,
                    int64_t begin, int64_t end) {
     const math::StepFlags f = call.flags;
-    math::StepCallConsts<float> k{call.lerp_weight, call.lerp_weight_minus_1, call.beta2,
-                                  call.beta2_weight, call.eps, call.fisher_scale,
-                                  call.freeze_above, call.freeze_below, 1.0f};
+    math::StepCallConsts<float> k{call.k.lerp_weight, call.lerp_weight_minus_1, call.k.beta2,
+                                  call.k.beta2_weight, call.k.eps, call.k.fisher_scale,
+                                  call.k.freeze_above, call.k.freeze_below, 1.0f};
     math::StepTensorConsts<float> c{tc.decay, tc.step_size, tc.bias_correction2_sqrt,
                                     tc.fisher_a, tc.fisher_b, call.grad_scale};
     const bool may_freeze = e.mask != nullptr || f.freeze_above || f.freeze_below;
@@ -203,29 +203,25 @@ void fused_step(const StepEntry* entries, int64_t n, const StepSettings& s) {
   call.flags.freeze_below = s.has_freeze_below;
   call.flags.amsgrad = s.amsgrad;
   call.flags.fisher_scale = s.has_fisher && s.fisher_scale != 0.0;
+  call.k = step_call_scalars(s);
   // torch's lerp takes its weight in fp32 and picks a formula by |weight| < 0.5.
-  call.lerp_weight = static_cast<float>(1.0 - s.beta1);
-  call.flags.lerp_small = std::fabs(call.lerp_weight) < 0.5f;
-  call.lerp_weight_minus_1 = call.lerp_weight - 1.0f;
-  call.beta2 = static_cast<float>(s.beta2);
-  call.beta2_weight = static_cast<float>(1.0 - s.beta2);
-  call.eps = static_cast<float>(s.eps);
-  call.fisher_scale = static_cast<float>(s.fisher_scale);
-  call.freeze_above = static_cast<float>(s.freeze_above);
-  call.freeze_below = static_cast<float>(s.freeze_below);
+  call.flags.lerp_small = std::fabs(call.k.lerp_weight) < 0.5f;
+  call.lerp_weight_minus_1 = call.k.lerp_weight - 1.0f;
   call.grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
 
   // The learning rate, and 1 - lr * weight_decay rounded as the reference rounds it: in double
   // for a Python float or a float64 tensor, in fp32 for an fp32 tensor (bf16/fp16 widened first).
   double lr = s.lr;
   float decay;
-  if (s.lr_kind == LrKind::kHost || s.lr_kind == LrKind::kFloat64) {
-    if (s.lr_kind == LrKind::kFloat64) lr = *static_cast<const double*>(s.lr_tensor);
+  if (s.lr_kind == LrKind::kHost) {
+    decay = call.k.decay_host;
+  } else if (s.lr_kind == LrKind::kFloat64) {
+    lr = *static_cast<const double*>(s.lr_tensor);
     decay = static_cast<float>(1.0 - lr * s.weight_decay);
   } else {
     const float value = read_low_precision(s.lr_tensor, s.lr_kind);
     lr = value;
-    decay = 1.0f - value * static_cast<float>(s.weight_decay);
+    decay = 1.0f - value * call.k.weight_decay;
   }
 
   // Per tensor: constants from its counts (pow only when the step differs from the previous
@@ -237,10 +233,7 @@ void fused_step(const StepEntry* entries, int64_t n, const StepSettings& s) {
   std::vector<Work> work(static_cast<size_t>(n));
   std::vector<int64_t> offsets(static_cast<size_t>(n) + 1);
   const Isa isa = current_isa();
-  const float fisher_a = s.fisher_mode == FisherMode::kEma ? static_cast<float>(s.fisher_beta)
-                                                           : 1.0f;
-  const float fisher_b =
-      s.fisher_mode == FisherMode::kEma ? static_cast<float>(1.0 - s.fisher_beta) : 1.0f;
+  const float fisher_a = call.k.fisher_a, fisher_b = call.k.fisher_b;
   float last_step = -1.0f;
   double bias_correction1 = 1.0;
   float bias_correction2_sqrt = 1.0f;

@@ -179,14 +179,14 @@ struct Loops {
   static void step(const StepCall& call, const StepEntry& e, const TensorConsts& tc,
                    int64_t begin, int64_t end) {
     math::StepCallConsts<Vf8> k;
-    k.lerp_weight = broadcast(call.lerp_weight);
+    k.lerp_weight = broadcast(call.k.lerp_weight);
     k.lerp_weight_minus_1 = broadcast(call.lerp_weight_minus_1);
-    k.beta2 = broadcast(call.beta2);
-    k.beta2_weight = broadcast(call.beta2_weight);
-    k.eps = broadcast(call.eps);
-    k.fisher_scale = broadcast(call.fisher_scale);
-    k.freeze_above = broadcast(call.freeze_above);
-    k.freeze_below = broadcast(call.freeze_below);
+    k.beta2 = broadcast(call.k.beta2);
+    k.beta2_weight = broadcast(call.k.beta2_weight);
+    k.eps = broadcast(call.k.eps);
+    k.fisher_scale = broadcast(call.k.fisher_scale);
+    k.freeze_above = broadcast(call.k.freeze_above);
+    k.freeze_below = broadcast(call.k.freeze_below);
     k.one = broadcast(1.0f);
     math::StepTensorConsts<Vf8> c;
     c.decay = broadcast(tc.decay);

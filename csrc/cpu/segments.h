@@ -17,8 +17,8 @@ namespace cpu {
 // The per-call scalars of a step, rounded to fp32 as the reference rounds Python floats.
 struct StepCall {
   math::StepFlags flags;
-  float lerp_weight, lerp_weight_minus_1, beta2, beta2_weight, eps, fisher_scale;
-  float freeze_above, freeze_below, grad_scale;
+  StepCallScalars k;  // step_call_scalars(settings): the constants the CUDA kernels use too
+  float lerp_weight_minus_1, grad_scale;
 };
 
 // The per-tensor scalars of a step (from its step and Fisher counts).
