@@ -339,3 +339,22 @@ def test_real_model_benchmark_shards_run_as_child_processes(tmp_path, monkeypatc
     assert all(c[-2:] == ["--steps", "3"] and c.count("--methods") == 1 for c in started)
     merged = json.loads(state.read_text())["runs"]
     assert sorted(merged) == ["tune/lwf/0.001/100", "tune/lwf_random/0.001/100"]
+
+
+@pytest.mark.parametrize("name, metrics", [("lwf_demo.json", ("learn", "kept_outside")),
+                                           ("lwf_real.json", ("learn", "kept"))])
+def test_readme_quotes_the_committed_lwf_results(name, metrics):
+    """Every paired difference the README's LWF tables show is the committed result file's, to
+    the digit (a regenerated file must be quoted again)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "benchmarks", "results", name)) as f:
+        result = json.load(f)
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    paired = result["paired"] if "paired" in result else [
+        p for setting in result["settings"].values() for p in setting["paired"]]
+    quoted = [p for p in paired if p["metric"] in metrics]
+    assert quoted
+    for p in quoted:
+        interval = f"{p['mean']:+.3f} [{p['ci_low']:+.3f}, {p['ci_high']:+.3f}]"
+        assert interval in readme, (p["method"], p["metric"], interval)
