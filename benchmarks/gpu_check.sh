@@ -199,8 +199,9 @@ stage() {
 }
 
 # ---------------------------------------------------------------- 1. environment
-# (doctor without a JIT build here: the extension is built in the next stages)
-stage env 40 480 bash -c '
+# (doctor without a JIT build here: the extension is built in the next stages). No reserve: the
+# stage is capped at 40 s and says what machine this was, also when a caller gives a small budget.
+stage env 40 0 bash -c '
     echo "date: $(date -u +%FT%TZ)"; echo "host: $(uname -a)"; echo "repo: $PWD"
     echo "commit: $FISHERFORGET_GIT_COMMIT (git HEAD: $(git rev-parse HEAD 2>/dev/null || echo "no .git"))"
     if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "no nvidia-smi"; fi
