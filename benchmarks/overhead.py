@@ -157,7 +157,8 @@ def markdown(rows: list[dict]) -> list[str]:
             f"{members['fisherforget fisher=ema']['ratio']:.2f}x |")
     if cpu:
         lines += ["", f"`auto` picks backend `{cpu[0]['backend']}` for CPU fp32 tensors."]
-    lines += ["", "### Host overhead per step, device work skipped (backends.host_only; 2,000 params)", "",
+    lines += ["", "### Host overhead per step, device work skipped (backends.host_only; 2,000 "
+              "params)", "",
               "Medians; *hot*: one optimizer stepped repeatedly; *round robin*: every optimizer "
               "below stepped in turn, so each step starts with its tensors' metadata out of "
               "cache (as after a forward and backward pass).", "",

@@ -264,7 +264,8 @@ def test_link_flags_keep_libstdcxx_shared_with_a_static_only_compiler(tmp_path):
     (only_static / "libstdc++.a").symlink_to(static)
     source = tmp_path / "strings.cpp"
     source.write_text("#include <sstream>\n#include <string>\n"
-                      "std::string info() { std::ostringstream out; out << 1; return out.str(); }\n")
+                      "std::string info() { std::ostringstream out; out << 1; "
+                      "return out.str(); }\n")
 
     def link(name, flags):
         lib = tmp_path / name
