@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from fisherforget import backends, ops
+from fisherforget.backends import cpu as cpu_backend
 from oracle import OracleState, oracle_step
 
 LISTS = ops.StepTensors._fields
@@ -410,16 +411,8 @@ def run_case(case: StepCase, data: dict, grads: list, backend: str, device="cpu"
 # ------------------------------------------------------------------------------- backends
 
 
-def _build_info() -> dict:
-    try:
-        import fisherforget._C  # noqa: F401
-        text = torch.ops.fisherforget_C.build_info()
-    except (ImportError, AttributeError, RuntimeError):
-        return {}
-    return dict(item.split("=", 1) for item in text.split(";") if "=" in item)
-
-
-BUILD_INFO = _build_info()
+cpu_backend.availability_error()  # imports fisherforget._C where it is built (its ops register)
+BUILD_INFO = cpu_backend.build_info()  # {} without it
 # The host emulation of the CUDA kernels (fisherforget_C::emulated_*) exists in builds with the
 # CUDA kernels that were made for the tests (FISHERFORGET_TEST_OPS=1, as `make install` does).
 CUDA_EMULATION = ("cuda" in BUILD_INFO.get("kernels", "").split(",")

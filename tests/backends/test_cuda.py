@@ -34,8 +34,8 @@ import torch
 
 import fisherforget
 from fisherforget import FisherAdamW, ops
-from step_cases import (CASES_BY_NAME, CPU_SIZES, CUDA_EMULATION, NO_EMULATION, assert_close_ulp,
-                        cases_for, check_against_oracle,
+from step_cases import (BUILD_INFO, CASES_BY_NAME, CPU_SIZES, CUDA_EMULATION, NO_EMULATION,
+                        assert_close_ulp, cases_for, check_against_oracle,
                         check_against_reference, check_error, errors_for, make_grads,
                         make_hyper, make_inputs, make_scalars, replace_case, run_step, short_name)
 from fisherforget.backends.cuda import ops as cuda_backend
@@ -58,11 +58,10 @@ def _build_expected() -> Optional[str]:
     return cuda_jit.version_problem(home)
 
 
-# Importing fisherforget._C registers torch.ops.fisherforget_C (with the CUDA kernels, the
-# test-only fisherforget_C::emulated_* ops too).
+# Importing fisherforget._C registers torch.ops.fisherforget_C (in builds for the tests with the
+# CUDA kernels, the fisherforget_C::emulated_* ops too).
 _PREBUILT_ERROR = cuda_backend.load_prebuilt()
-_KERNELS = (torch.ops.fisherforget_C.build_info().split("kernels=")[-1].split(";")[0].split(",")
-            if _PREBUILT_ERROR is None else [])
+_KERNELS = BUILD_INFO.get("kernels", "").split(",") if _PREBUILT_ERROR is None else []
 
 
 def _prebuilt_error() -> Optional[str]:
