@@ -35,8 +35,8 @@ at::Tensor fisher_score_cpu(at::TensorList directions, at::TensorList grads,
   return ff::binding::fisher_score_on_cpu(directions, grads, fishers);
 }
 
-// "kernels=cpu,cuda;archs=800,900;cuda=13000;cpu_isa=avx2;test_ops=0": what this build holds. archs and cuda
-// are empty / 0 in a CPU-only build.
+// "kernels=cpu,cuda;archs=800,900;cuda=13000;cpu_isa=avx2;test_ops=0": what this build holds.
+// archs and cuda are empty / 0 in a CPU-only build.
 std::string build_info() {
   std::ostringstream out;
 #ifdef FISHERFORGET_WITH_CUDA
