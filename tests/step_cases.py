@@ -422,18 +422,30 @@ NO_EMULATION = ("fisherforget._C has no CUDA kernels, or was built without the t
 
 
 @contextlib.contextmanager
-def emulated_cuda(backend: str, params: Sequence):
-    """For backend ``cuda`` on CPU tensors: torch.ops.fisherforget_C runs the native CPU kernels
-    there, so the CUDA glue is routed to the host emulation of the CUDA kernels' per-thread code
-    (``fisherforget_C::emulated_*``) instead. Anything else: nothing changes."""
-    on_cpu = any(isinstance(p, torch.Tensor) and p.device.type == "cpu" for p in params)
-    if backend != "cuda" or not on_cpu or not CUDA_EMULATION:
-        yield
-        return
+def cuda_emulation():
+    """The CUDA glue routed to the host emulation of the CUDA kernels' per-thread code: on CPU
+    tensors torch.ops.fisherforget_C runs the native CPU kernels, so its ops become their
+    ``emulated_*`` twins, and the glue goes through torch.ops (``fisherforget._C.fused_step``
+    would run CPU tensors on the native CPU kernels too)."""
+    from fisherforget.backends.cuda import ops as cuda_glue
+
     with pytest.MonkeyPatch.context() as patch:
         for op in ("fused_step", "fisher_accumulate", "fisher_score"):
             patch.setattr(torch.ops.fisherforget_C, op,
                           getattr(torch.ops.fisherforget_C, f"emulated_{op}"))
+        patch.setattr(cuda_glue, "_python_entry", lambda: None)
+        yield
+
+
+@contextlib.contextmanager
+def emulated_cuda(backend: str, params: Sequence):
+    """:func:`cuda_emulation` for backend ``cuda`` on CPU tensors; anything else: nothing
+    changes."""
+    on_cpu = any(isinstance(p, torch.Tensor) and p.device.type == "cpu" for p in params)
+    if backend != "cuda" or not on_cpu or not CUDA_EMULATION:
+        yield
+        return
+    with cuda_emulation():
         yield
 
 

@@ -35,7 +35,7 @@ import torch
 import fisherforget
 from fisherforget import FisherAdamW, ops
 from step_cases import (BUILD_INFO, CASES_BY_NAME, CPU_SIZES, CUDA_EMULATION, NO_EMULATION,
-                        assert_close_ulp, cases_for, check_against_oracle,
+                        assert_close_ulp, cases_for, check_against_oracle, cuda_emulation,
                         check_against_reference, check_error, errors_for, make_grads,
                         make_hyper, make_inputs, make_scalars, replace_case, run_step, short_name)
 from fisherforget.backends.cuda import ops as cuda_backend
@@ -79,19 +79,15 @@ needs_cuda_kernels = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def _cpu_tensors_run_the_emulation(request, monkeypatch):
-    """On CPU tensors, torch.ops.fisherforget_C runs the native CPU kernels; a test of the CUDA
-    kernels on device "cpu" makes the CUDA glue call the host emulation of their per-thread code
-    (fisherforget_C::emulated_*) instead."""
+def _cpu_tensors_run_the_emulation(request):
+    """A test of the CUDA kernels on device "cpu" runs the host emulation of their per-thread
+    code (step_cases.cuda_emulation)."""
     callspec = getattr(request.node, "callspec", None)
     if callspec is None or callspec.params.get("device") != "cpu" or not CUDA_EMULATION:
+        yield
         return
-    for op in ("fused_step", "fisher_accumulate", "fisher_score"):
-        monkeypatch.setattr(torch.ops.fisherforget_C, op,
-                            getattr(torch.ops.fisherforget_C, f"emulated_{op}"))
-    # fisherforget._C.fused_step would run CPU tensors on the native CPU kernels: the glue goes
-    # through torch.ops (the emulation) instead.
-    monkeypatch.setattr(cuda_backend, "_python_entry", lambda: None)
+    with cuda_emulation():
+        yield
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
