@@ -20,19 +20,49 @@
 // The op schemas' arguments, written once: each op and its host emulation (builds for the tests)
 // are defined with them; fisherforget/ops.py generates the same schema for its custom op from
 // StepHyper, and tests/backends/test_cuda.py checks that they agree.
+//
+// fused_step's arguments after its tensor lists, in schema order, as X(kind, name). The schema,
+// the argument struct (StepScalarArgs), the torch.ops signature (fused_step_unboxed) and the
+// Python entry's positional parser (bindings_python.cpp) are generated from this list.
+#define FF_FUSED_STEP_SCALARS(X)                                                               \
+  X(Float, lr) X(OptTensor, lr_tensor) X(Float, beta1) X(Float, beta2) X(Float, eps)           \
+  X(Float, weight_decay) X(Bool, amsgrad) X(Bool, maximize) X(OptStr, fisher_mode)             \
+  X(Float, fisher_beta) X(Float, fisher_scale) X(OptFloat, freeze_above)                       \
+  X(OptFloat, freeze_below) X(OptTensor, grad_scale) X(OptTensor, found_inf)
+// Each kind's schema type, value type (in StepScalarArgs) and torch.ops parameter type.
+#define FF_SCHEMA_Float "float"
+#define FF_SCHEMA_Bool "bool"
+#define FF_SCHEMA_OptFloat "float?"
+#define FF_SCHEMA_OptStr "str?"
+#define FF_SCHEMA_OptTensor "Tensor?"
+#define FF_VALUE_Float double
+#define FF_VALUE_Bool bool
+#define FF_VALUE_OptFloat std::optional<double>
+#define FF_VALUE_OptStr std::optional<c10::string_view>
+#define FF_VALUE_OptTensor std::optional<at::Tensor>
+#define FF_PARAM_Float double
+#define FF_PARAM_Bool bool
+#define FF_PARAM_OptFloat std::optional<double>
+#define FF_PARAM_OptStr std::optional<c10::string_view>
+#define FF_PARAM_OptTensor const std::optional<at::Tensor>&
+
+#define FF_SCHEMA_ARG(kind, name) ", " FF_SCHEMA_##kind " " #name
 #define FF_FUSED_STEP_SCHEMA                                                                     \
   "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "      \
   "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] fishers, Tensor?[] masks, Tensor(f!)[] steps, "    \
-  "Tensor(g!)[] fisher_counts, *, float lr, Tensor? lr_tensor, float beta1, float beta2, "       \
-  "float eps, float weight_decay, bool amsgrad, bool maximize, str? fisher_mode, "               \
-  "float fisher_beta, float fisher_scale, float? freeze_above, float? freeze_below, "            \
-  "Tensor? grad_scale, Tensor? found_inf) -> ()"
+  "Tensor(g!)[] fisher_counts, *" FF_FUSED_STEP_SCALARS(FF_SCHEMA_ARG) ") -> ()"
 #define FF_FISHER_ACCUMULATE_SCHEMA \
   "(Tensor(a!)[] fishers, Tensor[] grads, *, float alpha, float beta, Tensor? grad_scale) -> ()"
 #define FF_FISHER_SCORE_SCHEMA "(Tensor[] directions, Tensor[] grads, Tensor[] fishers) -> Tensor"
 
 namespace fisherforget {
 namespace binding {
+
+// fused_step's tensor lists (before the scalars) and all its arguments.
+constexpr int kFusedStepLists = 9;
+#define FF_COUNT_ARG(kind, name) +1
+constexpr int kFusedStepArgs = kFusedStepLists FF_FUSED_STEP_SCALARS(FF_COUNT_ARG);
+#undef FF_COUNT_ARG
 
 // "params[3]" or "grad_scale", printed only into an error message.
 struct Name {
@@ -200,6 +230,13 @@ struct OptionalTensorsView {
 
 // ------------------------------------------------------------------------------------ fused_step
 
+// fused_step's scalar arguments (FF_FUSED_STEP_SCALARS).
+struct StepScalarArgs {
+#define FF_FIELD(kind, name) FF_VALUE_##kind name{};
+  FF_FUSED_STEP_SCALARS(FF_FIELD)
+#undef FF_FIELD
+};
+
 // The arguments of fused_step, in the order of its schema, for any tensor-list view (the
 // at::TensorList of a torch.ops call, or the Python lists of bindings_python.cpp).
 template <typename Tensors, typename Masks>
@@ -213,14 +250,7 @@ struct StepArgs {
   const Masks& masks;
   const Tensors& steps;
   const Tensors& fisher_counts;
-  double lr;
-  std::optional<at::Tensor> lr_tensor;
-  double beta1, beta2, eps, weight_decay;
-  bool amsgrad, maximize;
-  std::optional<c10::string_view> fisher_mode;
-  double fisher_beta, fisher_scale;
-  std::optional<double> freeze_above, freeze_below;
-  std::optional<at::Tensor> grad_scale, found_inf;
+  StepScalarArgs scalars;
 };
 
 // Checks every argument of fused_step and returns the table and the settings; throws (changing
@@ -228,40 +258,41 @@ struct StepArgs {
 template <typename Tensors, typename Masks>
 std::vector<cpu::StepEntry> check_fused_step(Checker& check, const StepArgs<Tensors, Masks>& a,
                                              StepSettings& settings) {
+  const StepScalarArgs& h = a.scalars;
   const size_t n = a.params.size();
   check.list_length(a.grads.size(), n, "grads", "one per param");
   check.list_length(a.exp_avgs.size(), n, "exp_avgs", "one per param");
   check.list_length(a.exp_avg_sqs.size(), n, "exp_avg_sqs", "one per param");
   check.list_length(a.masks.size(), n, "masks", "one per param, None for no mask");
   check.list_length(a.steps.size(), n, "steps", "one per param");
-  if (a.amsgrad) check.list_length(a.max_exp_avg_sqs.size(), n, "max_exp_avg_sqs", "amsgrad=True");
+  if (h.amsgrad) check.list_length(a.max_exp_avg_sqs.size(), n, "max_exp_avg_sqs", "amsgrad=True");
   const bool has_fisher = !a.fishers.empty();
   if (has_fisher) check.list_length(a.fishers.size(), n, "fishers", "one per param, or none");
-  const FisherMode mode = parse_fisher_mode(check.op, a.fisher_mode);
+  const FisherMode mode = parse_fisher_mode(check.op, h.fisher_mode);
   const bool accumulates = has_fisher && mode != FisherMode::kNone;
   if (accumulates) {
     check.list_length(a.fisher_counts.size(), n, "fisher_counts", "the Fisher accumulates");
   }
-  TORCH_CHECK(has_fisher || !a.freeze_above.has_value(), check.op,
+  TORCH_CHECK(has_fisher || !h.freeze_above.has_value(), check.op,
               ": freeze_above needs the fishers list");
-  TORCH_CHECK(has_fisher || !a.freeze_below.has_value(), check.op,
+  TORCH_CHECK(has_fisher || !h.freeze_below.has_value(), check.op,
               ": freeze_below needs the fishers list");
 
-  settings.lr = a.lr;
-  settings.beta1 = a.beta1;
-  settings.beta2 = a.beta2;
-  settings.eps = a.eps;
-  settings.weight_decay = a.weight_decay;
-  settings.amsgrad = a.amsgrad;
-  settings.maximize = a.maximize;
+  settings.lr = h.lr;
+  settings.beta1 = h.beta1;
+  settings.beta2 = h.beta2;
+  settings.eps = h.eps;
+  settings.weight_decay = h.weight_decay;
+  settings.amsgrad = h.amsgrad;
+  settings.maximize = h.maximize;
   settings.has_fisher = has_fisher;
   settings.fisher_mode = mode;
-  settings.fisher_beta = a.fisher_beta;
-  settings.fisher_scale = a.fisher_scale;
-  settings.has_freeze_above = a.freeze_above.has_value();
-  settings.freeze_above = a.freeze_above.value_or(0.0);
-  settings.has_freeze_below = a.freeze_below.has_value();
-  settings.freeze_below = a.freeze_below.value_or(0.0);
+  settings.fisher_beta = h.fisher_beta;
+  settings.fisher_scale = h.fisher_scale;
+  settings.has_freeze_above = h.freeze_above.has_value();
+  settings.freeze_above = h.freeze_above.value_or(0.0);
+  settings.has_freeze_below = h.freeze_below.has_value();
+  settings.freeze_below = h.freeze_below.value_or(0.0);
   std::vector<cpu::StepEntry> table;
   if (n == 0) return table;
 
@@ -288,7 +319,7 @@ std::vector<cpu::StepEntry> check_fused_step(Checker& check, const StepArgs<Tens
     };
     same_state(a.exp_avg_sqs[i], item("exp_avg_sqs", i));
     e.max_exp_avg_sq = nullptr;
-    if (a.amsgrad) {
+    if (h.amsgrad) {
       same_state(a.max_exp_avg_sqs[i], item("max_exp_avg_sqs", i));
       e.max_exp_avg_sq = check.data(a.max_exp_avg_sqs[i], true);
     }
@@ -324,11 +355,11 @@ std::vector<cpu::StepEntry> check_fused_step(Checker& check, const StepArgs<Tens
     e.exp_avg_sq = check.data(a.exp_avg_sqs[i], true);
   }
 
-  if (a.lr_tensor.has_value() && a.lr_tensor->defined()) {
-    check.tensor(*a.lr_tensor, arg("lr_tensor"), false);
-    TORCH_CHECK(a.lr_tensor->numel() == 1, check.op, ": lr_tensor must hold one element, got shape ",
-                a.lr_tensor->sizes());
-    switch (a.lr_tensor->scalar_type()) {
+  if (h.lr_tensor.has_value() && h.lr_tensor->defined()) {
+    check.tensor(*h.lr_tensor, arg("lr_tensor"), false);
+    TORCH_CHECK(h.lr_tensor->numel() == 1, check.op, ": lr_tensor must hold one element, got shape ",
+                h.lr_tensor->sizes());
+    switch (h.lr_tensor->scalar_type()) {
       case at::kFloat:
         settings.lr_kind = LrKind::kFloat32;
         break;
@@ -343,17 +374,17 @@ std::vector<cpu::StepEntry> check_fused_step(Checker& check, const StepArgs<Tens
         break;
       default:
         TORCH_CHECK(false, check.op, ": lr_tensor must be a floating-point tensor, got ",
-                    a.lr_tensor->scalar_type());
+                    h.lr_tensor->scalar_type());
     }
-    settings.lr_tensor = a.lr_tensor->data_ptr();
+    settings.lr_tensor = h.lr_tensor->data_ptr();
   }
-  if (a.grad_scale.has_value() && a.grad_scale->defined()) {
-    check.scalar_f32(*a.grad_scale, arg("grad_scale"));
-    settings.grad_scale = a.grad_scale->template data_ptr<float>();
+  if (h.grad_scale.has_value() && h.grad_scale->defined()) {
+    check.scalar_f32(*h.grad_scale, arg("grad_scale"));
+    settings.grad_scale = h.grad_scale->template data_ptr<float>();
   }
-  if (a.found_inf.has_value() && a.found_inf->defined()) {
-    check.scalar_f32(*a.found_inf, arg("found_inf"));
-    settings.found_inf = a.found_inf->template data_ptr<float>();
+  if (h.found_inf.has_value() && h.found_inf->defined()) {
+    check.scalar_f32(*h.found_inf, arg("found_inf"));
+    settings.found_inf = h.found_inf->template data_ptr<float>();
   }
   return table;
 }
@@ -426,24 +457,22 @@ std::vector<cpu::ScoreEntry> check_fisher_score(Checker& check, const Tensors& d
 // dispatch key is an instantiation of this template.
 using TorchStepArgs = StepArgs<at::TensorList, OptionalTensorsView>;
 
+#define FF_PARAM(kind, name) , FF_PARAM_##kind name
 template <void (*Run)(const TorchStepArgs&)>
 void fused_step_unboxed(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                         at::TensorList fishers, const c10::List<std::optional<at::Tensor>>& masks,
-                        at::TensorList steps, at::TensorList fisher_counts, double lr,
-                        const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-                        double eps, double weight_decay, bool amsgrad, bool maximize,
-                        std::optional<c10::string_view> fisher_mode, double fisher_beta,
-                        double fisher_scale, std::optional<double> freeze_above,
-                        std::optional<double> freeze_below,
-                        const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
+                        at::TensorList steps,
+                        at::TensorList fisher_counts FF_FUSED_STEP_SCALARS(FF_PARAM)) {
+#undef FF_PARAM
   const std::vector<std::optional<at::Tensor>> mask_values = masks.vec();
   const OptionalTensorsView mask_view{mask_values};
+  StepScalarArgs scalars;
+#define FF_ASSIGN(kind, name) scalars.name = name;
+  FF_FUSED_STEP_SCALARS(FF_ASSIGN)
+#undef FF_ASSIGN
   Run(TorchStepArgs{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, mask_view,
-                    steps, fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad,
-                    maximize, fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below,
-                    grad_scale, found_inf});
+                    steps, fisher_counts, scalars});
 }
 
 // ------------------------------------------------------------------------------ CPU op bodies

@@ -78,7 +78,7 @@ void fused_step_views(Target target_kind, bool launch, const StepArgs<Tensors, M
   // A CPU lr tensor next to CUDA params is moved once per call (without a host sync); a graph
   // cannot capture that copy and would replay the value seen at capture.
   StepArgs<Tensors, Masks> args = given;
-  const std::optional<at::Tensor>& lr = args.lr_tensor;
+  const std::optional<at::Tensor>& lr = args.scalars.lr_tensor;
   if (target_kind == Target::kCuda && lr.has_value() && lr->defined() && lr->is_cpu() &&
       args.params.size() > 0 && args.params[0].is_cuda()) {
     const at::Device device = args.params[0].device();
@@ -86,7 +86,7 @@ void fused_step_views(Target target_kind, bool launch, const StepArgs<Tensors, M
                     c10::cuda::CaptureStatus::None,
                 check.op, ": lr is a CPU tensor, but a CUDA graph is being captured: pass it as a "
                 "0-dim tensor on ", device, " (updating it in place between replays)");
-    args.lr_tensor = lr->to(device, /*non_blocking=*/true);
+    args.scalars.lr_tensor = lr->to(device, /*non_blocking=*/true);
   }
   ff::StepSettings s;
   const std::vector<ff::cpu::StepEntry> table = ff::binding::check_fused_step(check, args, s);

@@ -43,10 +43,6 @@ using ff::python::to_optional_double;
 using ff::python::to_optional_str;
 using ff::python::to_optional_tensor;
 
-// fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
-//            fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-//            fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale,
-//            found_inf): the schema of fisherforget_C::fused_step, all positional.
 // Where a fused_step call runs: the native CPU kernels, the CUDA kernels, or (dry run) the CUDA
 // binding's host work on CPU tensors without any kernel.
 enum class StepRoute { kByDevice, kDryRun };
@@ -63,23 +59,27 @@ void bump_versions(const PyTensors& params) {
 
 PyObject* fused_step_entry(PyObject* const* args, Py_ssize_t nargs, const char* op,
                            StepRoute route) {
-  check_nargs(nargs, 24, op, "the lists of StepTensors, the StepHyper fields with lr_tensor "
-                             "after lr, grad_scale, found_inf");
+  check_nargs(nargs, ff::binding::kFusedStepArgs, op,
+              "the lists of StepTensors, the StepHyper fields with lr_tensor after lr, grad_scale, "
+              "found_inf");
   const PyTensors params(args[0], op, "params"), grads(args[1], op, "grads"),
       exp_avgs(args[2], op, "exp_avgs"), exp_avg_sqs(args[3], op, "exp_avg_sqs"),
       max_exp_avg_sqs(args[4], op, "max_exp_avg_sqs"), fishers(args[5], op, "fishers"),
       masks(args[6], op, "masks", /*allow_none=*/true), steps(args[7], op, "steps"),
       fisher_counts(args[8], op, "fisher_counts");
-  const ff::binding::StepArgs<PyTensors, PyTensors> step{
+  ff::binding::StepArgs<PyTensors, PyTensors> step{
       params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
-      fisher_counts, to_double(args[9], op, "lr"), to_optional_tensor(args[10], op, "lr_tensor"),
-      to_double(args[11], op, "beta1"), to_double(args[12], op, "beta2"),
-      to_double(args[13], op, "eps"), to_double(args[14], op, "weight_decay"),
-      to_bool(args[15], op, "amsgrad"), to_bool(args[16], op, "maximize"),
-      to_optional_str(args[17], op, "fisher_mode"), to_double(args[18], op, "fisher_beta"),
-      to_double(args[19], op, "fisher_scale"), to_optional_double(args[20], op, "freeze_above"),
-      to_optional_double(args[21], op, "freeze_below"),
-      to_optional_tensor(args[22], op, "grad_scale"), to_optional_tensor(args[23], op, "found_inf")};
+      fisher_counts, {}};
+  // The scalars follow the lists, in FF_FUSED_STEP_SCALARS's order.
+  Py_ssize_t next = ff::binding::kFusedStepLists;
+#define FF_FROM_PYTHON_Float to_double
+#define FF_FROM_PYTHON_Bool to_bool
+#define FF_FROM_PYTHON_OptFloat to_optional_double
+#define FF_FROM_PYTHON_OptStr to_optional_str
+#define FF_FROM_PYTHON_OptTensor to_optional_tensor
+#define FF_PARSE(kind, name) step.scalars.name = FF_FROM_PYTHON_##kind(args[next++], op, #name);
+  FF_FUSED_STEP_SCALARS(FF_PARSE)
+#undef FF_PARSE
   const bool on_cuda = !params.empty() && params[0].is_cuda();
   if (route == StepRoute::kByDevice && !on_cuda) {
     ff::binding::fused_step_on_cpu(step);
@@ -97,11 +97,8 @@ PyObject* fused_step_entry(PyObject* const* args, Py_ssize_t nargs, const char* 
 #endif
 }
 
-// fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, masks, steps,
-//            fisher_counts, lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-//            fisher_mode, fisher_beta, fisher_scale, freeze_above, freeze_below, grad_scale,
-//            found_inf): the schema of fisherforget_C::fused_step, all positional. CPU tensors
-// run the native CPU kernels, CUDA tensors the CUDA kernels (on the current stream).
+// fused_step(<the arguments of fisherforget_C::fused_step, all positional>): CPU tensors run
+// the native CPU kernels, CUDA tensors the CUDA kernels (on the current stream).
 PyObject* py_fused_step(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   return fused_step_entry(args, nargs, "fisherforget._C.fused_step", StepRoute::kByDevice);

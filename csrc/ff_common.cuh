@@ -61,34 +61,7 @@ FF_HD __nv_bfloat16 fisher_from_float(float x, uint32_t key, int64_t index,
 // math::add/sub/mul/div/sqrt of ff_math.h (shared with the CPU kernels), which are IEEE
 // round-to-nearest on both sides (the _rn intrinsics are never contracted), so a kernel computes
 // the same bits on the GPU as in the host emulation, and a Fisher value next to a freeze
-// threshold falls on the same side of it. The float64 ones are here.
-FF_HD double dadd_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FF_HD double dmul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FF_HD double dsub_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-
-// torch.lerp's formula (ATen Lerp.h): the branch keeps the result exact at both ends.
-FF_HD float lerp(float start, float end, float weight) {
-  return fabsf(weight) < 0.5f ? math::add(start, math::mul(weight, math::sub(end, start)))
-                              : math::sub(end, math::mul(math::sub(end, start), math::sub(1.0f, weight)));
-}
+// threshold falls on the same side of it (float64 too: the constants, the Fisher score).
 
 // ----------------------------------------------------------------------------- vector memory ops
 // A block walks its chunk in tiles of kTile = kVec * kBlockSize elements; each thread handles kVec

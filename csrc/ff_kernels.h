@@ -1,15 +1,21 @@
-// The torch-free interface of the fisherforget CUDA kernels (csrc/*.cu).
+// The torch-free interface of the fisherforget kernels: the step's hyperparameters
+// (StepSettings) and the constants every kernel derives from them (step_call, tensor_consts),
+// shared by the CPU kernels (csrc/cpu/) and the CUDA kernels (csrc/*.cu), and the CUDA launchers.
 //
-// Callers pass plain host arrays of device pointers and element counts; the kernels put many
-// tensors into each launch's address table (ff_tensor_table.h) and launch on the given stream.
-// The binding (bindings.cpp) is the only code that knows about torch; it validates the tensors and
-// fills these structs. Every function throws std::runtime_error when a launch fails.
+// Callers of the CUDA launchers pass plain host arrays of device pointers and element counts; the
+// kernels put many tensors into each launch's address table (ff_tensor_table.h) and launch on the
+// given stream. The binding (binding_checks.h) is the only code that knows about torch; it
+// validates the tensors and fills these structs. Every launcher throws std::runtime_error when a
+// launch fails.
 //
 // Math: docs/design.md and fisherforget/backends/reference.py, which these kernels follow op
 // for op (fp32 arithmetic, bias corrections in double from the per-tensor step count).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+
+#include "ff_math.h"
 
 namespace fisherforget {
 
@@ -41,38 +47,111 @@ struct StepSettings {
 };
 
 // A step's per-call constants, rounded once as the reference rounds them (a Python float that
-// meets an fp32 tensor is rounded to fp32 first): the CPU and the CUDA kernels both start from
-// step_call_scalars(settings). Per-tensor constants (bias corrections, a tensor lr, mean
-// weights) come from each tensor's counts in the kernels.
-struct StepCallScalars {
-  float lerp_weight;             // (float)(1 - beta1): torch's lerp weight for exp_avg
-  float beta2, beta2_weight;     // (float)beta2, (float)(1 - beta2)
-  float eps;
-  float fisher_a, fisher_b;      // F = a*F + b*g^2: ema beta, 1 - beta; sum 1, 1 (mean: per tensor)
-  float fisher_scale;
-  float freeze_above, freeze_below;
-  float decay_host;              // (float)(1 - lr*weight_decay), in double, for a host lr
-  float weight_decay;            // (float)weight_decay: 1 - lr*wd in fp32 for an fp32/16-bit lr
+// meets an fp32 tensor is rounded to fp32 first): step_call(settings), the one place they are
+// computed, for the CPU and the CUDA kernels alike.
+struct StepCall {
+  StepSettings settings;
+  math::StepFlags flags;
+  math::StepCallConsts<float> k;
+  float fisher_a, fisher_b;  // F = a*F + b*g^2: ema beta, 1 - beta; sum 1, 1 (mean: per tensor)
+  float decay_host;          // (float)(1 - lr*weight_decay), in double, for a host lr
+  float weight_decay;        // (float)weight_decay: 1 - lr*wd in fp32 for an fp32/16-bit lr
 };
 
-inline StepCallScalars step_call_scalars(const StepSettings& s) {
-  StepCallScalars k;
-  k.lerp_weight = static_cast<float>(1.0 - s.beta1);
-  k.beta2 = static_cast<float>(s.beta2);
-  k.beta2_weight = static_cast<float>(1.0 - s.beta2);
-  k.eps = static_cast<float>(s.eps);
+inline StepCall step_call(const StepSettings& s) {
+  StepCall c;
+  c.settings = s;
+  c.flags.scaled_grad = s.grad_scale != nullptr;
+  c.flags.maximize = s.maximize;
+  c.flags.accumulate = s.has_fisher && s.fisher_mode != FisherMode::kNone;
+  c.flags.freeze_above = s.has_freeze_above;
+  c.flags.freeze_below = s.has_freeze_below;
+  c.flags.amsgrad = s.amsgrad;
+  c.flags.fisher_scale = s.has_fisher && s.fisher_scale != 0.0;
+  c.k.lerp_weight = static_cast<float>(1.0 - s.beta1);
+  // torch's lerp takes its weight in fp32 and picks a formula by |weight| < 0.5.
+  c.flags.lerp_small = std::fabs(c.k.lerp_weight) < 0.5f;
+  c.k.lerp_weight_minus_1 = c.k.lerp_weight - 1.0f;
+  c.k.beta2 = static_cast<float>(s.beta2);
+  c.k.beta2_weight = static_cast<float>(1.0 - s.beta2);
+  c.k.eps = static_cast<float>(s.eps);
+  c.k.fisher_scale = static_cast<float>(s.fisher_scale);
+  c.k.freeze_above = static_cast<float>(s.freeze_above);
+  c.k.freeze_below = static_cast<float>(s.freeze_below);
+  c.k.one = 1.0f;
   const bool ema = s.fisher_mode == FisherMode::kEma;
-  k.fisher_a = ema ? static_cast<float>(s.fisher_beta) : 1.0f;
-  k.fisher_b = ema ? static_cast<float>(1.0 - s.fisher_beta) : 1.0f;
-  k.fisher_scale = static_cast<float>(s.fisher_scale);
-  k.freeze_above = static_cast<float>(s.freeze_above);
-  k.freeze_below = static_cast<float>(s.freeze_below);
+  c.fisher_a = ema ? static_cast<float>(s.fisher_beta) : 1.0f;
+  c.fisher_b = ema ? static_cast<float>(1.0 - s.fisher_beta) : 1.0f;
   // Python evaluates 1 - lr * weight_decay in double with two roundings; volatile keeps a host
   // compiler from contracting it into one fused multiply-add (aarch64 hosts would).
   volatile double lr_times_decay = s.lr * s.weight_decay;
-  k.decay_host = static_cast<float>(1.0 - lr_times_decay);
-  k.weight_decay = static_cast<float>(s.weight_decay);
-  return k;
+  c.decay_host = static_cast<float>(1.0 - lr_times_decay);
+  c.weight_decay = static_cast<float>(s.weight_decay);
+  return c;
+}
+
+// The learning rate of a call and 1 - lr * weight_decay, rounded as the reference rounds it: in
+// double for a Python float or a float64 tensor, in fp32 for an fp32 tensor (bf16/fp16 widened
+// first). `tensor_value` is the lr tensor's value (read by the caller, which knows where it
+// lives), unused for a host lr.
+struct LrDecay {
+  double lr;
+  float decay;
+};
+FF_MATH_FN LrDecay lr_decay(const StepCall& c, double tensor_value) {
+  switch (c.settings.lr_kind) {
+    case LrKind::kHost:
+      return {c.settings.lr, c.decay_host};
+    case LrKind::kFloat64:
+      return {tensor_value, static_cast<float>(math::sub(
+                                1.0, math::mul(tensor_value, c.settings.weight_decay)))};
+    default: {
+      const float value = static_cast<float>(tensor_value);
+      return {value, math::sub(1.0f, math::mul(value, c.weight_decay))};
+    }
+  }
+}
+
+// The bias corrections of a tensor whose step count is `step` before this step (t = step + 1,
+// fp32 as the reference counts), in double.
+struct BiasCorrections {
+  double bias_correction1;       // 1 - beta1^t
+  float bias_correction2_sqrt;   // (float)sqrt(1 - beta2^t)
+  float t;
+};
+FF_MATH_FN BiasCorrections bias_corrections(const StepCall& c, float step) {
+  const float t = math::add(step, 1.0f);
+  return {1.0 - ::pow(c.settings.beta1, static_cast<double>(t)),
+          static_cast<float>(::sqrt(1.0 - ::pow(c.settings.beta2, static_cast<double>(t)))), t};
+}
+
+// Everything of one tensor's step that is not per element.
+struct TensorConsts {
+  math::StepTensorConsts<float> lane;
+  uint32_t fisher_key;  // math::fisher_key(count after this step): a bf16 Fisher's random bits
+};
+// `fisher_count` is the tensor's count before this step (read only when the Fisher accumulates),
+// `grad_scale` the call's (1 without one).
+FF_MATH_FN TensorConsts tensor_consts(const StepCall& c, LrDecay lr, BiasCorrections bias,
+                                      const float* fisher_count, float grad_scale) {
+  TensorConsts out;
+  out.lane.decay = lr.decay;
+  out.lane.step_size = static_cast<float>(lr.lr / bias.bias_correction1);
+  out.lane.bias_correction2_sqrt = bias.bias_correction2_sqrt;
+  out.lane.fisher_a = c.fisher_a;
+  out.lane.fisher_b = c.fisher_b;
+  out.lane.grad_scale = grad_scale;
+  out.fisher_key = 0u;
+  if (c.flags.accumulate) {
+    // n = count + 1 accumulations including this one.
+    const float n = math::add(*fisher_count, 1.0f);
+    out.fisher_key = math::fisher_key(n);
+    if (c.settings.fisher_mode == FisherMode::kMean) {  // F = (n-1)/n * F + 1/n * g^2
+      out.lane.fisher_a = math::div(math::sub(n, 1.0f), n);
+      out.lane.fisher_b = math::div(1.0f, n);
+    }
+  }
+  return out;
 }
 
 // Where the kernels run: a CUDA stream, or the host, executing the same per-thread code one

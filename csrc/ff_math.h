@@ -1,17 +1,19 @@
 // The per-element math of one Fisher-AdamW step (docs/design.md section 2), written once as a
-// template over the lane type V: `float` (one element: the CPU scalar path, and device code) or a
-// SIMD vector of floats (the CPU AVX2 path, csrc/cpu/simd_avx2.h). Torch-free and CUDA-free, so
-// g++ compiles it without a toolkit; under nvcc the functions are __host__ __device__.
-// The CUDA kernels use its float operations (add, sub, mul, div, sqrt, max_nan) too; their step
-// keeps its own order (csrc/fused_step.cuh), which rounds lerp and addcmul separately.
+// template over the lane type V: `float` (one element: the CPU scalar path, and the CUDA kernels
+// and their host emulation) or a SIMD vector of floats (the CPU AVX2 path,
+// csrc/cpu/kernels_avx2.cpp). Torch-free and CUDA-free, so g++ compiles it without a toolkit;
+// under nvcc the functions are __host__ __device__.
 //
 // The order of fp32 operations is the reference backend's (fisherforget/backends/reference.py),
-// one op at a time, each rounded to fp32, except where torch's own CPU kernels fuse a multiply-add
-// (single rounding), which `fma` reproduces:
-//   lerp(m, g, w)          torch: w small ? fma(w, g - m, m) : fma(w - 1, g - m, g)
-//   v*b2 + (w2*g)*g        torch's addcmul: fma(w2 * g, g, v * b2)
-// so that the kernels agree with the reference bit for bit on CPU. Everything else (the Fisher
-// update, which decides freezing, in particular) is separately rounded products and sums.
+// one op at a time, each rounded to fp32. The two moment updates round as torch's own kernels on
+// the device do (MomentRounding): its CPU kernels fuse a multiply-add (single rounding), which
+// `fma` reproduces, its CUDA kernels round every product:
+//                          kFused (CPU)                        kSeparate (CUDA)
+//   lerp(m, g, w), |w|<.5  fma(w, g - m, m)                    m + w * (g - m)
+//   lerp, otherwise        fma(w - 1, g - m, g)                g - (g - m) * (1 - w)
+//   addcmul v*b2+(1-b2)g^2 fma((1 - b2) * g, g, v * b2)        v * b2 + (1 - b2) * (g * g)
+// so that each kernel agrees with the reference on its device bit for bit. Everything else (the
+// Fisher update, which decides freezing, in particular) is separately rounded products and sums.
 //
 // A lane type provides: add, sub, mul, div, fma, neg, sqrt, max_nan (NaN-propagating maximum, as
 // torch.maximum), gt, lt (ordered compares giving a mask), mask_or, mask_not and select(mask, a, b)
@@ -96,6 +98,29 @@ FF_MATH_FN float div(float a, float b) {
   return a / b;
 #endif
 }
+// float64 (the per-call and per-tensor constants, the Fisher score's sums): no contraction on
+// the device either.
+FF_MATH_FN double add(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FF_MATH_FN double sub(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+FF_MATH_FN double mul(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 // a * b + c with one rounding (a library call where the CPU lacks FMA: slow but exact).
 FF_MATH_FN float fma(float a, float b, float c) {
 #ifdef __CUDA_ARCH__
@@ -153,11 +178,24 @@ FF_MATH_FN bool is_plain(const StepFlags& f) {
          !f.fisher_scale && f.lerp_small;
 }
 
-// Per-call constants, as lanes (a vector path broadcasts them once per call).
+// Whether an element of a tensor can be frozen: it has a mask, or a threshold is set.
+template <typename Flags>
+FF_MATH_FN bool may_freeze(const Flags& f, bool has_mask) {
+  return has_mask || f.freeze_above || f.freeze_below;
+}
+
+// Whether the step reads the Fisher (to accumulate it, scale by it, or freeze by it).
+template <typename Flags>
+FF_MATH_FN bool reads_fisher(const Flags& f) {
+  return f.accumulate || f.fisher_scale || f.freeze_above || f.freeze_below;
+}
+
+// Per-call constants, as lanes: StepCall (ff_kernels.h) holds them as floats, and a vector path
+// broadcasts them once per call (broadcast_consts).
 template <typename V>
 struct StepCallConsts {
   V lerp_weight;          // (float)(1 - beta1)
-  V lerp_weight_minus_1;  // lerp_weight - 1 (the large-weight formula)
+  V lerp_weight_minus_1;  // lerp_weight - 1 (torch's large-weight formula)
   V beta2;                // (float)beta2
   V beta2_weight;         // (float)(1 - beta2)
   V eps;
@@ -166,7 +204,8 @@ struct StepCallConsts {
   V one;
 };
 
-// Per-tensor constants (they depend on the tensor's step and Fisher counts).
+// Per-tensor constants (they depend on the tensor's step and Fisher counts: tensor_consts in
+// ff_kernels.h).
 template <typename V>
 struct StepTensorConsts {
   V decay;                  // 1 - lr * weight_decay
@@ -176,15 +215,31 @@ struct StepTensorConsts {
   V grad_scale;
 };
 
+// The float constants as lanes of type V: `lane(x)` makes a lane holding x everywhere.
+template <typename V, typename Lane>
+FF_MATH_FN StepCallConsts<V> broadcast_consts(const StepCallConsts<float>& k, Lane lane) {
+  return {lane(k.lerp_weight), lane(k.lerp_weight_minus_1), lane(k.beta2), lane(k.beta2_weight),
+          lane(k.eps), lane(k.fisher_scale), lane(k.freeze_above), lane(k.freeze_below),
+          lane(k.one)};
+}
+template <typename V, typename Lane>
+FF_MATH_FN StepTensorConsts<V> broadcast_consts(const StepTensorConsts<float>& c, Lane lane) {
+  return {lane(c.decay), lane(c.step_size), lane(c.bias_correction2_sqrt), lane(c.fisher_a),
+          lane(c.fisher_b), lane(c.grad_scale)};
+}
+
+// How the two moment updates round (the table at the top of this file).
+enum class MomentRounding { kFused, kSeparate };
+
 // One step of one lane. `f` is a StepFlags or a PlainStepFlags. `may_update` is the mask (true:
 // the element may change); `may_freeze` says whether anything can freeze here (a mask or a
-// threshold), else the selects are skipped.
+// threshold: may_freeze()), else the selects are skipped.
 // On return p, m, v, vmax hold the new values (the old ones where frozen) and fisher the new
-// Fisher (every element accumulates, frozen or not).
-template <typename V, typename M, typename Flags>
-FF_MATH_FN void step_lane(const Flags& f, const StepCallConsts<V>& k,
-                          const StepTensorConsts<V>& c, bool may_freeze, M may_update, V grad,
-                          V& p, V& m, V& v, V& vmax, V& fisher) {
+// Fisher (every element accumulates, frozen or not). Returns the frozen lanes.
+template <MomentRounding kRounding, typename V, typename M, typename Flags>
+FF_MATH_FN M step_lane(const Flags& f, const StepCallConsts<V>& k, const StepTensorConsts<V>& c,
+                       bool may_freeze, M may_update, V grad, V& p, V& m, V& v, V& vmax,
+                       V& fisher) {
   V g = grad;
   if (f.scaled_grad) g = div(g, c.grad_scale);
   if (f.maximize) g = neg(g);
@@ -194,8 +249,15 @@ FF_MATH_FN void step_lane(const Flags& f, const StepCallConsts<V>& k,
 
   const V p_new = mul(p, c.decay);
   const V diff = sub(g, m);
-  const V m_new = f.lerp_small ? fma(k.lerp_weight, diff, m) : fma(k.lerp_weight_minus_1, diff, g);
-  const V v_new = fma(mul(k.beta2_weight, g), g, mul(v, k.beta2));
+  V m_new, v_new;
+  if (kRounding == MomentRounding::kFused) {
+    m_new = f.lerp_small ? fma(k.lerp_weight, diff, m) : fma(k.lerp_weight_minus_1, diff, g);
+    v_new = fma(mul(k.beta2_weight, g), g, mul(v, k.beta2));
+  } else {
+    m_new = f.lerp_small ? add(m, mul(k.lerp_weight, diff))
+                         : sub(g, mul(diff, sub(k.one, k.lerp_weight)));
+    v_new = add(mul(v, k.beta2), mul(k.beta2_weight, g2));
+  }
   V second_moment = v_new;
   V vmax_new = vmax;
   if (f.amsgrad) {
@@ -208,8 +270,8 @@ FF_MATH_FN void step_lane(const Flags& f, const StepCallConsts<V>& k,
   const V p_stepped = sub(p_new, mul(c.step_size, update));
 
   fisher = fisher_new;
+  M frozen = mask_not(may_update);
   if (may_freeze) {
-    M frozen = mask_not(may_update);
     if (f.freeze_above) frozen = mask_or(frozen, gt(fisher_new, k.freeze_above));
     if (f.freeze_below) frozen = mask_or(frozen, lt(fisher_new, k.freeze_below));
     p = select(frozen, p, p_stepped);
@@ -222,6 +284,7 @@ FF_MATH_FN void step_lane(const Flags& f, const StepCallConsts<V>& k,
     v = v_new;
     vmax = vmax_new;
   }
+  return frozen;
 }
 
 // fisher_accumulate: F = a*F + b*(g / grad_scale)^2, separately rounded as in the reference.

@@ -25,8 +25,8 @@ struct ScorePartial {
 // not), so each partial has the same bits on the GPU and in the emulation.
 FF_HD void add_element(ScorePartial& acc, float d, float g, float f) {
   const double gd = g;
-  acc.dot = dadd_rn(acc.dot, dmul_rn(static_cast<double>(d), gd));
-  acc.weighted = dadd_rn(acc.weighted, dmul_rn(dmul_rn(static_cast<double>(f), gd), gd));
+  acc.dot = math::add(acc.dot, math::mul(static_cast<double>(d), gd));
+  acc.weighted = math::add(acc.weighted, math::mul(math::mul(static_cast<double>(f), gd), gd));
 }
 
 template <typename D, typename G, typename F>
@@ -73,8 +73,8 @@ struct ScoreThread {
 // runs the same levels in the same order, so host and device partials agree bit for bit.
 FF_HD void tree_level(ScorePartial* values, int thread, int stride) {
   if (thread < stride) {
-    values[thread].dot = dadd_rn(values[thread].dot, values[thread + stride].dot);
-    values[thread].weighted = dadd_rn(values[thread].weighted, values[thread + stride].weighted);
+    values[thread].dot = math::add(values[thread].dot, values[thread + stride].dot);
+    values[thread].weighted = math::add(values[thread].weighted, values[thread + stride].weighted);
   }
 }
 
@@ -150,8 +150,8 @@ FF_HD ScorePartial finalize_thread(const double* partials, int64_t num_blocks, i
                                    int num_threads) {
   ScorePartial acc{0.0, 0.0};
   for (int64_t b = thread; b < num_blocks; b += num_threads) {
-    acc.dot = dadd_rn(acc.dot, partials[2 * b]);
-    acc.weighted = dadd_rn(acc.weighted, partials[2 * b + 1]);
+    acc.dot = math::add(acc.dot, partials[2 * b]);
+    acc.weighted = math::add(acc.weighted, partials[2 * b + 1]);
   }
   return acc;
 }

@@ -1,4 +1,4 @@
-// fused_step: the per-call scalars, the step/Fisher count increments and the dtype dispatch.
+// fused_step: the step/Fisher count increments and the dtype dispatch.
 // The kernel template is in fused_step.cuh, instantiated in fused_step_{f32,bf16,f16}.cu.
 #include "fused_step.cuh"
 
@@ -28,28 +28,6 @@ const char* compiled_cuda_archs() {
 }
 
 int compiled_cuda_version() { return CUDART_VERSION; }
-
-StepScalars make_step_scalars(const FusedStepProblem& problem) {
-  const StepSettings& p = problem.settings;
-  StepScalars s{};
-  s.lr = p.lr;
-  s.lr_tensor = p.lr_tensor;
-  s.lr_kind = static_cast<int>(p.lr_kind);
-  s.grad_scale = p.grad_scale;
-  s.found_inf = p.found_inf;
-  s.beta1 = p.beta1;
-  s.beta2 = p.beta2;
-  s.weight_decay = p.weight_decay;
-  s.k = step_call_scalars(p);
-  s.has_fisher = problem.fishers != nullptr;
-  s.fisher_mode = static_cast<int>(s.has_fisher ? p.fisher_mode : FisherMode::kNone);
-  s.apply_fisher_scale = s.has_fisher && p.fisher_scale != 0.0;
-  s.has_freeze_above = p.has_freeze_above;
-  s.has_freeze_below = p.has_freeze_below;
-  s.amsgrad = p.amsgrad;
-  s.maximize = p.maximize;
-  return s;
-}
 
 void check_table_numels(const char* op, int64_t num_tensors, const int64_t* numels) {
   for (int64_t i = 0; i < num_tensors; ++i) {

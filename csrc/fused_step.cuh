@@ -22,28 +22,13 @@ struct StepTensor {
   int64_t first;  // the position in the tensor of the element the pointers point at
 };
 
-// Hyperparameters of one call, pre-rounded exactly as the reference backend rounds them: a Python
-// float multiplied into an fp32 tensor is rounded to fp32 first, so those are stored as floats.
-struct StepScalars {
-  double lr;               // LrKind::kHost
-  const void* lr_tensor;   // other kinds
-  const float* grad_scale;
-  const float* found_inf;
-  double beta1, beta2;     // bias corrections are computed in double
-  double weight_decay;     // for a float64 lr tensor
-  StepCallScalars k;       // the per-call constants, shared with the CPU kernels
-  int lr_kind;
-  int fisher_mode;
-  bool has_fisher, apply_fisher_scale, amsgrad, maximize, has_freeze_above, has_freeze_below;
-};
-
 using StepTable = TensorTable<kStepFields, kParamBytes>;
 
 struct FusedStepArgs {
-  StepScalars s;
+  StepCall call;  // step_call(settings): the per-call constants, shared with the CPU kernels
   StepTable table;
 };
-static_assert(sizeof(StepScalars) <= kScalarsReserve, "StepScalars outgrew its reserve");
+static_assert(sizeof(StepCall) <= kScalarsReserve, "StepCall outgrew its reserve");
 static_assert(sizeof(FusedStepArgs) <= kParamBytes, "fused_step kernel argument too large");
 
 // Blocks per SM the step kernel is compiled for: 2 x 256 threads leaves up to 128 registers per
@@ -52,118 +37,36 @@ static_assert(sizeof(FusedStepArgs) <= kParamBytes, "fused_step kernel argument 
 // latency needs. To be tuned on a GPU (docs/cuda.md).
 constexpr int kStepMinBlocksPerSm = 2;
 
-// Scalars shared by every element of one block (one tensor, one chunk).
-struct StepBlockConsts {
-  float decay;      // 1 - lr * weight_decay in fp32 (fp64 for a float64 lr tensor)
-  float step_size;  // (float)(lr / (1 - beta1^t))
-  float bias_correction2_sqrt;  // (float)sqrt(1 - beta2^t)
-  float fisher_a, fisher_b;
-  float grad_scale;  // *StepScalars::grad_scale, loaded once per thread (1 when absent)
-  uint32_t fisher_key;  // math::fisher_key(count after this step): a bf16 Fisher's random bits
-};
-
-FF_HD StepBlockConsts step_block_consts(const StepScalars& s, const StepTensor& t) {
-  StepBlockConsts c;
-  // The step count is incremented after the kernel (by increment_counts): t = step + 1 here.
-  const double step = static_cast<double>(math::add(*t.step, 1.0f));
-  const double bias_correction1 = 1.0 - ::pow(s.beta1, step);
-  const double bias_correction2_sqrt = ::sqrt(1.0 - ::pow(s.beta2, step));
-  double lr = s.lr;
+// The constants of one block's tensor (tensor_consts, ff_kernels.h, as on the CPU), from the
+// counts and the call's lr tensor and grad_scale in device memory.
+FF_HD TensorConsts step_block_consts(const StepCall& call, const StepTensor& t) {
+  const StepSettings& s = call.settings;
+  double lr_value = 0.0;  // the lr tensor's value, when there is one
   switch (s.lr_kind) {
-    case static_cast<int>(LrKind::kFloat32): {
-      const float value = *static_cast<const float*>(s.lr_tensor);
-      lr = value;
-      c.decay = math::sub(1.0f, math::mul(value, s.k.weight_decay));
+    case LrKind::kFloat32:
+      lr_value = *static_cast<const float*>(s.lr_tensor);
       break;
-    }
-    case static_cast<int>(LrKind::kFloat64): {
-      const double value = *static_cast<const double*>(s.lr_tensor);
-      lr = value;
-      c.decay = static_cast<float>(dsub_rn(1.0, dmul_rn(value, s.weight_decay)));
+    case LrKind::kFloat64:
+      lr_value = *static_cast<const double*>(s.lr_tensor);
       break;
-    }
-    case static_cast<int>(LrKind::kBFloat16): {
-      const float value = to_float(*static_cast<const __nv_bfloat16*>(s.lr_tensor));
-      lr = value;
-      c.decay = math::sub(1.0f, math::mul(value, s.k.weight_decay));  // widened: fp32 math
+    case LrKind::kBFloat16:
+      lr_value = to_float(*static_cast<const __nv_bfloat16*>(s.lr_tensor));
       break;
-    }
-    case static_cast<int>(LrKind::kFloat16): {
-      const float value = to_float(*static_cast<const __half*>(s.lr_tensor));
-      lr = value;
-      c.decay = math::sub(1.0f, math::mul(value, s.k.weight_decay));  // widened: fp32 math
+    case LrKind::kFloat16:
+      lr_value = to_float(*static_cast<const __half*>(s.lr_tensor));
       break;
-    }
-    default:
-      c.decay = s.k.decay_host;
+    case LrKind::kHost:
+      break;
   }
-  c.step_size = static_cast<float>(lr / bias_correction1);
-  c.bias_correction2_sqrt = static_cast<float>(bias_correction2_sqrt);
-  c.fisher_a = s.k.fisher_a;
-  c.fisher_b = s.k.fisher_b;
-  c.grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
-  c.fisher_key = t.fisher_count != nullptr ? math::fisher_key(math::add(*t.fisher_count, 1.0f))
-                                           : 0u;
-  if (s.fisher_mode == static_cast<int>(FisherMode::kMean)) {
-    // n = count + 1 accumulations including this one: F = (n-1)/n * F + 1/n * g^2.
-    const float n = math::add(*t.fisher_count, 1.0f);
-    c.fisher_a = math::div(math::sub(n, 1.0f), n);
-    c.fisher_b = math::div(1.0f, n);
-  }
-  return c;
-}
-
-// One element: the step of docs/design.md, in the reference backend's order of fp32 operations.
-struct StepElement {
-  float param, exp_avg, exp_avg_sq, max_exp_avg_sq, fisher;
-  bool frozen;
-};
-
-FF_HD StepElement step_element(const StepScalars& s, const StepBlockConsts& c, float grad,
-                               float param, float exp_avg, float exp_avg_sq,
-                               float max_exp_avg_sq, float fisher, bool mask_on) {
-  float g = grad;
-  if (s.grad_scale != nullptr) g = math::div(g, c.grad_scale);
-  if (s.maximize) g = -g;
-  const float g2 = math::mul(g, g);
-
-  StepElement out;
-  out.fisher = fisher;
-  if (s.has_fisher && s.fisher_mode != static_cast<int>(FisherMode::kNone)) {
-    out.fisher = math::add(math::mul(c.fisher_a, fisher), math::mul(c.fisher_b, g2));
-  }
-  out.frozen = !mask_on || (s.has_freeze_above && out.fisher > s.k.freeze_above) ||
-               (s.has_freeze_below && out.fisher < s.k.freeze_below);
-  if (out.frozen) {
-    out.param = param;
-    out.exp_avg = exp_avg;
-    out.exp_avg_sq = exp_avg_sq;
-    out.max_exp_avg_sq = max_exp_avg_sq;
-    return out;
-  }
-  float p = math::mul(param, c.decay);
-  out.exp_avg = lerp(exp_avg, g, s.k.lerp_weight);
-  // addcmul: v*beta2 + (1-beta2)*(g*g), each product rounded, then the sum.
-  out.exp_avg_sq = math::add(math::mul(exp_avg_sq, s.k.beta2), math::mul(s.k.beta2_weight, g2));
-  float second_moment = out.exp_avg_sq;
-  out.max_exp_avg_sq = max_exp_avg_sq;
-  if (s.amsgrad) {
-    out.max_exp_avg_sq = math::max_nan(max_exp_avg_sq, out.exp_avg_sq);
-    second_moment = out.max_exp_avg_sq;
-  }
-  const float denom = math::add(math::div(math::sqrt(second_moment), c.bias_correction2_sqrt), s.k.eps);
-  float update = math::div(out.exp_avg, denom);
-  if (s.apply_fisher_scale) {
-    update = math::div(update, math::add(1.0f, math::mul(s.k.fisher_scale, out.fisher)));
-  }
-  out.param = math::sub(p, math::mul(c.step_size, update));
-  return out;
+  // The step count is incremented after the kernel (by increment_counts).
+  return tensor_consts(call, lr_decay(call, lr_value), bias_corrections(call, *t.step),
+                       t.fisher_count, s.grad_scale != nullptr ? *s.grad_scale : 1.0f);
 }
 
 // The chunk a block works on: its tensor's operands offset to the chunk, its scalars.
 struct StepChunk {
   StepTensor t;  // pointers at the chunk's first element
-  StepBlockConsts c;
+  TensorConsts c;
   int slot;
   int n;          // elements in the chunk
   bool single;    // the tensor's only chunk: this block also advances its counts
@@ -175,8 +78,8 @@ struct FusedStepThread {
       static_cast<int>(sizeof(P) > sizeof(S) ? (sizeof(P) > sizeof(F) ? sizeof(P) : sizeof(F))
                                              : (sizeof(S) > sizeof(F) ? sizeof(S) : sizeof(F))));
 
-  FF_HD static bool skipped(const StepScalars& s) {
-    return s.found_inf != nullptr && *s.found_inf > 0.0f;  // a skipped step changes nothing
+  FF_HD static bool skipped(const StepCall& call) {  // a skipped step changes nothing
+    return call.settings.found_inf != nullptr && *call.settings.found_inf > 0.0f;
   }
 
   // Chunk `chunk` of the launch, its tensor searched from slot `lo` on. Every thread calls this
@@ -194,25 +97,35 @@ struct FusedStepThread {
     t.grad = static_cast<const P*>(table.address(kStepGrad, w.slot)) + start;
     t.exp_avg = static_cast<S*>(table.address(kStepExpAvg, w.slot)) + start;
     t.exp_avg_sq = static_cast<S*>(table.address(kStepExpAvgSq, w.slot)) + start;
-    t.max_exp_avg_sq = a.s.amsgrad
+    t.max_exp_avg_sq = a.call.flags.amsgrad
         ? static_cast<S*>(table.address(kStepMaxExpAvgSq, w.slot)) + start : nullptr;
-    t.fisher = a.s.has_fisher ? static_cast<F*>(table.address(kStepFisher, w.slot)) + start
-                              : nullptr;
+    t.fisher = math::reads_fisher(a.call.flags)
+        ? static_cast<F*>(table.address(kStepFisher, w.slot)) + start : nullptr;
     const bool* mask = static_cast<const bool*>(table.address(kStepMask, w.slot));
     t.mask = mask != nullptr ? mask + start : nullptr;
     t.step = static_cast<const float*>(table.address(kStepStep, w.slot));
     t.fisher_count = static_cast<const float*>(table.address(kStepFisherCount, w.slot));
     t.numel = w.n;
     t.first = start;
-    w.c = step_block_consts(a.s, t);
+    w.c = step_block_consts(a.call, t);
     return w;
+  }
+
+  // One element through math::step_lane (rounded as torch's CUDA kernels round the moments);
+  // returns whether it is frozen. p, m, v, vmax, fisher: the old values in, the new ones out.
+  FF_HD static bool step_element(const StepCall& call, const TensorConsts& c, bool may_freeze,
+                                 bool may_update, float grad, float& p, float& m, float& v,
+                                 float& vmax, float& fisher) {
+    return math::step_lane<math::MomentRounding::kSeparate>(
+        call.flags, call.k, c.lane, may_freeze, may_update, grad, p, m, v, vmax, fisher);
   }
 
   // Tile `base` of the chunk, element k of this thread at base + tile_element(thread, k); packet
   // loads and stores. Frozen lanes are stored with their original bits (unchanged); when none of
   // the thread's elements is active, p, m, v (and max v) are not stored at all.
-  FF_HD static void tile(const StepScalars& s, const StepBlockConsts& c, const StepTensor& t,
+  FF_HD static void tile(const StepCall& call, const TensorConsts& c, const StepTensor& t,
                          int64_t base, int thread) {
+    const math::StepFlags& f = call.flags;
     P* param = static_cast<P*>(t.param) + base;
     const Vec8<P> p = load_tile<kPacket>(param, thread);
     const Vec8<P> g = load_tile<kPacket>(static_cast<const P*>(t.grad) + base, thread);
@@ -222,98 +135,99 @@ struct FusedStepThread {
     const Vec8<S> v = load_tile<kPacket>(exp_avg_sq, thread);
     S* max_exp_avg_sq = nullptr;
     Vec8<S> vmax{};
-    if (s.amsgrad) {
+    if (f.amsgrad) {
       max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq) + base;
       vmax = load_tile<kPacket>(max_exp_avg_sq, thread);
     }
     F* fisher = nullptr;
-    Vec8<F> f{};
-    if (s.has_fisher) {
+    Vec8<F> fi{};
+    if (t.fisher != nullptr) {
       fisher = static_cast<F*>(t.fisher) + base;
-      f = load_tile<kPacket>(fisher, thread);
+      fi = load_tile<kPacket>(fisher, thread);
     }
     Vec8<bool> mask{};
     if (t.mask != nullptr) mask = load_tile<kPacket>(t.mask + base, thread);
+    const bool may_freeze = math::may_freeze(f, t.mask != nullptr);
 
     Vec8<P> p_out = p;
     Vec8<S> m_out = m, v_out = v, vmax_out{};
-    if (s.amsgrad) vmax_out = vmax;
+    if (f.amsgrad) vmax_out = vmax;
     Vec8<F> f_out{};
     bool any_active = false;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      const StepElement e = step_element(
-          s, c, to_float(g.v[k]), to_float(p.v[k]), to_float(m.v[k]), to_float(v.v[k]),
-          s.amsgrad ? to_float(vmax.v[k]) : 0.0f, s.has_fisher ? to_float(f.v[k]) : 0.0f,
-          t.mask == nullptr || mask.v[k]);
-      if (s.has_fisher) {
-        f_out.v[k] = fisher_from_float(e.fisher, c.fisher_key,
+      float pk = to_float(p.v[k]), mk = to_float(m.v[k]), vk = to_float(v.v[k]);
+      float vmaxk = f.amsgrad ? to_float(vmax.v[k]) : 0.0f;
+      float fk = fisher != nullptr ? to_float(fi.v[k]) : 0.0f;
+      const bool frozen = step_element(call, c, may_freeze, t.mask == nullptr || mask.v[k],
+                                        to_float(g.v[k]), pk, mk, vk, vmaxk, fk);
+      if (f.accumulate) {
+        f_out.v[k] = fisher_from_float(fk, c.fisher_key,
                                        t.first + base + tile_element<kPacket>(thread, k), fisher);
       }
-      if (!e.frozen) {
+      if (!frozen) {
         any_active = true;
-        p_out.v[k] = from_float<P>(e.param);
-        m_out.v[k] = from_float<S>(e.exp_avg);
-        v_out.v[k] = from_float<S>(e.exp_avg_sq);
-        if (s.amsgrad) vmax_out.v[k] = from_float<S>(e.max_exp_avg_sq);
+        p_out.v[k] = from_float<P>(pk);
+        m_out.v[k] = from_float<S>(mk);
+        v_out.v[k] = from_float<S>(vk);
+        if (f.amsgrad) vmax_out.v[k] = from_float<S>(vmaxk);
       }
     }
-    if (s.has_fisher && s.fisher_mode != static_cast<int>(FisherMode::kNone)) {
-      store_tile<kPacket>(fisher, thread, f_out);
-    }
+    if (f.accumulate) store_tile<kPacket>(fisher, thread, f_out);
     if (any_active) {
       store_tile<kPacket>(param, thread, p_out);
       store_tile<kPacket>(exp_avg, thread, m_out);
       store_tile<kPacket>(exp_avg_sq, thread, v_out);
-      if (s.amsgrad) store_tile<kPacket>(max_exp_avg_sq, thread, vmax_out);
+      if (f.amsgrad) store_tile<kPacket>(max_exp_avg_sq, thread, vmax_out);
     }
   }
 
   // Element i of the chunk, scalar loads and stores; a frozen element is not written.
-  FF_HD static void scalar_element(const StepScalars& s, const StepBlockConsts& c,
+  FF_HD static void scalar_element(const StepCall& call, const TensorConsts& c,
                                    const StepTensor& t, int64_t i) {
+    const math::StepFlags& f = call.flags;
     P* param = static_cast<P*>(t.param) + i;
     S* exp_avg = static_cast<S*>(t.exp_avg) + i;
     S* exp_avg_sq = static_cast<S*>(t.exp_avg_sq) + i;
-    S* max_exp_avg_sq = s.amsgrad ? static_cast<S*>(t.max_exp_avg_sq) + i : nullptr;
-    F* fisher = s.has_fisher ? static_cast<F*>(t.fisher) + i : nullptr;
-    const StepElement e = step_element(
-        s, c, to_float(static_cast<const P*>(t.grad)[i]), to_float(*param), to_float(*exp_avg),
-        to_float(*exp_avg_sq), s.amsgrad ? to_float(*max_exp_avg_sq) : 0.0f,
-        s.has_fisher ? to_float(*fisher) : 0.0f, t.mask == nullptr || t.mask[i]);
-    if (s.has_fisher && s.fisher_mode != static_cast<int>(FisherMode::kNone)) {
-      *fisher = fisher_from_float(e.fisher, c.fisher_key, t.first + i, fisher);
-    }
-    if (!e.frozen) {
-      *param = from_float<P>(e.param);
-      *exp_avg = from_float<S>(e.exp_avg);
-      *exp_avg_sq = from_float<S>(e.exp_avg_sq);
-      if (s.amsgrad) *max_exp_avg_sq = from_float<S>(e.max_exp_avg_sq);
+    S* max_exp_avg_sq = f.amsgrad ? static_cast<S*>(t.max_exp_avg_sq) + i : nullptr;
+    F* fisher = t.fisher != nullptr ? static_cast<F*>(t.fisher) + i : nullptr;
+    float p = to_float(*param), m = to_float(*exp_avg), v = to_float(*exp_avg_sq);
+    float vmax = f.amsgrad ? to_float(*max_exp_avg_sq) : 0.0f;
+    float fi = fisher != nullptr ? to_float(*fisher) : 0.0f;
+    const bool frozen = step_element(call, c, math::may_freeze(f, t.mask != nullptr),
+                                     t.mask == nullptr || t.mask[i],
+                                     to_float(static_cast<const P*>(t.grad)[i]), p, m, v, vmax, fi);
+    if (f.accumulate) *fisher = fisher_from_float(fi, c.fisher_key, t.first + i, fisher);
+    if (!frozen) {
+      *param = from_float<P>(p);
+      *exp_avg = from_float<S>(m);
+      *exp_avg_sq = from_float<S>(v);
+      if (f.amsgrad) *max_exp_avg_sq = from_float<S>(vmax);
     }
   }
 
   // This thread's share of the chunk: whole tiles with packet accesses when every operand of the
   // chunk is aligned to its packet, the rest (a tail under one tile, or everything of a
   // misaligned tensor) element by element, consecutive threads on consecutive elements.
-  FF_HD static void work(const StepScalars& s, const StepChunk& w, int thread) {
+  FF_HD static void work(const StepCall& call, const StepChunk& w, int thread) {
     const StepTensor& t = w.t;
     const bool packets =
         aligned_to(t.param, sizeof(P) * kPacket) && aligned_to(t.grad, sizeof(P) * kPacket) &&
         aligned_to(t.exp_avg, sizeof(S) * kPacket) &&
         aligned_to(t.exp_avg_sq, sizeof(S) * kPacket) &&
-        (!s.amsgrad || aligned_to(t.max_exp_avg_sq, sizeof(S) * kPacket)) &&
-        (!s.has_fisher || aligned_to(t.fisher, sizeof(F) * kPacket)) &&
+        (!call.flags.amsgrad || aligned_to(t.max_exp_avg_sq, sizeof(S) * kPacket)) &&
+        (t.fisher == nullptr || aligned_to(t.fisher, sizeof(F) * kPacket)) &&
         (t.mask == nullptr || aligned_to(t.mask, kPacket));
     int64_t first_scalar = 0;
     if (packets) {
       const int64_t tiles = w.n / kTile;
       for (int64_t tile_index = 0; tile_index < tiles; ++tile_index) {
-        tile(s, w.c, t, tile_index * kTile, thread);
+        tile(call, w.c, t, tile_index * kTile, thread);
       }
       first_scalar = tiles * kTile;
     }
     for (int64_t i = first_scalar + thread; i < w.n; i += kBlockSize) {
-      scalar_element(s, w.c, t, i);
+      scalar_element(call, w.c, t, i);
     }
   }
 
@@ -333,12 +247,12 @@ template <typename P, typename S, typename F>
 __global__ void __launch_bounds__(kBlockSize, kStepMinBlocksPerSm)
     fused_step_kernel(const __grid_constant__ FusedStepArgs args) {
   using Thread = FusedStepThread<P, S, F>;
-  if (Thread::skipped(args.s)) return;
+  if (Thread::skipped(args.call)) return;
   int slot = 0;
   for (int64_t chunk = blockIdx.x; chunk < args.table.num_chunks; chunk += gridDim.x) {
     const StepChunk w = Thread::chunk(args, chunk, slot);
     slot = w.slot;
-    Thread::work(args.s, w, static_cast<int>(threadIdx.x));
+    Thread::work(args.call, w, static_cast<int>(threadIdx.x));
     if (w.single) {  // (uniform across the block)
       __syncthreads();
       if (threadIdx.x == 0) Thread::advance_counts(args, w);
@@ -351,14 +265,14 @@ __global__ void __launch_bounds__(kBlockSize, kStepMinBlocksPerSm)
 template <typename P, typename S, typename F>
 void emulate_fused_step(const FusedStepArgs& args, int grid) {
   using Thread = FusedStepThread<P, S, F>;
-  if (Thread::skipped(args.s)) return;
+  if (Thread::skipped(args.call)) return;
   for (int block = 0; block < grid; ++block) {
     int slot = 0;
     for (int64_t chunk = block; chunk < args.table.num_chunks; chunk += grid) {
       StepChunk w{};
       for (int thread = 0; thread < kBlockSize; ++thread) {
         w = Thread::chunk(args, chunk, slot);
-        Thread::work(args.s, w, thread);
+        Thread::work(args.call, w, thread);
       }
       slot = w.slot;
       if (w.single) Thread::advance_counts(args, w);
@@ -366,7 +280,6 @@ void emulate_fused_step(const FusedStepArgs& args, int grid) {
   }
 }
 
-StepScalars make_step_scalars(const FusedStepProblem& problem);
 // Advances the step counts (and the Fisher counts when the Fisher accumulates) unless found_inf,
 // of the tensors the step kernel does not: empty ones and those of more than one chunk. Runs
 // after the step kernel, which read the old counts.
@@ -391,7 +304,7 @@ template <typename P, typename S, typename F>
 void run_fused_step(const FusedStepProblem& problem, const ExecTarget& target) {
   check_table_numels("fused_step", problem.num_tensors, problem.numels);
   FusedStepArgs args;  // up to 32 KB, copied into the kernel argument at each launch
-  args.s = make_step_scalars(problem);
+  args.call = step_call(problem.settings);
   bool present[kStepFields];
   step_fields_present(problem, present);
   static std::atomic<int> resident[kMaxCachedDevices];

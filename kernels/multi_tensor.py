@@ -77,7 +77,7 @@ _TARGET_PROGRAMS_PER_SM = 32
 # Compile options of the kernels whose fp32 results must match the reference op for op (the step
 # and the Fisher accumulation). With fusion on, Triton contracts `a*F + b*g*g` into fused
 # multiply-adds (one rounding instead of two): F then differs from the reference by 1 ulp on a
-# few percent of elements, enough to flip a freeze_above/freeze_below decision, and the
+# few percent of elements, enough to flip a freezing threshold's decision, and the
 # interpreter (which never fuses) would not show it. These kernels are memory-bound: the extra
 # roundings cost nothing measurable. The interpreter ignores compile options.
 EXACT_FP32 = dict(enable_fp_fusion=False)

@@ -21,12 +21,7 @@ struct ScalarLoops {
   static void step(const StepCall& call, const StepEntry& e, const TensorConsts& tc,
                    int64_t begin, int64_t end) {
     const math::StepFlags f = call.flags;
-    math::StepCallConsts<float> k{call.k.lerp_weight, call.lerp_weight_minus_1, call.k.beta2,
-                                  call.k.beta2_weight, call.k.eps, call.k.fisher_scale,
-                                  call.k.freeze_above, call.k.freeze_below, 1.0f};
-    math::StepTensorConsts<float> c{tc.decay, tc.step_size, tc.bias_correction2_sqrt,
-                                    tc.fisher_a, tc.fisher_b, call.grad_scale};
-    const bool may_freeze = e.mask != nullptr || f.freeze_above || f.freeze_below;
+    const bool may_freeze = math::may_freeze(f, e.mask != nullptr);
     P* param = static_cast<P*>(e.param);
     const P* grad = static_cast<const P*>(e.grad);
     S* exp_avg = static_cast<S*>(e.exp_avg);
@@ -39,8 +34,8 @@ struct ScalarLoops {
       float vmax = f.amsgrad ? static_cast<float>(max_exp_avg_sq[i]) : 0.0f;
       float fi = fisher != nullptr ? static_cast<float>(fisher[i]) : 0.0f;
       const bool may_update = e.mask == nullptr || e.mask[i];
-      math::step_lane(f, k, c, may_freeze, may_update, static_cast<float>(grad[i]), p, m, v, vmax,
-                      fi);
+      math::step_lane<math::MomentRounding::kFused>(f, call.k, tc.lane, may_freeze, may_update,
+                                                    static_cast<float>(grad[i]), p, m, v, vmax, fi);
       param[i] = static_cast<P>(p);
       exp_avg[i] = static_cast<S>(m);
       exp_avg_sq[i] = static_cast<S>(v);
@@ -195,37 +190,19 @@ void fused_step(const StepEntry* entries, int64_t n, const StepSettings& s) {
   if (n == 0) return;
   if (s.found_inf != nullptr && *s.found_inf > 0.0f) return;  // a skipped step changes nothing
 
-  StepCall call;
-  call.flags.scaled_grad = s.grad_scale != nullptr;
-  call.flags.maximize = s.maximize;
-  call.flags.accumulate = s.has_fisher && s.fisher_mode != FisherMode::kNone;
-  call.flags.freeze_above = s.has_freeze_above;
-  call.flags.freeze_below = s.has_freeze_below;
-  call.flags.amsgrad = s.amsgrad;
-  call.flags.fisher_scale = s.has_fisher && s.fisher_scale != 0.0;
-  call.k = step_call_scalars(s);
-  // torch's lerp takes its weight in fp32 and picks a formula by |weight| < 0.5.
-  call.flags.lerp_small = std::fabs(call.k.lerp_weight) < 0.5f;
-  call.lerp_weight_minus_1 = call.k.lerp_weight - 1.0f;
-  call.grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
-
-  // The learning rate, and 1 - lr * weight_decay rounded as the reference rounds it: in double
-  // for a Python float or a float64 tensor, in fp32 for an fp32 tensor (bf16/fp16 widened first).
-  double lr = s.lr;
-  float decay;
-  if (s.lr_kind == LrKind::kHost) {
-    decay = call.k.decay_host;
-  } else if (s.lr_kind == LrKind::kFloat64) {
-    lr = *static_cast<const double*>(s.lr_tensor);
-    decay = static_cast<float>(1.0 - lr * s.weight_decay);
-  } else {
-    const float value = read_low_precision(s.lr_tensor, s.lr_kind);
-    lr = value;
-    decay = 1.0f - value * call.k.weight_decay;
+  const StepCall call = step_call(s);
+  double lr_value = 0.0;  // the lr tensor's value (CPU memory)
+  if (s.lr_kind == LrKind::kFloat64) {
+    lr_value = *static_cast<const double*>(s.lr_tensor);
+  } else if (s.lr_kind != LrKind::kHost) {
+    lr_value = read_low_precision(s.lr_tensor, s.lr_kind);
   }
+  const LrDecay lr = lr_decay(call, lr_value);
+  const float grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
 
-  // Per tensor: constants from its counts (pow only when the step differs from the previous
-  // tensor's, as it rarely does), the inner loop for its dtypes, its start in the element range.
+  // Per tensor: constants from its counts (the bias corrections only when the step differs from
+  // the previous tensor's, as it rarely does: pow is slow), the inner loop for its dtypes, its
+  // start in the element range.
   struct Work {
     TensorConsts consts;
     StepSegmentFn fn;
@@ -233,33 +210,13 @@ void fused_step(const StepEntry* entries, int64_t n, const StepSettings& s) {
   std::vector<Work> work(static_cast<size_t>(n));
   std::vector<int64_t> offsets(static_cast<size_t>(n) + 1);
   const Isa isa = current_isa();
-  const float fisher_a = call.k.fisher_a, fisher_b = call.k.fisher_b;
-  float last_step = -1.0f;
-  double bias_correction1 = 1.0;
-  float bias_correction2_sqrt = 1.0f;
+  BiasCorrections bias{};
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
     const StepEntry& e = entries[i];
     Work& w = work[static_cast<size_t>(i)];
-    const float t = *e.step + 1.0f;  // the step count after this step (fp32, as the reference)
-    if (t != last_step) {
-      last_step = t;
-      bias_correction1 = 1.0 - std::pow(s.beta1, static_cast<double>(t));
-      bias_correction2_sqrt =
-          static_cast<float>(std::sqrt(1.0 - std::pow(s.beta2, static_cast<double>(t))));
-    }
-    w.consts.decay = decay;
-    w.consts.step_size = static_cast<float>(lr / bias_correction1);
-    w.consts.bias_correction2_sqrt = bias_correction2_sqrt;
-    w.consts.fisher_a = fisher_a;
-    w.consts.fisher_b = fisher_b;
-    w.consts.fisher_key = call.flags.accumulate ? math::fisher_key(*e.fisher_count + 1.0f) : 0u;
-    if (call.flags.accumulate && s.fisher_mode == FisherMode::kMean) {
-      // n = count + 1 accumulations including this one: F = (n-1)/n * F + 1/n * g^2.
-      const float count = *e.fisher_count + 1.0f;
-      w.consts.fisher_a = (count - 1.0f) / count;
-      w.consts.fisher_b = 1.0f / count;
-    }
+    if (i == 0 || *e.step + 1.0f != bias.t) bias = bias_corrections(call, *e.step);
+    w.consts = tensor_consts(call, lr, bias, e.fisher_count, grad_scale);
     w.fn = step_segment(isa, e.param_dtype, e.state_dtype, e.fisher_dtype);
     offsets[static_cast<size_t>(i)] = total;
     total += e.numel;

@@ -162,12 +162,12 @@ struct Loops {
     Vf8 p = load(at.param), m = load(at.exp_avg), v = load(at.exp_avg_sq);
     Vf8 vmax = f.amsgrad ? load(at.max_exp_avg_sq) : Vf8{_mm256_setzero_ps()};
     // Tested on the switches, not the pointers: with compile-time switches these fold away.
-    const bool reads_fisher = f.accumulate || f.fisher_scale || f.freeze_above || f.freeze_below;
-    Vf8 fisher = reads_fisher ? load(at.fisher) : Vf8{_mm256_setzero_ps()};
+    Vf8 fisher = math::reads_fisher(f) ? load(at.fisher) : Vf8{_mm256_setzero_ps()};
     const Mf8 may_update = may_freeze && at.mask != nullptr
                                ? load_mask(at.mask)
                                : Mf8{_mm256_castsi256_ps(_mm256_set1_epi32(-1))};
-    math::step_lane(f, k, c, may_freeze, may_update, grad, p, m, v, vmax, fisher);
+    math::step_lane<math::MomentRounding::kFused>(f, k, c, may_freeze, may_update, grad, p, m, v,
+                                                  vmax, fisher);
     store(at.param, p);
     store(at.exp_avg, m);
     store(at.exp_avg_sq, v);
@@ -178,23 +178,9 @@ struct Loops {
   template <typename P, typename S, typename F>
   static void step(const StepCall& call, const StepEntry& e, const TensorConsts& tc,
                    int64_t begin, int64_t end) {
-    math::StepCallConsts<Vf8> k;
-    k.lerp_weight = broadcast(call.k.lerp_weight);
-    k.lerp_weight_minus_1 = broadcast(call.lerp_weight_minus_1);
-    k.beta2 = broadcast(call.k.beta2);
-    k.beta2_weight = broadcast(call.k.beta2_weight);
-    k.eps = broadcast(call.k.eps);
-    k.fisher_scale = broadcast(call.k.fisher_scale);
-    k.freeze_above = broadcast(call.k.freeze_above);
-    k.freeze_below = broadcast(call.k.freeze_below);
-    k.one = broadcast(1.0f);
-    math::StepTensorConsts<Vf8> c;
-    c.decay = broadcast(tc.decay);
-    c.step_size = broadcast(tc.step_size);
-    c.bias_correction2_sqrt = broadcast(tc.bias_correction2_sqrt);
-    c.fisher_a = broadcast(tc.fisher_a);
-    c.fisher_b = broadcast(tc.fisher_b);
-    c.grad_scale = broadcast(call.grad_scale);
+    const auto lane = [](float x) { return broadcast(x); };
+    const math::StepCallConsts<Vf8> k = math::broadcast_consts<Vf8>(call.k, lane);
+    const math::StepTensorConsts<Vf8> c = math::broadcast_consts<Vf8>(tc.lane, lane);
 
     StepPointers<P, S, F> at;
     at.param = static_cast<P*>(e.param) + begin;
@@ -215,8 +201,7 @@ struct Loops {
         run_step(math::PlainStepFlags<false>{}, k, c, false, at, n);
       }
     } else {
-      run_step(call.flags, k, c, e.mask != nullptr || call.flags.freeze_above ||
-                                     call.flags.freeze_below, at, n);
+      run_step(call.flags, k, c, math::may_freeze(call.flags, e.mask != nullptr), at, n);
     }
   }
 

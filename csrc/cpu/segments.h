@@ -14,19 +14,6 @@
 namespace fisherforget {
 namespace cpu {
 
-// The per-call scalars of a step, rounded to fp32 as the reference rounds Python floats.
-struct StepCall {
-  math::StepFlags flags;
-  StepCallScalars k;  // step_call_scalars(settings): the constants the CUDA kernels use too
-  float lerp_weight_minus_1, grad_scale;
-};
-
-// The per-tensor scalars of a step (from its step and Fisher counts).
-struct TensorConsts {
-  float decay, step_size, bias_correction2_sqrt, fisher_a, fisher_b;
-  uint32_t fisher_key;  // math::fisher_key(count after this step): a bf16 Fisher's random bits
-};
-
 // A Fisher value as stored: fp32 as is, bf16 stochastically rounded (ff_math.h); `index` is the
 // element's position in its tensor.
 static inline float fisher_to_store(float x, uint32_t, int64_t, const float*) { return x; }
@@ -35,7 +22,7 @@ static inline c10::BFloat16 fisher_to_store(float x, uint32_t key, int64_t index
   return c10::BFloat16(math::bf16_bits_stochastic(x, key, index), c10::BFloat16::from_bits());
 }
 
-// Elements [begin, end) of one tensor.
+// Elements [begin, end) of one tensor (StepCall and TensorConsts: ff_kernels.h).
 using StepSegmentFn = void (*)(const StepCall& call, const StepEntry& entry,
                                const TensorConsts& consts, int64_t begin, int64_t end);
 // F = alpha*F + beta*(g / grad_scale)^2 (no division when !scaled).
