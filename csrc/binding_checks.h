@@ -169,9 +169,9 @@ struct Checker {
   }
   [[noreturn]] C10_NOINLINE void dtype_failed(const at::Tensor& t, Name name,
                                               bool allow_half) const {
-    TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
-                "; supported: float32, bfloat16", allow_half ? ", float16" : "",
-                " (use backend='reference' for others)");
+    TORCH_CHECK_TYPE(false, op, ": ", name, " has dtype ", t.scalar_type(),
+                     "; supported: float32, bfloat16", allow_half ? ", float16" : "",
+                     " (use backend='reference' for others)");
     throw std::logic_error("unreachable");  // TORCH_CHECK(false) throws
   }
 
@@ -183,8 +183,8 @@ struct Checker {
   }
   C10_NOINLINE void dtype_mismatch(const at::Tensor& t, Name name, const at::Tensor& like,
                                    Name like_name) const {
-    TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(), " but ", like_name,
-                " has ", like.scalar_type());
+    TORCH_CHECK_TYPE(false, op, ": ", name, " has dtype ", t.scalar_type(), " but ", like_name,
+                     " has ", like.scalar_type());
   }
 
   // A one-element float32 tensor on the device, e.g. a step count or found_inf.
@@ -195,8 +195,8 @@ struct Checker {
   }
   C10_NOINLINE void scalar_failed(const at::Tensor& t, Name name) const {
     TORCH_CHECK(t.numel() == 1, op, ": ", name, " must hold one element, got shape ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
-                t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                     t.scalar_type());
   }
 
   void list_length(size_t length, size_t expected, const char* name, const char* why) const {
@@ -342,8 +342,8 @@ std::vector<cpu::StepEntry> check_fused_step(Checker& check, const StepArgs<Tens
       const Name k_name = item("masks", i);
       check.tensor(*mask, k_name);
       check.same_shape(*mask, k_name, p, p_name);
-      TORCH_CHECK(mask->scalar_type() == at::kBool, check.op, ": ", k_name,
-                  " must be a bool tensor, got ", mask->scalar_type());
+      TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, check.op, ": ", k_name,
+                       " must be a bool tensor, got ", mask->scalar_type());
       e.mask = static_cast<const bool*>(check.data(*mask, false));
     }
     check.scalar_f32(a.steps[i], item("steps", i));
@@ -373,8 +373,8 @@ std::vector<cpu::StepEntry> check_fused_step(Checker& check, const StepArgs<Tens
         settings.lr_kind = LrKind::kFloat16;
         break;
       default:
-        TORCH_CHECK(false, check.op, ": lr_tensor must be a floating-point tensor, got ",
-                    h.lr_tensor->scalar_type());
+        TORCH_CHECK_TYPE(false, check.op, ": lr_tensor must be a floating-point tensor, got ",
+                         h.lr_tensor->scalar_type());
     }
     settings.lr_tensor = h.lr_tensor->data_ptr();
   }

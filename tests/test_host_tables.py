@@ -221,7 +221,7 @@ def test_the_dry_run_plans_the_cuda_step_and_writes_nothing():
 def test_the_dry_run_checks_like_the_cuda_binding():
     tensors = _step_lists()
     tensors.grads[2] = tensors.grads[2].double()
-    with pytest.raises(RuntimeError, match=r"grads\[2\] has dtype Double but params\[2\]"):
+    with pytest.raises(TypeError, match=r"grads\[2\] has dtype Double but params\[2\]"):
         native.dry_run_fused_step(*tensors, *ops.StepHyper(lr=0.1).op_args(), None, None)
 
 

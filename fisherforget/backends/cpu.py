@@ -1,13 +1,16 @@
 """CPU backend: the native CPU kernels of the compiled extension ``fisherforget._C`` (``csrc/cpu/``).
 
-Each op is one call into the extension over all of its tensors: the extension checks every tensor (dtype, shape, device) before writing anything, steps non-contiguous ones
-through contiguous copies, and splits the elements of all tensors between ATen's threads
+Each op is one call into the extension over all of its tensors: the extension checks every
+tensor (dtype, shape, device; a dtype problem raises TypeError) before writing anything, steps
+non-contiguous ones through contiguous copies, and splits the elements of all tensors between ATen's threads
 (``torch.set_num_threads``). The inner loops run 8 fp32 lanes with AVX2/FMA/F16C where the CPU has
 them, else a scalar loop with identical results (``torch.ops.fisherforget_C.cpu_isa()`` says
 which). Params fp32/bf16/fp16; optimizer state and the Fisher fp32/bf16.
 
-This glue does no per-tensor work: the optimizer and :mod:`fisherforget.ops` have checked the
-lists, and the extension checks the rest.
+This glue does no per-tensor work and registers no preflight: the extension's checks are the
+backend's checks (one place for each property), and an optimizer's launch plan only holds
+buckets the extension takes (``backends.resolve`` picks the backend per device and param dtype;
+the optimizer validates its state dtypes and the gradients).
 """
 
 from __future__ import annotations
@@ -18,12 +21,8 @@ import torch
 from torch import Tensor
 
 from fisherforget import backends, ops
-from fisherforget.backends import KERNEL_DTYPES
 from fisherforget.backends.staging import scalar_on, step_scalars_on
 
-STATE_DTYPES = (torch.float32, torch.bfloat16)
-_KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
-_STATE_DTYPE_SET = frozenset(STATE_DTYPES)
 _CPU = torch.device("cpu")
 
 _load_error: Optional[str] = None
@@ -72,35 +71,6 @@ def build_info() -> dict[str, str]:
 def isa() -> str:
     """The CPU inner loops in use: ``"avx2"`` or ``"scalar"``."""
     return torch.ops.fisherforget_C.cpu_isa()
-
-
-# ------------------------------------------------------------------------------- preflight
-
-
-def _first_bad_dtype(name: str, tensors: Sequence[Tensor], allowed: frozenset,
-                     backend_supports: tuple) -> None:
-    if not {t.dtype for t in tensors} <= allowed:
-        i = next(i for i, t in enumerate(tensors) if t.dtype not in allowed)
-        raise ops.entry_error(TypeError, name, i, f"has dtype {tensors[i].dtype}; backend 'cpu' "
-                              f"supports {backend_supports} (use backend='reference' for others)")
-
-
-@ops.register_check("fused_step", "cpu")
-def check_fused_step(tensors: ops.StepTensors, hyper: ops.StepHyper) -> None:
-    """What only this backend requires beyond the op contract: CPU tensors of the kernel dtypes
-    (so that an optimizer step with several buckets fails before its first bucket runs)."""
-    t = tensors
-    if {p.device.type for p in t.params} - {"cpu"}:
-        i = next(i for i, p in enumerate(t.params) if p.device.type != "cpu")
-        raise ops.entry_error(RuntimeError, "params", i, f"is on {t.params[i].device}; backend "
-                              "'cpu' runs on CPU tensors")
-    _first_bad_dtype("params", t.params, _KERNEL_DTYPE_SET, KERNEL_DTYPES)
-    if [g.dtype for g in t.grads] != [p.dtype for p in t.params]:
-        i = next(i for i, (g, p) in enumerate(zip(t.grads, t.params)) if g.dtype != p.dtype)
-        raise ops.entry_error(TypeError, "grads", i, f"has dtype {t.grads[i].dtype}, its param "
-                              f"{t.params[i].dtype}: backend 'cpu' needs them equal")
-    for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "fishers"):
-        _first_bad_dtype(name, getattr(t, name), _STATE_DTYPE_SET, STATE_DTYPES)
 
 
 # ---------------------------------------------------------------------------------------- glue

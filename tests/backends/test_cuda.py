@@ -741,7 +741,7 @@ def test_other_errors_name_the_problem():
     with pytest.raises(RuntimeError, match=r"grads has 1 tensors, expected 2 \(one per fisher\)"):
         torch.ops.fisherforget_C.emulated_fisher_accumulate(
             [torch.ones(3), torch.ones(3)], [torch.ones(3)], alpha=1.0, beta=1.0, grad_scale=None)
-    with pytest.raises(RuntimeError, match=r"fishers\[0\] has dtype Half"):
+    with pytest.raises(TypeError, match=r"fishers\[0\] has dtype Half"):
         torch.ops.fisherforget_C.emulated_fisher_score([torch.ones(3)], [torch.ones(3)],
                                                        [torch.ones(3, dtype=torch.half)])
     if HAS_GPU:
