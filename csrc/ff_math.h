@@ -68,59 +68,25 @@ FF_MATH_FN uint16_t bf16_bits_stochastic(float x, uint32_t key, int64_t index) {
 }
 
 // ------------------------------------------------------------------------- float lanes (scalar)
-// On the device the _rn intrinsics keep nvcc from contracting a*b+c into one rounding; host code
-// is compiled with -ffp-contract=off (setup.py) for the same reason.
-FF_MATH_FN float add(float a, float b) {
+// a OP b, each rounded once, in fp32 and fp64 (the fp64 ones: the per-call and per-tensor
+// constants, the Fisher score's sums). On the device the _rn intrinsics keep nvcc from
+// contracting a*b+c into one rounding; host code is compiled with -ffp-contract=off (setup.py)
+// for the same reason.
 #ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
+#define FF_ROUNDED_OP(name, op, f32_rn, f64_rn)                              \
+  FF_MATH_FN float name(float a, float b) { return f32_rn(a, b); }           \
+  FF_MATH_FN double name(double a, double b) { return f64_rn(a, b); }
 #else
-  return a + b;
+#define FF_ROUNDED_OP(name, op, f32_rn, f64_rn)                              \
+  FF_MATH_FN float name(float a, float b) { return a op b; }                 \
+  FF_MATH_FN double name(double a, double b) { return a op b; }
 #endif
-}
-FF_MATH_FN float sub(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-FF_MATH_FN float mul(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FF_MATH_FN float div(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-// float64 (the per-call and per-tensor constants, the Fisher score's sums): no contraction on
-// the device either.
-FF_MATH_FN double add(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FF_MATH_FN double sub(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-FF_MATH_FN double mul(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
+FF_ROUNDED_OP(add, +, __fadd_rn, __dadd_rn)
+FF_ROUNDED_OP(sub, -, __fsub_rn, __dsub_rn)
+FF_ROUNDED_OP(mul, *, __fmul_rn, __dmul_rn)
+FF_ROUNDED_OP(div, /, __fdiv_rn, __ddiv_rn)
+#undef FF_ROUNDED_OP
+
 // a * b + c with one rounding (a library call where the CPU lacks FMA: slow but exact).
 FF_MATH_FN float fma(float a, float b, float c) {
 #ifdef __CUDA_ARCH__
