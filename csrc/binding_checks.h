@@ -172,7 +172,7 @@ struct Checker {
     TORCH_CHECK_TYPE(false, op, ": ", name, " has dtype ", t.scalar_type(),
                      "; supported: float32, bfloat16", allow_half ? ", float16" : "",
                      " (use backend='reference' for others)");
-    throw std::logic_error("unreachable");  // TORCH_CHECK(false) throws
+    throw std::logic_error("unreachable");  // TORCH_CHECK_TYPE(false) throws
   }
 
   C10_ALWAYS_INLINE void same_dtype(const at::Tensor& t, Name name, const at::Tensor& like,
