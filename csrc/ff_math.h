@@ -12,8 +12,9 @@
 //   lerp(m, g, w), |w|<.5  fma(w, g - m, m)                    m + w * (g - m)
 //   lerp, otherwise        fma(w - 1, g - m, g)                g - (g - m) * (1 - w)
 //   addcmul v*b2+(1-b2)g^2 fma((1 - b2) * g, g, v * b2)        v * b2 + (1 - b2) * (g * g)
-// so that each kernel agrees with the reference on its device bit for bit. Everything else (the
-// Fisher update, which decides freezing, in particular) is separately rounded products and sums.
+// so that each kernel rounds the moments as the reference does on its device. Everything else
+// (the Fisher update, which decides freezing, in particular) is separately rounded products and
+// sums.
 //
 // A lane type provides: add, sub, mul, div, fma, neg, sqrt, max_nan (NaN-propagating maximum, as
 // torch.maximum), gt, lt (ordered compares giving a mask), mask_or, mask_not and select(mask, a, b)
