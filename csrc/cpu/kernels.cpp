@@ -147,15 +147,21 @@ void parallel_over_elements(const std::vector<int64_t>& offsets, Fn&& fn) {
   });
 }
 
-float read_low_precision(const void* p, LrKind kind) {
-  switch (kind) {
+// The lr tensor's value (CPU memory), as lr_decay takes it; 0 for a host lr.
+double lr_tensor_value(const StepSettings& s) {
+  switch (s.lr_kind) {
+    case LrKind::kFloat32:
+      return *static_cast<const float*>(s.lr_tensor);
+    case LrKind::kFloat64:
+      return *static_cast<const double*>(s.lr_tensor);
     case LrKind::kBFloat16:
-      return static_cast<float>(*static_cast<const c10::BFloat16*>(p));
+      return static_cast<float>(*static_cast<const c10::BFloat16*>(s.lr_tensor));
     case LrKind::kFloat16:
-      return static_cast<float>(*static_cast<const c10::Half*>(p));
-    default:
-      return *static_cast<const float*>(p);
+      return static_cast<float>(*static_cast<const c10::Half*>(s.lr_tensor));
+    case LrKind::kHost:
+      break;
   }
+  return 0.0;
 }
 
 }  // namespace
@@ -191,13 +197,7 @@ void fused_step(const StepEntry* entries, int64_t n, const StepSettings& s) {
   if (s.found_inf != nullptr && *s.found_inf > 0.0f) return;  // a skipped step changes nothing
 
   const StepCall call = step_call(s);
-  double lr_value = 0.0;  // the lr tensor's value (CPU memory)
-  if (s.lr_kind == LrKind::kFloat64) {
-    lr_value = *static_cast<const double*>(s.lr_tensor);
-  } else if (s.lr_kind != LrKind::kHost) {
-    lr_value = read_low_precision(s.lr_tensor, s.lr_kind);
-  }
-  const LrDecay lr = lr_decay(call, lr_value);
+  const LrDecay lr = lr_decay(call, lr_tensor_value(s));
   const float grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
 
   // Per tensor: constants from its counts (the bias corrections only when the step differs from

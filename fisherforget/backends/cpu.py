@@ -2,8 +2,8 @@
 
 Each op is one call into the extension over all of its tensors: the extension checks every
 tensor (dtype, shape, device; a dtype problem raises TypeError) before writing anything, steps
-non-contiguous ones through contiguous copies, and splits the elements of all tensors between ATen's threads
-(``torch.set_num_threads``). The inner loops run 8 fp32 lanes with AVX2/FMA/F16C where the CPU has
+non-contiguous ones through contiguous copies, and splits the elements of all tensors between
+ATen's threads (``torch.set_num_threads``). The inner loops run 8 fp32 lanes with AVX2/FMA/F16C where the CPU has
 them, else a scalar loop with identical results (``torch.ops.fisherforget_C.cpu_isa()`` says
 which). Params fp32/bf16/fp16; optimizer state and the Fisher fp32/bf16.
 
